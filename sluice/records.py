@@ -1,0 +1,186 @@
+"""Pure per-record logic: where a record belongs (app id, event hour) or why it is quarantined.
+
+App ids become path components and object-key parts, so only ids matching `APP_ID_PATTERN`
+are accepted; everything else is kept, wrapped in a JSON envelope, under `QUARANTINE_APP`.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, NamedTuple
+
+import orjson
+
+APP_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Starts with "_", so no valid app id can ever collide with it.
+QUARANTINE_APP = "_quarantine"
+
+# Epoch values above this are taken as milliseconds (1e11 seconds is the year 5138).
+_MS_THRESHOLD = 1e11
+
+
+class Record(NamedTuple):
+    """One Kafka message as the bridge hands it over."""
+
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+class Rejected(Exception):
+    """A record that cannot be archived under an app id; the message is the quarantine reason."""
+
+
+def hour_of(epoch_seconds: float) -> str:
+    """UTC hour bucket as YYYYMMDDHH."""
+    return datetime.fromtimestamp(epoch_seconds, timezone.utc).strftime("%Y%m%d%H")
+
+
+def parse_timestamp(value: Any) -> float | None:
+    """Epoch seconds from an epoch number (s or ms) or an ISO 8601 string; None if unusable."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        seconds = value / 1000.0 if value > _MS_THRESHOLD else float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = float(value)
+            if seconds > _MS_THRESHOLD:
+                seconds /= 1000.0
+        except ValueError:
+            try:
+                parsed = datetime.fromisoformat(value)
+            except ValueError:
+                return None
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=timezone.utc)
+            seconds = parsed.timestamp()
+    else:
+        return None
+    # Hours outside years 1970..9999 cannot be laid out as dt=YYYY-MM-DD.
+    if not 0 <= seconds < 253402300800:
+        return None
+    return seconds
+
+
+def valid_app_id(app: str) -> bool:
+    return APP_ID_PATTERN.fullmatch(app) is not None
+
+
+def _app_id_reader(source: str) -> Callable[[Record, Any], Any]:
+    """A function (record, parsed JSON or None) -> raw app id, built from `app_id_source`."""
+    kind, _, arg = source.partition(":")
+    if kind == "json":
+        return lambda record, doc: doc.get(arg) if isinstance(doc, dict) else None
+    if kind == "key":
+        return lambda record, doc: record.key
+    if kind == "header":
+        def from_header(record: Record, doc: Any) -> Any:
+            for name, value in record.headers:
+                if name == arg:
+                    return value
+            return None
+        return from_header
+    if kind == "regex":
+        pattern = re.compile(arg.encode())
+        group: int | str = "app" if "app" in pattern.groupindex else 1
+        if pattern.groups < 1:
+            raise ValueError(f"app_id_source regex {arg!r} needs a capturing group")
+
+        def from_regex(record: Record, doc: Any) -> Any:
+            match = pattern.search(record.value)
+            return match.group(group) if match else None
+        return from_regex
+    raise ValueError(f"unknown app_id_source {source!r}")
+
+
+@dataclass
+class Router:
+    """Decides the (app, hour) group of each record; built once per process from settings."""
+
+    app_id_source: str = "json:app"
+    timestamp_field: str = "ts"
+    record_max_bytes: int = 1024 * 1024
+
+    def __post_init__(self) -> None:
+        self._read_app = _app_id_reader(self.app_id_source)
+        self._needs_json = self.app_id_source.startswith("json:")
+
+    def route(self, record: Record) -> tuple[str, str, bytes]:
+        """(app, hour, line) for a good record; raises Rejected with the reason otherwise."""
+        value = record.value
+        if value is None:
+            raise Rejected("empty")
+        if len(value) > self.record_max_bytes:
+            raise Rejected("oversized")
+        if value.endswith(b"\n"):  # a producer's line terminator, not content
+            value = value[:-1]
+        if b"\n" in value:
+            raise Rejected("multiline")
+        doc: Any = None
+        if self._needs_json or (self.timestamp_field and value[:1] == b"{"):
+            try:
+                doc = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                if self._needs_json or not _is_utf8(value):
+                    raise Rejected("undecodable") from None
+        elif not _is_utf8(value):
+            raise Rejected("undecodable")
+        app = self._read_app(record, doc)
+        if app is None:
+            raise Rejected("missing_app_id")
+        if isinstance(app, bytes):
+            try:
+                app = app.decode("ascii")
+            except UnicodeDecodeError:
+                raise Rejected("bad_app_id") from None
+        if not isinstance(app, str) or not valid_app_id(app):
+            raise Rejected("bad_app_id")
+        seconds = None
+        if self.timestamp_field and isinstance(doc, dict):
+            seconds = parse_timestamp(doc.get(self.timestamp_field))
+        if seconds is None:
+            seconds = record.timestamp_ms / 1000.0
+        return app, hour_of(seconds), value
+
+    def group(self, records: list[Record], topic: str, partition: int) -> dict[tuple[str, str], list[bytes]]:
+        """Every record lands in exactly one group; rejected ones in the quarantine app."""
+        groups: dict[tuple[str, str], list[bytes]] = defaultdict(list)
+        for record in records:
+            try:
+                app, hour, line = self.route(record)
+            except Rejected as why:
+                app, hour = QUARANTINE_APP, hour_of(record.timestamp_ms / 1000.0)
+                line = quarantine_line(record, str(why), topic, partition)
+            groups[(app, hour)].append(line)
+        return dict(groups)
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def quarantine_line(record: Record, reason: str, topic: str, partition: int) -> bytes:
+    """A one-line JSON envelope that keeps every byte of a rejected record."""
+    value = record.value or b""
+    envelope: dict[str, Any] = {
+        "reason": reason,
+        "topic": topic,
+        "partition": partition,
+        "offset": record.offset,
+        "timestamp_ms": record.timestamp_ms,
+        "key_b64": base64.b64encode(record.key).decode() if record.key is not None else None,
+        "value_b64": base64.b64encode(value).decode(),
+        "headers": [[name, base64.b64encode(v or b"").decode()] for name, v in record.headers],
+    }
+    return orjson.dumps(envelope)

@@ -1,0 +1,106 @@
+"""The one typed settings object; every component reads configuration through `get_settings()`.
+
+Values come from environment variables prefixed ``SLUICE_`` (e.g. ``SLUICE_REDIS_URL``), so
+the bridge, every Celery worker, Beat and the CLI see exactly the same configuration.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+APP_ID_KINDS = ("json", "key", "header", "regex")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_", extra="ignore")
+
+    # Kafka
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    topic: str = "logs"
+    group: str = "sluice"
+    kafka_session_timeout_ms: int = Field(10_000, gt=0)
+    kafka_heartbeat_interval_ms: int = Field(3_000, gt=0)
+
+    # Redis: Celery broker, locks, ledger and (by default) the claim-check store.
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+
+    # Where finished archives go: file:///abs/dir, file://relative/dir or oss://bucket/prefix.
+    store_url: str = "file://data/archive"
+    # Local (or NAS) directory for slot files and spooled batches; shared by all workers.
+    spool_dir: Path = Path("data/spool")
+
+    # Where a record's app id comes from: "json:<field>", "key", "header:<name>" or
+    # "regex:<pattern with one group or a group named app>".
+    app_id_source: str = "json:app"
+    # JSON field holding the event time (epoch s/ms or ISO 8601); "" means always ingest time.
+    timestamp_field: str = "ts"
+    record_max_bytes: int = Field(1024 * 1024, gt=0)
+
+    # Bridge batching and claim-check.
+    batch_max_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    batch_max_records: int = Field(20_000, gt=0)
+    batch_max_seconds: float = Field(1.0, gt=0)
+    claim_check: str = "redis"  # "redis" or "spool"
+
+    # Compression and slot files.
+    zstd_level: int = Field(3, ge=1, le=22)
+    slots_per_app: int = Field(10, ge=1, le=1000)
+    compress_time_limit: float = Field(120.0, gt=0)
+    # A slot lock outlives the hard time limit of the task holding it, so a stalled writer is
+    # killed by Celery before anyone else can take its slot.
+    lock_lease_seconds: float = Field(300.0, gt=0)
+    lock_wait_seconds: float = Field(30.0, gt=0)
+
+    # Sealing and upload.
+    upload_interval_seconds: float = Field(30.0, gt=0)
+    seal_age_seconds: float = Field(300.0, gt=0)  # idle time after the last append
+    seal_size_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    # In-flight batches older than this get their remaining work enqueued again.
+    redrive_after_seconds: float = Field(600.0, gt=0)
+
+    # Aliyun OSS (only for oss:// stores).
+    oss_endpoint: str = ""
+    oss_access_key_id: SecretStr = SecretStr("")
+    oss_access_key_secret: SecretStr = SecretStr("")
+    oss_multipart_threshold: int = 64 * 1024 * 1024
+
+    @field_validator("app_id_source")
+    @classmethod
+    def _known_app_id_kind(cls, value: str) -> str:
+        kind, _, arg = value.partition(":")
+        if kind not in APP_ID_KINDS:
+            raise ValueError(f"app_id_source must start with one of {APP_ID_KINDS}, got {value!r}")
+        if kind in ("json", "header", "regex") and not arg:
+            raise ValueError(f"app_id_source {value!r} needs an argument after ':'")
+        return value
+
+    @field_validator("claim_check")
+    @classmethod
+    def _known_claim_check(cls, value: str) -> str:
+        if value not in ("redis", "spool"):
+            raise ValueError(f"claim_check must be 'redis' or 'spool', got {value!r}")
+        return value
+
+    @field_validator("store_url")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if not value.startswith(("file://", "oss://")):
+            raise ValueError(f"store_url must start with file:// or oss://, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_task(self) -> "Settings":
+        if self.lock_lease_seconds <= self.compress_time_limit:
+            raise ValueError("lock_lease_seconds must exceed compress_time_limit, or a stalled "
+                             "writer could still be appending when its slot is handed on")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings of this process, read once from the environment."""
+    return Settings()

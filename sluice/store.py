@@ -1,0 +1,142 @@
+"""Object stores and the Hive-style layout archives are written in.
+
+Layout: <prefix>/app=<app>/dt=<YYYY-MM-DD>/hour=<HH>/<app>.<fid>.jsonl.zst, so query engines
+can prune by partition and `sluice fetch` lists only the hours it needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from sluice.settings import Settings
+
+
+def hour_prefix(app: str, hour: str) -> str:
+    """Key prefix of one app-hour; `hour` is YYYYMMDDHH (UTC)."""
+    return f"app={app}/dt={hour[0:4]}-{hour[4:6]}-{hour[6:8]}/hour={hour[8:10]}/"
+
+
+def object_key(app: str, hour: str, fid: str) -> str:
+    return f"{hour_prefix(app, hour)}{app}.{fid}.jsonl.zst"
+
+
+class Store(Protocol):
+    """What the uploader and `sluice fetch` need from an object store."""
+
+    def put(self, local: Path, key: str) -> None:
+        """Upload and verify; raises if the stored object is not the local file."""
+
+    def size(self, key: str) -> int | None:
+        """Size of an object, None if it does not exist."""
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys under a prefix, sorted."""
+
+    def open(self, key: str) -> BinaryIO:
+        """A readable binary stream of an object."""
+
+
+class FileStore:
+    """A local directory (or mounted NAS) as the store: the embedded default."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise ValueError(f"object key {key!r} escapes the store")
+        return path
+
+    def put(self, local: Path, key: str) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        with open(local, "rb") as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, 1024 * 1024)
+            out.flush()
+            os.fsync(out.fileno())
+        if _sha256(tmp) != _sha256(local):
+            tmp.unlink()
+            raise IOError(f"verification of {key} failed: stored bytes differ")
+        tmp.replace(dest)
+
+    def size(self, key: str) -> int | None:
+        path = self._path(key)
+        return path.stat().st_size if path.is_file() else None
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        root = self.root.resolve()
+        return sorted(str(p.relative_to(root)) for p in base.rglob("*.jsonl.zst") if p.is_file())
+
+    def open(self, key: str) -> BinaryIO:
+        return open(self._path(key), "rb")
+
+
+class OssStore:
+    """Aliyun OSS through oss2: resumable multipart above the threshold, CRC64 checked by oss2."""
+
+    def __init__(self, bucket_name: str, prefix: str, settings: Settings) -> None:
+        import oss2
+
+        if not settings.oss_endpoint:
+            raise ValueError("oss:// store needs SLUICE_OSS_ENDPOINT")
+        auth = oss2.Auth(settings.oss_access_key_id.get_secret_value(),
+                         settings.oss_access_key_secret.get_secret_value())
+        self._oss2 = oss2
+        self.bucket = oss2.Bucket(auth, settings.oss_endpoint, bucket_name, enable_crc=True)
+        self.prefix = prefix.strip("/")
+        self.threshold = settings.oss_multipart_threshold
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, local: Path, key: str) -> None:
+        full = self._key(key)
+        self._oss2.resumable_upload(self.bucket, full, str(local),
+                                    multipart_threshold=self.threshold, num_threads=4)
+        stored = self.bucket.head_object(full).content_length
+        if stored != local.stat().st_size:
+            raise IOError(f"verification of {full} failed: {stored} bytes stored, "
+                          f"{local.stat().st_size} sent")
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self.bucket.head_object(self._key(key)).content_length
+        except self._oss2.exceptions.NotFound:
+            return None
+
+    def list(self, prefix: str) -> list[str]:
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys = [obj.key[strip:] for obj in self._oss2.ObjectIterator(self.bucket, prefix=self._key(prefix))]
+        return sorted(k for k in keys if k.endswith(".jsonl.zst"))
+
+    def open(self, key: str) -> BinaryIO:
+        return self.bucket.get_object(self._key(key))
+
+
+def open_store(settings: Settings) -> Store:
+    url = settings.store_url
+    if url.startswith("file://"):
+        return FileStore(Path(url[len("file://"):]))
+    if url.startswith("oss://"):
+        bucket, _, prefix = url[len("oss://"):].partition("/")
+        if not bucket:
+            raise ValueError(f"store_url {url!r} names no bucket")
+        return OssStore(bucket, prefix, settings)
+    raise ValueError(f"unsupported store_url {url!r}")
+
+
+def _sha256(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.digest()

@@ -1,0 +1,39 @@
+"""The Celery app: Redis broker, two queues routed by name, at-least-once delivery.
+
+Tasks are acknowledged late and requeued when their worker dies, so a killed worker's task
+runs again; every task is idempotent (see sluice.ledger), which makes the repeat harmless.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from beat_schedule import beat_schedule
+from sluice.settings import get_settings
+
+settings = get_settings()
+
+app = Celery("sluice", broker=settings.redis_url.get_secret_value(),
+             include=["tasks.split", "tasks.compress", "tasks.upload"])
+app.conf.update(
+    task_queues=[Queue("io"), Queue("cpu")],
+    task_default_queue="io",
+    task_routes={
+        "sluice.split": {"queue": "io"},
+        "sluice.upload": {"queue": "io"},
+        "sluice.redrive": {"queue": "io"},
+        "sluice.compress": {"queue": "cpu"},
+    },
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    task_ignore_result=True,
+    worker_prefetch_multiplier=1,
+    worker_send_task_events=True,  # for Flower
+    task_send_sent_event=True,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={"visibility_timeout": 3600},
+    beat_schedule=beat_schedule(settings),
+    beat_schedule_filename=str(settings.spool_dir / "celerybeat-schedule"),
+    worker_hijack_root_logger=False,
+)

@@ -1,0 +1,40 @@
+"""split [queue io]: turn one handed-over batch into (app, hour) pieces, one compress task each."""
+
+from __future__ import annotations
+
+import redis
+from celery.utils.log import get_task_logger
+
+from sluice.batch import parse_batch_id, unpack
+from sluice.ledger import piece_name
+from sluice.settings import get_settings
+from tasks.app import app
+from tasks.deps import ledger, router
+
+log = get_task_logger(__name__)
+
+
+@app.task(name="sluice.split", autoretry_for=(redis.RedisError,), retry_backoff=True,
+          retry_backoff_max=30, max_retries=None)
+def split(bid: str) -> int:
+    """Idempotent: a repeat finds the batch already split and only re-enqueues what is pending."""
+    led = ledger()
+    if led.state(bid) == "handed":
+        topic, partition, _, _ = parse_batch_id(bid)
+        groups = router().group(unpack(led.load_payload(bid)), topic, partition)
+        pieces = {piece_name(a, h): b"\n".join(lines) + b"\n" for (a, h), lines in groups.items()}
+        led.commit_split(bid, pieces)
+    pending = led.pending_pieces(bid)
+    for piece in pending:
+        app.send_task("sluice.compress", args=[bid, piece])
+    return len(pending)
+
+
+@app.task(name="sluice.redrive", autoretry_for=(redis.RedisError,), max_retries=3)
+def redrive() -> int:
+    """Finish batches whose tasks were lost (e.g. a broker restart without persistence)."""
+    stale = ledger().stale_batches(get_settings().redrive_after_seconds)
+    for bid in stale:
+        log.warning("redriving batch %s, in flight for too long", bid)
+        split.delay(bid)
+    return len(stale)
