@@ -118,6 +118,11 @@ class Spool:
                 os.fsync(fh.fileno())
             dst.parent.mkdir(parents=True, exist_ok=True)
             src.replace(dst)
+            for parent in (src.parent, src.parent.parent):  # app/hour dirs of the open tree
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
         return dst
 
 

