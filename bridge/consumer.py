@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
@@ -26,6 +27,12 @@ from sluice.settings import Settings
 log = logging.getLogger("sluice.bridge")
 
 
+def _celery_send_split(bid: str) -> None:
+    from tasks.app import app  # the bridge only sends tasks; it never runs them
+
+    app.send_task("sluice.split", args=[bid], queue="io")
+
+
 @dataclass
 class _Buffer:
     records: list[Record] = field(default_factory=list)
@@ -34,18 +41,15 @@ class _Buffer:
 
 
 class Bridge:
-    def __init__(self, settings: Settings, ledger: Ledger | None = None) -> None:
+    def __init__(self, settings: Settings, ledger: Ledger | None = None,
+                 send_split: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.ledger = ledger or Ledger(get_redis(), settings)
+        self._send_split = send_split or _celery_send_split
         self.buffers: dict[TopicPartition, _Buffer] = {}
         self.consumer: KafkaConsumer | None = None
-        from tasks.app import app  # the bridge only sends tasks; it never runs them
-
-        self._celery = app
 
     # --- hand-over -----------------------------------------------------------------------
-    def _send_split(self, bid: str) -> None:
-        self._celery.send_task("sluice.split", args=[bid], queue="io")
 
     def hand_over(self, tp: TopicPartition, records: list[Record]) -> None:
         """Hand over records of one partition as batches within the size/count limits."""

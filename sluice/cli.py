@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help="print one app's records in a time window")
     f.add_argument("--app", required=True, help="app id (or _quarantine)")
-    f.add_argument("--since", required=True, help="ISO 8601 / epoch / 'now' / '-2h'")
+    f.add_argument("--since", required=True, help="ISO 8601, epoch seconds, 'now', or an age such as 2h or --since=-90m")
     f.add_argument("--until", default="now", help="same formats; default now")
     f.add_argument("--grep", help="only lines matching this regular expression")
     args = parser.parse_args(argv)

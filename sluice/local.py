@@ -160,7 +160,9 @@ class LocalStack:
                             "-s", str(self.workdir / "celerybeat-schedule"))
 
     def start_flower(self, port: int) -> Service:
-        return self._celery("flower", "flower", f"--port={port}", "--address=127.0.0.1")
+        env = {**self.env(), "FLOWER_UNAUTHENTICATED_API": "true"}
+        return self._spawn("flower", [sys.executable, "-m", "celery", "-A", "tasks", "flower",
+                                      f"--port={port}", "--address=127.0.0.1"], env)
 
     def start_bridge(self, name: str = "bridge") -> Service:
         return self._spawn(name, [sys.executable, "-m", "bridge"], self.env())

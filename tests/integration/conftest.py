@@ -1,0 +1,119 @@
+"""Fixtures that start real services: redis-server and Tansu on free ports, Celery workers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import redis
+
+from sluice.local import LocalStack, wait_until
+from sluice.settings import Settings
+
+# Fast group joins and quick recovery, so the tests spend their time on the pipeline.
+FAST = {
+    "SLUICE_KAFKA_SESSION_TIMEOUT_MS": "6000",
+    "SLUICE_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+    "SLUICE_SEAL_AGE_SECONDS": "2",
+    "SLUICE_UPLOAD_INTERVAL_SECONDS": "1",
+    "SLUICE_REDRIVE_AFTER_SECONDS": "15",
+    "SLUICE_COMPRESS_TIME_LIMIT": "15",
+    "SLUICE_LOCK_LEASE_SECONDS": "20",
+}
+
+
+@pytest.fixture
+def redis_only(tmp_path: Path) -> Iterator[LocalStack]:
+    stack = LocalStack(tmp_path / "stack")
+    try:
+        stack.start_redis()
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.fixture
+def rds(redis_only: LocalStack) -> redis.Redis:
+    return redis.Redis.from_url(redis_only.redis_url)
+
+
+@pytest.fixture
+def settings(redis_only: LocalStack, tmp_path: Path) -> Settings:
+    return Settings(redis_url=redis_only.redis_url, spool_dir=tmp_path / "spool",
+                    store_url=f"file://{tmp_path / 'archive'}", seal_age_seconds=1,
+                    lock_wait_seconds=5)
+
+
+def start_pipeline(workdir: Path, topic_partitions: int = 4, cpu_workers: int = 1,
+                   **env: str) -> LocalStack:
+    """Redis, Tansu, one io worker, `cpu_workers` cpu workers, Beat and the bridge."""
+    stack = LocalStack(workdir, {**FAST, **env})
+    try:
+        stack.start_redis()
+        stack.start_kafka()
+        stack.create_topic("logs", topic_partitions)
+        stack.start_io_worker()
+        for i in range(cpu_workers):
+            stack.start_cpu_worker(name=f"cpu{i}")
+        stack.start_beat()
+        stack.start_bridge()
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
+def wait_archived(stack: LocalStack, expected: int, timeout: float = 300) -> None:
+    """Until `expected` records are compressed and every slot file is uploaded.
+
+    Fails at once, with the log, if any service of the stack died on its own.
+    """
+    r = redis.Redis.from_url(stack.redis_url)
+
+    def done() -> bool:
+        for service in stack.services:
+            if not service.alive():
+                raise AssertionError(f"{service.name} died:\n{service.log.read_text()[-3000:]}")
+        compressed = sum(int(v) for v in r.hvals("sluice:stats:records"))
+        return (compressed >= expected and r.zcard("sluice:inflight") == 0
+                and r.scard("sluice:slots") == 0 and r.hlen("sluice:sealed") == 0)
+
+    wait_until(done, timeout, f"{expected} records archived", interval=0.25)
+
+
+def read_archive(root: Path) -> list[tuple[Path, bytes]]:
+    """(object path, line) for every line of every object, decompressed by the zstd CLI."""
+    out = []
+    for obj in sorted(root.rglob("*.jsonl.zst")):
+        data = subprocess.run(["zstd", "-dcq", str(obj)], check=True, capture_output=True).stdout
+        assert data.endswith(b"\n"), f"{obj} does not end with a newline"
+        out += [(obj, line) for line in data.split(b"\n")[:-1]]
+    return out
+
+
+def assert_exactly_once(root: Path, expected_seqs: set[int]) -> dict[tuple[str, str], int]:
+    """Every seq archived once, in the object of its own app and event hour."""
+    seen: Counter[int] = Counter()
+    per_partition: Counter[tuple[str, str]] = Counter()
+    from datetime import datetime, timezone
+
+    for obj, line in read_archive(root):
+        doc = json.loads(line)
+        if "seq" not in doc:
+            continue
+        seen[doc["seq"]] += 1
+        app_dir, dt_dir, hour_dir = obj.parts[-4:-1]
+        when = datetime.fromtimestamp(doc["ts"], timezone.utc)
+        assert app_dir == f"app={doc['app']}", (obj, doc)
+        assert dt_dir == f"dt={when:%Y-%m-%d}" and hour_dir == f"hour={when:%H}", (obj, doc)
+        per_partition[(doc["app"], f"{when:%Y%m%d%H}")] += 1
+    duplicated = {seq: n for seq, n in seen.items() if n > 1}
+    missing = expected_seqs - set(seen)
+    assert not duplicated, f"{len(duplicated)} records archived more than once, e.g. {list(duplicated)[:5]}"
+    assert not missing, f"{len(missing)} records lost, e.g. {sorted(missing)[:5]}"
+    assert set(seen) == expected_seqs
+    return dict(per_partition)
