@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import random
+import time
 import zlib
 from collections import Counter
 from datetime import datetime, timezone
@@ -28,6 +29,16 @@ TS_HOUR = "2023111422"
 # 2020-09-13T12:26:40Z: a Kafka timestamp in a different hour than TS, to tell the two apart.
 KAFKA_MS = 1_600_000_000_000
 KAFKA_HOUR = "2020091312"
+
+
+@pytest.fixture
+def non_utc_local_time(monkeypatch):
+    """Make the process's local zone UTC-5 so naive datetimes can't pass as UTC by accident."""
+    monkeypatch.setenv("TZ", "EST+05")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
 
 
 def rec(value, key=None, headers=None, offset=0, timestamp_ms=KAFKA_MS) -> Record:
@@ -334,7 +345,7 @@ def test_quarantine_round_trip_random_bytes():
     f"{TS}.25",
     str(TS * 1000),
 ])
-def test_hour_from_ts(ts):
+def test_hour_from_ts(ts, non_utc_local_time):
     value = orjson.dumps({"app": "a", "ts": ts})
     assert Router("json:app").route(rec(value))[1] == TS_HOUR
 
@@ -397,7 +408,7 @@ class TestParseTimestamp:
         ("1970-01-01T00:00:00Z", 0.0),
         ("9999-12-31T23:59:59Z", 253402300799.0),
     ])
-    def test_usable(self, value, expected):
+    def test_usable(self, value, expected, non_utc_local_time):
         assert parse_timestamp(value) == pytest.approx(expected, abs=1e-6)
 
     @pytest.mark.parametrize("value", [

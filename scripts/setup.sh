@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install what sluice needs on a fresh Debian/Ubuntu machine: the system tools it starts or
+# calls (redis-server, zstd, kcat; docker-compose with --test), and a virtualenv in .venv with
+# the pinned Python packages and sluice itself. Safe to run again: it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=()
+command -v redis-server >/dev/null || packages+=(redis-server)
+command -v zstd >/dev/null || packages+=(zstd)
+command -v kcat >/dev/null || packages+=(kcat)
+python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
+if [[ "${1:-}" == "--test" ]]; then
+  command -v docker-compose >/dev/null || packages+=(docker-compose)
+fi
+if ((${#packages[@]})); then
+  sudo=""
+  [[ "$(id -u)" -eq 0 ]] || sudo="sudo"
+  echo "installing ${packages[*]} with apt-get"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+fi
+
+[[ -x .venv/bin/python ]] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .

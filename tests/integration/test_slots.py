@@ -1,0 +1,228 @@
+"""Slot files, the ledger and the uploader against a real redis-server: crash windows included."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from bridge.consumer import Bridge
+from kafka import TopicPartition
+from sluice.ledger import Ledger, piece_name
+from sluice.records import Record
+from sluice.settings import Settings
+from sluice.slots import SEALED_KEY, SLOTS_KEY, LockLost, Slots
+from sluice.store import FileStore, object_key
+from sluice.uploader import upload_sealed
+
+pytestmark = pytest.mark.integration
+
+APP, HOUR = "billing", "2026112409"
+FAR_FUTURE = 4_000_000_000.0
+
+
+def frame(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=3).compress(data)
+
+
+def zstd_cli(path: Path) -> bytes:
+    return subprocess.run(["zstd", "-dcq", str(path)], check=True, capture_output=True).stdout
+
+
+def split_batch(ledger: Ledger, bid: str, pieces: dict[str, bytes]) -> None:
+    """Put a batch in the 'split' state with these pieces pending, as the split task does."""
+    ledger.r.set(f"sluice:b:{bid}:state", "handed")
+    assert ledger.commit_split(bid, pieces)
+
+
+def open_files(settings: Settings) -> list[Path]:
+    return sorted((settings.spool_dir / "open").rglob("*.zst"))
+
+
+def test_a_piece_is_appended_once_however_often_it_is_delivered(rds, settings):
+    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    piece = piece_name(APP, HOUR)
+    split_batch(ledger, "logs:0:0-1", {piece: b"a\nb\n"})
+    assert slots.append("logs:0:0-1", APP, HOUR, frame(b"a\nb\n"), 2) is True
+    assert slots.append("logs:0:0-1", APP, HOUR, frame(b"a\nb\n"), 2) is False
+    [path] = open_files(settings)
+    assert zstd_cli(path) == b"a\nb\n"
+    # The batch is finished: its keys are gone and it is no longer in flight.
+    assert ledger.inflight_count() == 0 and not rds.keys("sluice:b:*")
+    assert int(rds.hget("sluice:stats:records", APP)) == 2
+
+
+def test_a_torn_tail_is_cut_before_the_next_append(rds, settings):
+    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    piece = piece_name(APP, HOUR)
+    split_batch(ledger, "logs:0:0-0", {piece: b"first\n"})
+    split_batch(ledger, "logs:0:1-1", {piece: b"second\n"})
+    slots.append("logs:0:0-0", APP, HOUR, frame(b"first\n"), 1)
+    [path] = open_files(settings)
+    with open(path, "ab") as fh:  # a writer killed halfway through its frame
+        fh.write(frame(b"torn write that was never committed\n")[:17])
+    slots.append("logs:0:1-1", APP, HOUR, frame(b"second\n"), 1)
+    assert zstd_cli(path) == b"first\nsecond\n"
+
+
+def test_a_duplicate_that_loses_the_race_takes_its_bytes_back(rds, settings):
+    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    piece = piece_name(APP, HOUR)
+    split_batch(ledger, "logs:0:0-0", {piece: b"once\n"})
+    # Another delivery of the same piece holds slot 0, so this one appends in slot 1 ...
+    rds.set(f"sluice:lock:{APP}|{HOUR}|0", "someone-else")
+    assert slots.append("logs:0:0-0", APP, HOUR, frame(b"once\n"), 1)
+    # ... and when that delivery gets to commit in slot 0, the piece is no longer pending.
+    rds.delete(f"sluice:lock:{APP}|{HOUR}|0")
+    assert not slots.append("logs:0:0-0", APP, HOUR, frame(b"once\n"), 1)
+    contents = sorted(zstd_cli(p) if p.stat().st_size else b"" for p in open_files(settings))
+    assert contents == [b"", b"once\n"]
+
+
+def test_a_writer_whose_lease_ran_out_commits_nothing(rds, settings, monkeypatch):
+    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    piece = piece_name(APP, HOUR)
+    split_batch(ledger, "logs:0:0-0", {piece: b"late\n"})
+    real_pwrite = os.pwrite
+
+    def stalled_pwrite(fd, data, offset):  # the lease expires and another writer takes the slot
+        rds.set(f"sluice:lock:{APP}|{HOUR}|0", "new-owner")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr("sluice.slots.os.pwrite", stalled_pwrite)
+    with pytest.raises(LockLost):
+        slots.append("logs:0:0-0", APP, HOUR, frame(b"late\n"), 1)
+    assert ledger.is_pending("logs:0:0-0", piece)
+    assert rds.hget(f"sluice:slot:{APP}|{HOUR}|0", "size") == b"0"
+    assert rds.get(f"sluice:lock:{APP}|{HOUR}|0") == b"new-owner"
+
+
+def test_concurrent_appenders_use_at_most_n_files_and_lose_nothing(rds, settings, tmp_path):
+    settings = settings.model_copy(update={"slots_per_app": 3})
+    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    batches = {f"logs:0:{i}-{i}": f"line {i}\n".encode() for i in range(30)}
+    for bid, data in batches.items():
+        split_batch(ledger, bid, {piece_name(APP, HOUR): data})
+    barrier = threading.Barrier(len(batches))
+    errors: list[BaseException] = []
+
+    def work(bid: str, data: bytes) -> None:
+        try:
+            barrier.wait()
+            Slots(rds, settings).append(bid, APP, HOUR, frame(data), 1)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=item) for item in batches.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    files = len(open_files(settings))
+    assert 1 <= files <= 3
+    store = FileStore(tmp_path / "archive")
+    assert slots.seal_due(now=FAR_FUTURE) == files
+    upload_sealed(slots, store)
+    lines = b"".join(zstd_cli(p) for p in (tmp_path / "archive").rglob("*.zst")).splitlines(keepends=True)
+    assert sorted(lines) == sorted(batches.values())
+
+
+def test_seal_and_upload_lay_out_objects_and_empty_the_spool(rds, settings, tmp_path):
+    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    other_hour = "2026112410"
+    split_batch(ledger, "logs:0:0-1", {piece_name(APP, HOUR): b"x\n", piece_name(APP, other_hour): b"y\n"})
+    slots.append("logs:0:0-1", APP, HOUR, frame(b"x\n"), 1)
+    slots.append("logs:0:0-1", APP, other_hour, frame(b"y\n"), 1)
+    assert slots.seal_due() == 0, "freshly written slots are not idle yet"
+    assert slots.seal_due(now=FAR_FUTURE) == 2
+    store = FileStore(tmp_path / "archive")
+    assert upload_sealed(slots, store) == 2
+    keys = store.list(f"app={APP}/")
+    assert [k.rsplit("/", 1)[0] for k in keys] == [f"app={APP}/dt=2026-11-24/hour=09",
+                                                    f"app={APP}/dt=2026-11-24/hour=10"]
+    assert [zstd_cli(tmp_path / "archive" / k) for k in keys] == [b"x\n", b"y\n"]
+    assert not list(settings.spool_dir.rglob("*.zst"))
+    assert rds.hlen(SEALED_KEY) == 0 and rds.scard(SLOTS_KEY) == 0
+
+
+def test_a_seal_cut_short_before_its_rename_is_finished_by_the_uploader(rds, settings, tmp_path):
+    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    split_batch(ledger, "logs:0:0-0", {piece_name(APP, HOUR): b"kept\n"})
+    slots.append("logs:0:0-0", APP, HOUR, frame(b"kept\n"), 1)
+    [open_path] = open_files(settings)
+    slots.seal_due(now=FAR_FUTURE)
+    [sealed] = slots.sealed_files()
+    # Undo the rename and leave a torn tail, as if the sealer died right after its script.
+    sealed_path = slots.spool.sealed_path(APP, HOUR, sealed.fid)
+    open_path.parent.mkdir(parents=True, exist_ok=True)
+    sealed_path.replace(open_path)
+    with open(open_path, "ab") as fh:
+        fh.write(b"\x28\xb5\x2f\xfd garbage")
+    store = FileStore(tmp_path / "archive")
+    assert upload_sealed(slots, store) == 1
+    assert zstd_cli(tmp_path / "archive" / object_key(APP, HOUR, sealed.fid)) == b"kept\n"
+
+
+class CrashAfterPut(FileStore):
+    """A store whose first upload lands but whose caller dies before recording it."""
+
+    crashed = False
+
+    def put(self, local: Path, key: str) -> None:
+        super().put(local, key)
+        if not self.crashed:
+            self.crashed = True
+            raise KeyboardInterrupt("worker killed after the upload")
+
+
+def test_an_upload_repeated_after_a_crash_overwrites_instead_of_duplicating(rds, settings, tmp_path):
+    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    split_batch(ledger, "logs:0:0-0", {piece_name(APP, HOUR): b"one\n"})
+    slots.append("logs:0:0-0", APP, HOUR, frame(b"one\n"), 1)
+    slots.seal_due(now=FAR_FUTURE)
+    store = CrashAfterPut(tmp_path / "archive")
+    with pytest.raises(KeyboardInterrupt):
+        upload_sealed(slots, store)
+    assert rds.hlen(SEALED_KEY) == 1
+    upload_sealed(slots, store)
+    objects = list((tmp_path / "archive").rglob("*.zst"))
+    assert len(objects) == 1 and zstd_cli(objects[0]) == b"one\n"
+    assert rds.hlen(SEALED_KEY) == 0
+
+
+def records(first: int, last: int) -> list[Record]:
+    return [Record(o, 1_795_000_000_000, None, b'{"app":"a","n":%d}' % o, []) for o in range(first, last + 1)]
+
+
+def test_bridge_replays_are_trimmed_by_the_ledger(rds, settings):
+    sent: list[str] = []
+    bridge = Bridge(settings, Ledger(rds, settings), send_split=sent.append)
+    tp = TopicPartition("logs", 3)
+    bridge.hand_over(tp, records(0, 99))
+    bridge.hand_over(tp, records(50, 149))  # redelivered after a crash before the commit
+    bridge.hand_over(tp, records(0, 149))
+    assert sent == ["logs:3:0-99", "logs:3:100-149"]
+    assert Ledger(rds, settings).high_water_mark("logs", 3) == 149
+
+
+def test_bridge_batches_within_count_and_byte_limits(rds, settings):
+    settings = settings.model_copy(update={"batch_max_records": 20, "batch_max_bytes": 10_000})
+    sent: list[str] = []
+    bridge = Bridge(settings, Ledger(rds, settings), send_split=sent.append)
+    bridge.hand_over(TopicPartition("logs", 0), records(0, 44))
+    assert sent == ["logs:0:0-19", "logs:0:20-39", "logs:0:40-44"]
+    big = [Record(100 + i, 0, None, b"x" * 4000, []) for i in range(5)]
+    bridge.hand_over(TopicPartition("logs", 0), big)
+    assert sent[3:] == ["logs:0:100-101", "logs:0:102-103", "logs:0:104-104"]
+
+
+def test_a_batch_is_split_once(rds, settings):
+    ledger = Ledger(rds, settings)
+    split_batch(ledger, "logs:0:0-9", {"a|2026112409": b"1\n"})
+    assert not ledger.commit_split("logs:0:0-9", {"a|2026112409": b"1\n", "b|2026112409": b"2\n"})
+    assert ledger.pending_pieces("logs:0:0-9") == ["a|2026112409"]
