@@ -184,6 +184,10 @@ class TestIterLines:
         data = frames(b"x\n") + buf.getvalue() + frames(b"y\n")
         assert list(iter_lines(io.BytesIO(data))) == [b"x", b"s1", b"s2", b"y"]
 
+    def test_empty_frame_in_the_middle(self):
+        data = frames(b"a\n", b"", b"b\n", b"", b"c\n")
+        assert list(iter_lines(io.BytesIO(data))) == [b"a", b"b", b"c"]
+
     def test_empty_stream(self):
         assert list(iter_lines(io.BytesIO(b""))) == []
 
