@@ -138,7 +138,8 @@ class Bridge:
 
     def _resend_inflight(self) -> None:
         """A bridge that died between hand-over and enqueue left batches with no task."""
-        stale = self.ledger.stale_batches(older_than=0)
+        stale = [bid for bid in self.ledger.stale_batches(older_than=0)
+                 if self.ledger.state(bid) == "handed"]
         for bid in stale:
             self._send_split(bid)
         if stale:

@@ -9,7 +9,7 @@ from typing import BinaryIO, Iterator
 import orjson
 import zstandard
 
-from sluice.records import QUARANTINE_APP, parse_timestamp, valid_app_id
+from sluice.records import QUARANTINE_APP, looks_like_json_object, parse_timestamp, valid_app_id
 from sluice.store import Store, hour_prefix
 
 _RELATIVE = re.compile(r"-?(\d+)([smhd])")
@@ -23,7 +23,10 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
     if text == "now":
         return now
     if match := _RELATIVE.fullmatch(text):
-        return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        try:
+            return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        except OverflowError:
+            raise ValueError(f"{text!r} reaches back before year 1") from None
     seconds = parse_timestamp(text)
     if seconds is None:
         raise ValueError(f"cannot read {text!r} as a time: use ISO 8601, epoch seconds, 'now' or '-2h'")
@@ -32,6 +35,8 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
 
 def hours_between(since: datetime, until: datetime) -> list[str]:
     """Every YYYYMMDDHH hour that overlaps [since, until)."""
+    if until <= since:
+        return []
     hour = since.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
     hours = []
     while hour < until:
@@ -52,7 +57,7 @@ def iter_lines(stream: BinaryIO) -> Iterator[bytes]:
 
 
 def _event_time(line: bytes, field: str) -> float | None:
-    if not field or line[:1] != b"{":
+    if not field or not looks_like_json_object(line):
         return None
     try:
         doc = orjson.loads(line)

@@ -151,6 +151,10 @@ class Ledger:
         cutoff = time.time() - older_than
         return [b.decode() for b in self.r.zrangebyscore(INFLIGHT_KEY, "-inf", cutoff)]
 
+    def touch(self, bid: str) -> None:
+        """Restart the redrive clock of a batch, so a backlog is redriven once, not every sweep."""
+        self.r.zadd(INFLIGHT_KEY, {bid: time.time()}, xx=True)
+
     def inflight_count(self) -> int:
         return int(self.r.zcard(INFLIGHT_KEY))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,6 +22,8 @@ QUARANTINE_APP = "_quarantine"
 
 # Epoch values above this are taken as milliseconds (1e11 seconds is the year 5138).
 _MS_THRESHOLD = 1e11
+# Hours outside years 1970..9999 cannot be laid out as dt=YYYY-MM-DD.
+_MAX_SECONDS = 253402300800
 
 
 class Record(NamedTuple):
@@ -47,7 +50,10 @@ def parse_timestamp(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        seconds = value / 1000.0 if value > _MS_THRESHOLD else float(value)
+        try:
+            seconds = value / 1000.0 if value > _MS_THRESHOLD else float(value)
+        except OverflowError:
+            return None
     elif isinstance(value, str):
         try:
             seconds = float(value)
@@ -63,10 +69,23 @@ def parse_timestamp(value: Any) -> float | None:
             seconds = parsed.timestamp()
     else:
         return None
-    # Hours outside years 1970..9999 cannot be laid out as dt=YYYY-MM-DD.
-    if not 0 <= seconds < 253402300800:
+    if not 0 <= seconds < _MAX_SECONDS:  # also rejects NaN
         return None
     return seconds
+
+
+def ingest_seconds(record: "Record") -> float:
+    """The Kafka timestamp, or now when the producer set none (-1) or an impossible one.
+
+    Only the split task reads it, once per batch (its result is committed atomically), so
+    falling back to the clock cannot file a redelivered record under a second hour.
+    """
+    seconds = record.timestamp_ms / 1000.0
+    return seconds if 0 <= seconds < _MAX_SECONDS else time.time()
+
+
+def looks_like_json_object(value: bytes) -> bool:
+    return value.lstrip()[:1] == b"{"
 
 
 def valid_app_id(app: str) -> bool:
@@ -124,7 +143,7 @@ class Router:
         if b"\n" in value:
             raise Rejected("multiline")
         doc: Any = None
-        if self._needs_json or (self.timestamp_field and value[:1] == b"{"):
+        if self._needs_json or (self.timestamp_field and looks_like_json_object(value)):
             try:
                 doc = orjson.loads(value)
             except orjson.JSONDecodeError:
@@ -146,7 +165,7 @@ class Router:
         if self.timestamp_field and isinstance(doc, dict):
             seconds = parse_timestamp(doc.get(self.timestamp_field))
         if seconds is None:
-            seconds = record.timestamp_ms / 1000.0
+            seconds = ingest_seconds(record)
         return app, hour_of(seconds), value
 
     def group(self, records: list[Record], topic: str, partition: int) -> dict[tuple[str, str], list[bytes]]:
@@ -156,7 +175,7 @@ class Router:
             try:
                 app, hour, line = self.route(record)
             except Rejected as why:
-                app, hour = QUARANTINE_APP, hour_of(record.timestamp_ms / 1000.0)
+                app, hour = QUARANTINE_APP, hour_of(ingest_seconds(record))
                 line = quarantine_line(record, str(why), topic, partition)
             groups[(app, hour)].append(line)
         return dict(groups)

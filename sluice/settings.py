@@ -9,14 +9,14 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 APP_ID_KINDS = ("json", "key", "header", "regex")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SLUICE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SLUICE_", extra="ignore", hide_input_in_errors=True)
 
     # Kafka
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -92,13 +92,16 @@ class Settings(BaseSettings):
             raise ValueError(f"store_url must start with file:// or oss://, got {value!r}")
         return value
 
-    @model_validator(mode="after")
-    def _lease_outlives_task(self) -> "Settings":
-        if self.lock_lease_seconds <= self.compress_time_limit:
+    @field_validator("lock_lease_seconds")
+    @classmethod
+    def _lease_outlives_task(cls, value: float, info: ValidationInfo) -> float:
+        # A field validator (not a model one), so a failure quotes this number, not the
+        # whole input with its secrets.
+        limit = info.data.get("compress_time_limit")
+        if limit is not None and value <= limit:
             raise ValueError("lock_lease_seconds must exceed compress_time_limit, or a stalled "
                              "writer could still be appending when its slot is handed on")
-        return self
-
+        return value
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

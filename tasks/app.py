@@ -13,6 +13,7 @@ from beat_schedule import beat_schedule
 from sluice.settings import get_settings
 
 settings = get_settings()
+settings.spool_dir.mkdir(parents=True, exist_ok=True)  # Beat keeps its schedule file there
 
 app = Celery("sluice", broker=settings.redis_url.get_secret_value(),
              include=["tasks.split", "tasks.compress", "tasks.upload"])

@@ -33,8 +33,10 @@ def split(bid: str) -> int:
 @app.task(name="sluice.redrive", autoretry_for=(redis.RedisError,), max_retries=3)
 def redrive() -> int:
     """Finish batches whose tasks were lost (e.g. a broker restart without persistence)."""
-    stale = ledger().stale_batches(get_settings().redrive_after_seconds)
+    led = ledger()
+    stale = led.stale_batches(get_settings().redrive_after_seconds)
     for bid in stale:
         log.warning("redriving batch %s, in flight for too long", bid)
+        led.touch(bid)
         split.delay(bid)
     return len(stale)

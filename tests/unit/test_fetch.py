@@ -81,10 +81,6 @@ class TestParseWhen:
         with pytest.raises(ValueError, match="'yesterday-ish'"):
             parse_when("yesterday-ish", now=NOW)
 
-    @pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-        "BUG: a huge relative offset ('-9999999999d', '-999999999d') raises OverflowError "
-        "from timedelta/datetime instead of ValueError, so `sluice fetch` (which only "
-        "catches ValueError) dies with a traceback instead of its clear message."))
     @pytest.mark.parametrize("text", ["-9999999999d", "-999999999d"])
     def test_huge_relative_offset_raises_value_error(self, text):
         with pytest.raises(ValueError):
@@ -145,11 +141,6 @@ class TestHoursBetween:
     def test_empty_when_until_not_after_since_aligned(self, since, until):
         assert hours_between(since, until) == []
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "BUG: hours_between truncates `since` to its hour and compares that with `until`, so "
-        "an empty or reversed window whose `since` is not on an hour boundary still yields "
-        "since's hour (e.g. 10:30..10:30 -> ['..10']); docstring says hours overlapping "
-        "[since, until). Masked in fetch() by its own until<=since check."))
     @pytest.mark.parametrize("since, until", [
         (t(1, 10, 30), t(1, 10, 30)),
         (t(1, 10, 30), t(1, 10, 15)),
@@ -369,11 +360,6 @@ class TestFetch:
         assert count == 5
         assert (tmp_path / "out.jsonl").read_bytes().count(b"\n") == 5
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "BUG: the router parses JSON with leading whitespace (orjson accepts it) and buckets "
-        "the line by its ts, but fetch's _event_time only parses lines whose first byte is "
-        "'{', so such lines are treated as having no event time and returned even when their "
-        "ts is outside the requested window."))
     def test_leading_whitespace_json_line_is_time_filtered(self, tmp_path):
         store = FileStore(tmp_path / "store")
         outside = b" " + line("alpha", 10, 5)

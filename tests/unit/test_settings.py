@@ -182,11 +182,6 @@ def test_field_validation_error_does_not_reveal_secrets():
     assert "s3cret-pw" not in text and OSS_SECRET not in text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the model-level lock_lease check fails with input_value = the whole raw input dict, "
-    "so the ValidationError (its str, .errors() and .json()) carries the Redis password and "
-    "OSS secret in clear text, e.g. when SLUICE_LOCK_LEASE_SECONDS is set too low at startup. "
-    "A fix is model_config hide_input_in_errors=True."))
 def test_model_validation_error_does_not_reveal_secrets(monkeypatch):
     monkeypatch.setenv("SLUICE_REDIS_URL", REDIS_URL)
     monkeypatch.setenv("SLUICE_OSS_ACCESS_KEY_SECRET", OSS_SECRET)
