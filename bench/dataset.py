@@ -1,0 +1,45 @@
+"""The benchmark data set: mixed-app JSON log lines, Zipf over 200 apps, 150-400 bytes each.
+
+Written once to data/bench/dataset-<MB>.jsonl (deterministic seed), then reused.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from sluice import sample
+from sluice.local import PROJECT_ROOT
+
+APPS = 200
+
+
+def dataset(megabytes: int = 200) -> Path:
+    path = PROJECT_ROOT / "data" / "bench" / f"dataset-{megabytes}.jsonl"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    target = megabytes * 1_000_000
+    apps = sample.app_names(APPS)
+    # 275 bytes on average; generate a little more than needed and stop at the target.
+    count = target // 250
+    written = 0
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as out:
+        for _, line in sample.lines(count, apps, time.time() - 2 * 3600, 2 * 3600, seed=2026,
+                                    weights=sample.zipf_weights(APPS)):
+            out.write(line + b"\n")
+            written += len(line) + 1
+            if written >= target:
+                break
+    tmp.replace(path)
+    return path
+
+
+def read_lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines()
+
+
+if __name__ == "__main__":
+    print(dataset(int(sys.argv[1]) if len(sys.argv) > 1 else 200))
