@@ -1,4 +1,4 @@
-"""compress [queue cpu]: one zstd frame per piece, appended exactly once to a slot file."""
+"""compress [queue cpu]: one zstd frame per (app, hour) piece, each appended exactly once."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import redis
 
 from sluice.ledger import split_piece
 from sluice.settings import get_settings
-from sluice.slots import LockLost, SlotsBusy
+from sluice.slots import Frame, LockLost, SlotsBusy
 from tasks.app import app
 from tasks.deps import compressor, ledger, slots
 
@@ -16,14 +16,13 @@ _limit = get_settings().compress_time_limit
 @app.task(name="sluice.compress", autoretry_for=(SlotsBusy, LockLost, redis.RedisError),
           retry_backoff=True, retry_backoff_max=30, max_retries=None,
           time_limit=_limit, soft_time_limit=_limit * 0.9)
-def compress(bid: str, piece: str) -> bool:
-    """True if this call appended the piece, False if an earlier delivery already had."""
-    led = ledger()
-    if not led.is_pending(bid, piece):
-        return False
-    data = led.piece_data(bid, piece)
-    if data is None:  # appended by a concurrent duplicate since the check above
-        return False
-    frame = compressor().compress(data)
-    app_id, hour = split_piece(piece)
-    return slots().append(bid, app_id, hour, frame, data.count(b"\n"))
+def compress(bid: str, pieces: list[str]) -> int:
+    """Returns how many pieces this call appended; pieces appended by an earlier delivery of
+    the same task (or by a redriven copy) are skipped."""
+    frames = []
+    for piece, data in zip(pieces, ledger().pieces_data(bid, pieces)):
+        if data is None:
+            continue
+        app_id, hour = split_piece(piece)
+        frames.append(Frame(app_id, hour, compressor().compress(data), data.count(b"\n")))
+    return slots().append_many(bid, frames) if frames else 0

@@ -6,7 +6,7 @@ import redis
 from celery.utils.log import get_task_logger
 
 from sluice.batch import parse_batch_id, unpack
-from sluice.ledger import piece_name
+from sluice.ledger import bundle_pieces, piece_name
 from sluice.settings import get_settings
 from tasks.app import app
 from tasks.deps import ledger, router
@@ -17,17 +17,19 @@ log = get_task_logger(__name__)
 @app.task(name="sluice.split", autoretry_for=(redis.RedisError,), retry_backoff=True,
           retry_backoff_max=30, max_retries=None)
 def split(bid: str) -> int:
-    """Idempotent: a repeat finds the batch already split and only re-enqueues what is pending."""
+    """Idempotent: a repeat finds the batch already split and only re-enqueues what is pending.
+
+    Returns the number of compress tasks enqueued."""
     led = ledger()
     if led.state(bid) == "handed":
         topic, partition, _, _ = parse_batch_id(bid)
         groups = router().group(unpack(led.load_payload(bid)), topic, partition)
         pieces = {piece_name(a, h): b"\n".join(lines) + b"\n" for (a, h), lines in groups.items()}
         led.commit_split(bid, pieces)
-    pending = led.pending_pieces(bid)
-    for piece in pending:
-        app.send_task("sluice.compress", args=[bid, piece])
-    return len(pending)
+    bundles = bundle_pieces(led.pending_sizes(bid), get_settings().compress_bundle_bytes)
+    for bundle in bundles:
+        app.send_task("sluice.compress", args=[bid, bundle])
+    return len(bundles)
 
 
 @app.task(name="sluice.redrive", autoretry_for=(redis.RedisError,), max_retries=3)

@@ -15,7 +15,7 @@ from kafka import TopicPartition
 from sluice.ledger import Ledger, piece_name
 from sluice.records import Record
 from sluice.settings import Settings
-from sluice.slots import SEALED_KEY, SLOTS_KEY, LockLost, Slots
+from sluice.slots import SEALED_KEY, SLOTS_KEY, Frame, LockLost, Slots
 from sluice.store import FileStore, object_key
 from sluice.uploader import upload_sealed
 
@@ -96,7 +96,7 @@ def test_a_writer_whose_lease_ran_out_commits_nothing(rds, settings, monkeypatch
     monkeypatch.setattr("sluice.slots.os.pwrite", stalled_pwrite)
     with pytest.raises(LockLost):
         slots.append("logs:0:0-0", APP, HOUR, frame(b"late\n"), 1)
-    assert ledger.is_pending("logs:0:0-0", piece)
+    assert ledger.pending_pieces("logs:0:0-0") == [piece]
     assert rds.hget(f"sluice:slot:{APP}|{HOUR}|0", "size") == b"0"
     assert rds.get(f"sluice:lock:{APP}|{HOUR}|0") == b"new-owner"
 
@@ -226,3 +226,30 @@ def test_a_batch_is_split_once(rds, settings):
     split_batch(ledger, "logs:0:0-9", {"a|2026112409": b"1\n"})
     assert not ledger.commit_split("logs:0:0-9", {"a|2026112409": b"1\n", "b|2026112409": b"2\n"})
     assert ledger.pending_pieces("logs:0:0-9") == ["a|2026112409"]
+
+
+def test_a_bundle_of_pieces_is_appended_once(rds, settings):
+    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    data = {("web", HOUR): b"w\n", ("db", HOUR): b"d1\nd2\n", ("web", "2026112410"): b"w2\n"}
+    split_batch(ledger, "logs:1:0-3", {piece_name(a, h): d for (a, h), d in data.items()})
+    frames = [Frame(a, h, frame(d), d.count(b"\n")) for (a, h), d in data.items()]
+    assert slots.append_many("logs:1:0-3", frames) == 3
+    assert slots.append_many("logs:1:0-3", frames) == 0
+    contents = sorted(zstd_cli(p) for p in open_files(settings))
+    assert contents == sorted(data.values())
+    assert ledger.inflight_count() == 0 and not rds.keys("sluice:b:*")
+    assert not rds.keys("sluice:lock:*"), "every lock is released"
+
+
+def test_a_slot_past_the_seal_size_is_sealed_by_its_append(rds, settings):
+    settings = settings.model_copy(update={"seal_size_bytes": 64})
+    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    small, big = b"s\n", b"".join(b"line %d\n" % i for i in range(200))
+    split_batch(ledger, "logs:0:0-0", {piece_name(APP, HOUR): small})
+    split_batch(ledger, "logs:0:1-1", {piece_name(APP, HOUR): big})
+    slots.append("logs:0:0-0", APP, HOUR, frame(small), 1)
+    assert not slots.sealed_files()
+    slots.append("logs:0:1-1", APP, HOUR, frame(big), 200)
+    [sealed] = slots.sealed_files()
+    assert zstd_cli(slots.spool.sealed_path(APP, HOUR, sealed.fid)) == small + big
+    assert not open_files(settings) and rds.scard(SLOTS_KEY) == 0

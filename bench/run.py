@@ -1,0 +1,199 @@
+"""Benchmark every stage and the whole pipeline on a 200 MB mixed-app data set.
+
+    .venv/bin/python bench/run.py [--mb 200]
+
+Figures are MB/s and records/s of: bridge consume + hand-over, split, compress + append,
+upload to the file store, and end to end through real Celery workers; each also as a ratio to
+the single-core `zstd -3` CLI on the same bytes, measured in the same run, because these
+machines are noisy. Then objects per app-hour and the compression ratio against gzip -6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.dataset import dataset, read_lines  # noqa: E402
+from bridge.consumer import Bridge  # noqa: E402
+from sluice import batch as batchmod  # noqa: E402
+from sluice.ledger import Ledger, bundle_pieces, piece_name, split_piece  # noqa: E402
+from sluice.local import LocalStack, wait_until  # noqa: E402
+from sluice.records import Record, Router  # noqa: E402
+from sluice.settings import Settings  # noqa: E402
+from sluice.slots import Frame, Slots  # noqa: E402
+from sluice.store import FileStore  # noqa: E402
+from sluice.uploader import upload_sealed  # noqa: E402
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - start, result
+
+
+def cli_seconds(argv: list[str], path: Path, repeat: int = 3) -> tuple[float, int]:
+    """Best wall time of a compressor CLI over the file, and its output size."""
+    best, size = float("inf"), 0
+    for _ in range(repeat):
+        with open(path, "rb") as src:
+            start = time.perf_counter()
+            out = subprocess.run(argv, stdin=src, capture_output=True, check=True).stdout
+            best = min(best, time.perf_counter() - start)
+            size = len(out)
+    return best, size
+
+
+def load_topic(bootstrap: str, lines: list[bytes]) -> None:
+    """Fill the topic fast with librdkafka (loading is not what is measured)."""
+    import confluent_kafka
+
+    producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap, "linger.ms": 50,
+                                         "batch.size": 1_000_000, "queue.buffering.max.messages": 1_000_000})
+    for line in lines:
+        while True:
+            try:
+                producer.produce("logs", line)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    assert producer.flush(60) == 0
+
+
+def bench_bridge(stack: LocalStack, settings: Settings, r: redis.Redis, total: int) -> float:
+    """Seconds per record stream: first to last hand-over, so the group join is not counted."""
+    times: list[float] = []
+    bridge = Bridge(settings, Ledger(r, settings), send_split=lambda bid: times.append(time.perf_counter()))
+    stop = threading.Event()
+    thread = threading.Thread(target=bridge.run, args=(stop,))
+    thread.start()
+    handed = lambda: sum(int(v) + 1 for v in r.hvals("sluice:hwm"))  # noqa: E731
+    wait_until(lambda: handed() >= total, 600, "the bridge to hand everything over", interval=0.05)
+    stop.set()
+    thread.join()
+    first_batch = settings.batch_max_records  # the clock starts at the first hand-over
+    return (times[-1] - times[0]) * total / max(total - first_batch, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=int, default=200)
+    args = parser.parse_args()
+
+    path = dataset(args.mb)
+    lines = read_lines(path)
+    nbytes, nrec = path.stat().st_size, len(lines)
+    print(f"data set: {path.name}, {nbytes / 1e6:.0f} MB, {nrec:,} records, Zipf over 200 apps")
+
+    zstd_s, zstd_size = cli_seconds(["zstd", "-3", "-T1", "-c"], path)
+    gzip_s, gzip_size = cli_seconds(["gzip", "-6", "-c"], path, repeat=1)
+    ref = nbytes / zstd_s
+    rows: list[tuple[str, float]] = [("zstd -3 CLI, 1 core (reference)", zstd_s)]
+
+    work = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
+    stack = LocalStack(work / "stages")
+    try:
+        stack.start_redis()
+        stack.start_kafka()
+        stack.create_topic("logs", 4)
+        settings = Settings(redis_url=stack.redis_url, kafka_bootstrap=stack.bootstrap,
+                            spool_dir=work / "stages" / "spool", store_url=f"file://{work / 'stages' / 'archive'}",
+                            kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=500)
+        r = redis.Redis.from_url(stack.redis_url)
+        ledger, slots = Ledger(r, settings), Slots(r, settings)
+
+        load_topic(stack.bootstrap, lines)
+        rows.append(("bridge: consume + hand-over", bench_bridge(stack, settings, r, nrec)))
+
+        # split: what the split task does with each handed-over batch (payloads are in Redis).
+        router = Router(settings.app_id_source, settings.timestamp_field, settings.record_max_bytes)
+        bids = [k.decode() for k in r.zrange("sluice:inflight", 0, -1)]
+
+        def split_all() -> None:
+            for bid in bids:
+                topic, partition, _, _ = batchmod.parse_batch_id(bid)
+                groups = router.group(batchmod.unpack(ledger.load_payload(bid)), topic, partition)
+                ledger.commit_split(bid, {piece_name(a, h): b"\n".join(ls) + b"\n" for (a, h), ls in groups.items()})
+        rows.append(("split: group by app-hour", timed(split_all)[0]))
+
+        import zstandard
+        cctx = zstandard.ZstdCompressor(level=settings.zstd_level, write_checksum=True, write_content_size=True)
+
+        def compress_all() -> int:
+            """What the compress tasks do, one bundle after the other."""
+            pieces = 0
+            for bid in bids:
+                for bundle in bundle_pieces(ledger.pending_sizes(bid), settings.compress_bundle_bytes):
+                    frames = []
+                    for piece, data in zip(bundle, ledger.pieces_data(bid, bundle)):
+                        app, hour = split_piece(piece)
+                        frames.append(Frame(app, hour, cctx.compress(data), data.count(b"\n")))
+                    pieces += slots.append_many(bid, frames)
+            return pieces
+        compress_s, pieces = timed(compress_all)
+        rows.append((f"compress + append ({pieces:,} pieces)", compress_s))
+
+        def upload_all() -> int:
+            slots.seal_due(now=time.time() + settings.seal_age_seconds + 1)
+            return upload_sealed(slots, FileStore(work / "stages" / "archive"))
+        rows.append(("upload to file store", timed(upload_all)[0]))
+    finally:
+        stack.close()
+
+    e2e_s, archive = end_to_end(work / "e2e", lines)
+    rows.append(("end to end (2 cpu + 8 io workers)", e2e_s))
+
+    print(f"\n{'stage':<40}{'MB/s':>9}{'records/s':>12}{'x zstd CLI':>12}")
+    for name, seconds in rows:
+        print(f"{name:<40}{nbytes / seconds / 1e6:>9.1f}{nrec / seconds:>12,.0f}{nbytes / seconds / ref:>12.3f}")
+
+    objects = [p for p in archive.rglob("*.jsonl.zst")]
+    per_app_hour = Counter(p.parent for p in objects)
+    stored = sum(p.stat().st_size for p in objects)
+    print(f"\nobjects: {len(objects)} in {len(per_app_hour)} app-hours; per app-hour max "
+          f"{max(per_app_hour.values())}, mean {len(objects) / len(per_app_hour):.2f}")
+    print(f"compression ratio: sluice {nbytes / stored:.2f}x, zstd -3 whole file {nbytes / zstd_size:.2f}x, "
+          f"gzip -6 whole file {nbytes / gzip_size:.2f}x (gzip {gzip_s:.1f}s)")
+
+
+def end_to_end(workdir: Path, lines: list[bytes]) -> tuple[float, Path]:
+    """Data waits in Kafka; clock from bridge start to the last object uploaded."""
+    stack = LocalStack(workdir, {"SLUICE_SEAL_AGE_SECONDS": "1", "SLUICE_UPLOAD_INTERVAL_SECONDS": "1",
+                                 "SLUICE_KAFKA_SESSION_TIMEOUT_MS": "6000",
+                                 "SLUICE_KAFKA_HEARTBEAT_INTERVAL_MS": "500"})
+    try:
+        stack.start_redis()
+        stack.start_kafka()
+        stack.create_topic("logs", 4)
+        load_topic(stack.bootstrap, lines)
+        stack.start_io_worker(concurrency=8)
+        stack.start_cpu_worker(concurrency=2)
+        stack.start_beat()
+        r = redis.Redis.from_url(stack.redis_url)
+        start = time.perf_counter()
+        stack.start_bridge()
+
+        def done() -> bool:
+            dead = [s.name for s in stack.services if not s.alive()]
+            if dead:
+                raise RuntimeError(f"{dead} died; logs in {workdir / 'logs'}")
+            return (sum(int(v) for v in r.hvals("sluice:stats:records")) >= len(lines)
+                    and r.zcard("sluice:inflight") == 0 and r.scard("sluice:slots") == 0
+                    and r.hlen("sluice:sealed") == 0)
+        wait_until(done, 1800, "end-to-end archive", interval=0.1)
+        return time.perf_counter() - start, workdir / "archive"
+    finally:
+        stack.close()
+
+
+if __name__ == "__main__":
+    main()
