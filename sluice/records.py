@@ -11,6 +11,7 @@ import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import datetime, timezone
 from typing import Any, Callable, NamedTuple
 
@@ -42,7 +43,13 @@ class Rejected(Exception):
 
 def hour_of(epoch_seconds: float) -> str:
     """UTC hour bucket as YYYYMMDDHH."""
-    return datetime.fromtimestamp(epoch_seconds, timezone.utc).strftime("%Y%m%d%H")
+    return _hour_name(int(epoch_seconds // 3600))
+
+
+@lru_cache(maxsize=4096)
+def _hour_name(hours_since_epoch: int) -> str:
+    # Cached: strftime per record was a third of the split stage's time.
+    return datetime.fromtimestamp(hours_since_epoch * 3600, timezone.utc).strftime("%Y%m%d%H")
 
 
 def parse_timestamp(value: Any) -> float | None:
@@ -88,6 +95,7 @@ def looks_like_json_object(value: bytes) -> bool:
     return value.lstrip()[:1] == b"{"
 
 
+@lru_cache(maxsize=65536)
 def valid_app_id(app: str) -> bool:
     return APP_ID_PATTERN.fullmatch(app) is not None
 
