@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 
     shutil.rmtree(args.workdir, ignore_errors=True)
     stack = LocalStack(args.workdir, {
-        "SLUICE_SEAL_AGE_SECONDS": "3", "SLUICE_UPLOAD_INTERVAL_SECONDS": "2",
+        "SLUICE_SEAL_AGE_SECONDS": "3", "SLUICE_SEAL_OPEN_HOUR_AGE_SECONDS": "3",
+        "SLUICE_UPLOAD_INTERVAL_SECONDS": "2",
         "SLUICE_KAFKA_SESSION_TIMEOUT_MS": "6000", "SLUICE_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
     })
     try:

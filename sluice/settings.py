@@ -59,7 +59,12 @@ class Settings(BaseSettings):
 
     # Sealing and upload.
     upload_interval_seconds: float = Field(30.0, gt=0)
-    seal_age_seconds: float = Field(300.0, gt=0)  # idle time after the last append
+    # A slot file is sealed once no record has been appended to it for this long and its hour
+    # is over (the wait catches late records), ...
+    seal_age_seconds: float = Field(300.0, gt=0)
+    # ... or, while its hour is still running, once idle this long: a quiet app's current hour
+    # becomes fetchable without cutting a busy app's hour into many files.
+    seal_open_hour_age_seconds: float = Field(1800.0, gt=0)
     seal_size_bytes: int = Field(256 * 1024 * 1024, gt=0)
     # In-flight batches older than this get their remaining work enqueued again.
     redrive_after_seconds: float = Field(600.0, gt=0)

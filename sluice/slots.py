@@ -8,6 +8,7 @@ that lost the race) is cut off before the next append or when the slot is sealed
 
 from __future__ import annotations
 
+import calendar
 import os
 import random
 import time
@@ -132,6 +133,11 @@ class _Held:
     sid: str
     fid: str
     size: int
+
+
+def hour_start(hour: str) -> float:
+    """Epoch seconds at the start of a YYYYMMDDHH hour (UTC)."""
+    return calendar.timegm((int(hour[:4]), int(hour[4:6]), int(hour[6:8]), int(hour[8:10]), 0, 0))
 
 
 def slot_id(app: str, hour: str, k: int) -> str:
@@ -336,7 +342,7 @@ class Slots:
         return sealed
 
     def seal_due(self, now: float | None = None) -> int:
-        """Seal every slot idle for seal_age_seconds or grown past seal_size_bytes."""
+        """Seal every slot that is full or idle long enough (see `_due`); how many were sealed."""
         now = time.time() if now is None else now
         sealed = 0
         for raw in self.r.smembers(SLOTS_KEY):
@@ -359,8 +365,13 @@ class Slots:
         state = self.r.hgetall(_slot_key(sid))
         if not state:
             return True  # stale registry entry; sealing it just drops the entry
+        if int(state[b"size"]) >= self.settings.seal_size_bytes:
+            return True
+        hour = sid.split("|")[1]
+        hour_over = now >= hour_start(hour) + 3600
         idle = now - float(state[b"updated"])
-        return idle >= self.settings.seal_age_seconds or int(state[b"size"]) >= self.settings.seal_size_bytes
+        s = self.settings
+        return idle >= (s.seal_age_seconds if hour_over else s.seal_open_hour_age_seconds)
 
     def sealed_files(self) -> list[SealedFile]:
         return [SealedFile.from_entry(entry.decode(), int(size))

@@ -19,6 +19,7 @@ FAST = {
     "SLUICE_KAFKA_SESSION_TIMEOUT_MS": "6000",
     "SLUICE_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
     "SLUICE_SEAL_AGE_SECONDS": "2",
+    "SLUICE_SEAL_OPEN_HOUR_AGE_SECONDS": "2",
     "SLUICE_UPLOAD_INTERVAL_SECONDS": "1",
     "SLUICE_REDRIVE_AFTER_SECONDS": "15",
     "SLUICE_COMPRESS_TIME_LIMIT": "15",
@@ -44,7 +45,7 @@ def rds(redis_only: LocalStack) -> redis.Redis:
 @pytest.fixture
 def settings(redis_only: LocalStack, tmp_path: Path) -> Settings:
     return Settings(redis_url=redis_only.redis_url, spool_dir=tmp_path / "spool",
-                    store_url=f"file://{tmp_path / 'archive'}", seal_age_seconds=1,
+                    store_url=f"file://{tmp_path / 'archive'}", seal_age_seconds=1, seal_open_hour_age_seconds=1,
                     lock_wait_seconds=5)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import zstandard
 from bridge.consumer import Bridge
 from kafka import TopicPartition
 from sluice.ledger import Ledger, piece_name
-from sluice.records import Record
+from sluice.records import Record, hour_of
 from sluice.settings import Settings
 from sluice.slots import SEALED_KEY, SLOTS_KEY, Frame, LockLost, Slots
 from sluice.store import FileStore, object_key
@@ -21,7 +22,7 @@ from sluice.uploader import upload_sealed
 
 pytestmark = pytest.mark.integration
 
-APP, HOUR = "billing", "2026112409"
+APP, HOUR = "billing", "2026010109"
 FAR_FUTURE = 4_000_000_000.0
 
 
@@ -134,7 +135,7 @@ def test_concurrent_appenders_use_at_most_n_files_and_lose_nothing(rds, settings
 
 def test_seal_and_upload_lay_out_objects_and_empty_the_spool(rds, settings, tmp_path):
     ledger, slots = Ledger(rds, settings), Slots(rds, settings)
-    other_hour = "2026112410"
+    other_hour = "2026010110"
     split_batch(ledger, "logs:0:0-1", {piece_name(APP, HOUR): b"x\n", piece_name(APP, other_hour): b"y\n"})
     slots.append("logs:0:0-1", APP, HOUR, frame(b"x\n"), 1)
     slots.append("logs:0:0-1", APP, other_hour, frame(b"y\n"), 1)
@@ -143,8 +144,8 @@ def test_seal_and_upload_lay_out_objects_and_empty_the_spool(rds, settings, tmp_
     store = FileStore(tmp_path / "archive")
     assert upload_sealed(slots, store) == 2
     keys = store.list(f"app={APP}/")
-    assert [k.rsplit("/", 1)[0] for k in keys] == [f"app={APP}/dt=2026-11-24/hour=09",
-                                                    f"app={APP}/dt=2026-11-24/hour=10"]
+    assert [k.rsplit("/", 1)[0] for k in keys] == [f"app={APP}/dt=2026-01-01/hour=09",
+                                                    f"app={APP}/dt=2026-01-01/hour=10"]
     assert [zstd_cli(tmp_path / "archive" / k) for k in keys] == [b"x\n", b"y\n"]
     assert not list(settings.spool_dir.rglob("*.zst"))
     assert rds.hlen(SEALED_KEY) == 0 and rds.scard(SLOTS_KEY) == 0
@@ -230,7 +231,7 @@ def test_a_batch_is_split_once(rds, settings):
 
 def test_a_bundle_of_pieces_is_appended_once(rds, settings):
     ledger, slots = Ledger(rds, settings), Slots(rds, settings)
-    data = {("web", HOUR): b"w\n", ("db", HOUR): b"d1\nd2\n", ("web", "2026112410"): b"w2\n"}
+    data = {("web", HOUR): b"w\n", ("db", HOUR): b"d1\nd2\n", ("web", "2026010110"): b"w2\n"}
     split_batch(ledger, "logs:1:0-3", {piece_name(a, h): d for (a, h), d in data.items()})
     frames = [Frame(a, h, frame(d), d.count(b"\n")) for (a, h), d in data.items()]
     assert slots.append_many("logs:1:0-3", frames) == 3
@@ -253,3 +254,16 @@ def test_a_slot_past_the_seal_size_is_sealed_by_its_append(rds, settings):
     [sealed] = slots.sealed_files()
     assert zstd_cli(slots.spool.sealed_path(APP, HOUR, sealed.fid)) == small + big
     assert not open_files(settings) and rds.scard(SLOTS_KEY) == 0
+
+
+def test_a_running_hour_is_sealed_only_after_the_longer_open_hour_age(rds, settings):
+    settings = settings.model_copy(update={"seal_age_seconds": 1, "seal_open_hour_age_seconds": 100})
+    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    running = hour_of(time.time() + 7200)  # an hour that is not over yet
+    split_batch(ledger, "logs:0:0-0", {piece_name(APP, running): b"now\n", piece_name(APP, HOUR): b"old\n"})
+    slots.append("logs:0:0-0", APP, running, frame(b"now\n"), 1)
+    slots.append("logs:0:0-0", APP, HOUR, frame(b"old\n"), 1)
+    assert slots.seal_due(now=time.time() + 5) == 1  # the past hour only
+    assert [s.hour for s in slots.sealed_files()] == [HOUR]
+    assert slots.seal_due(now=time.time() + 150) == 1
+    assert sorted(s.hour for s in slots.sealed_files()) == sorted([HOUR, running])
