@@ -24,6 +24,6 @@ def pack(records: list[Record]) -> bytes:
 
 def unpack(payload: bytes) -> list[Record]:
     return [
-        Record(off, ts, key, value, [(name, hv) for name, hv in headers])
+        Record(off, ts, key, value, [(name, hv) for name, hv in headers] if headers else [])
         for off, ts, key, value, headers in msgpack.unpackb(payload, raw=False)
     ]
