@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -21,16 +20,6 @@ NOW = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 
 # --------------------------------------------------------------------------- parse_when
-
-
-@pytest.fixture
-def non_utc_local_time(monkeypatch):
-    """Make the process's local zone UTC-5 so naive datetimes can't pass as UTC by accident."""
-    monkeypatch.setenv("TZ", "EST+05")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 class TestParseWhen:

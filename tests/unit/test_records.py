@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import random
-import time
 import zlib
 from collections import Counter
 from datetime import datetime, timezone
@@ -29,16 +28,6 @@ TS_HOUR = "2023111422"
 # 2020-09-13T12:26:40Z: a Kafka timestamp in a different hour than TS, to tell the two apart.
 KAFKA_MS = 1_600_000_000_000
 KAFKA_HOUR = "2020091312"
-
-
-@pytest.fixture
-def non_utc_local_time(monkeypatch):
-    """Make the process's local zone UTC-5 so naive datetimes can't pass as UTC by accident."""
-    monkeypatch.setenv("TZ", "EST+05")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 def rec(value, key=None, headers=None, offset=0, timestamp_ms=KAFKA_MS) -> Record:
