@@ -182,15 +182,28 @@ def end_to_end(workdir: Path, lines: list[bytes]) -> tuple[float, Path]:
         start = time.perf_counter()
         stack.start_bridge()
 
+        milestones: dict[str, float] = {}
+
+        def mark(name: str, reached: bool) -> bool:
+            if reached and name not in milestones:
+                milestones[name] = time.perf_counter() - start
+            return reached
+
         def done() -> bool:
             dead = [s.name for s in stack.services if not s.alive()]
             if dead:
                 raise RuntimeError(f"{dead} died; logs in {workdir / 'logs'}")
-            return (sum(int(v) for v in r.hvals("sluice:stats:records")) >= len(lines)
-                    and r.zcard("sluice:inflight") == 0 and r.scard("sluice:slots") == 0
-                    and r.hlen("sluice:sealed") == 0)
-        wait_until(done, 1800, "end-to-end archive", interval=0.1)
-        return time.perf_counter() - start, workdir / "archive"
+            handed = sum(int(v) + 1 for v in r.hvals("sluice:hwm"))
+            compressed = sum(int(v) for v in r.hvals("sluice:stats:records"))
+            mark("first batch handed over", handed > 0)
+            mark("all handed over", handed >= len(lines))
+            mark("all compressed", compressed >= len(lines))
+            return mark("all uploaded", compressed >= len(lines) and r.zcard("sluice:inflight") == 0
+                        and r.scard("sluice:slots") == 0 and r.hlen("sluice:sealed") == 0)
+        wait_until(done, 1800, "end-to-end archive", interval=0.05)
+        print("end to end, seconds after the bridge started: "
+              + ", ".join(f"{name} {t:.1f}" for name, t in milestones.items()))
+        return milestones["all uploaded"], workdir / "archive"
     finally:
         stack.close()
 
