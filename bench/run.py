@@ -28,7 +28,7 @@ from bridge.consumer import Bridge  # noqa: E402
 from sluice import batch as batchmod  # noqa: E402
 from sluice.ledger import Ledger, bundle_pieces, piece_name, split_piece  # noqa: E402
 from sluice.local import LocalStack, wait_until  # noqa: E402
-from sluice.records import Record, Router  # noqa: E402
+from sluice.records import Router  # noqa: E402
 from sluice.settings import Settings  # noqa: E402
 from sluice.slots import Frame, Slots  # noqa: E402
 from sluice.store import FileStore  # noqa: E402
