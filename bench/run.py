@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.dataset import dataset, read_lines  # noqa: E402
 from bridge.consumer import Bridge  # noqa: E402
 from sluice import batch as batchmod  # noqa: E402
-from sluice.ledger import Ledger, bundle_pieces, piece_name, split_piece  # noqa: E402
+from sluice import progress  # noqa: E402
+from sluice.ledger import INFLIGHT_KEY, Ledger, bundle_pieces, piece_name, split_piece  # noqa: E402
 from sluice.local import LocalStack, wait_until  # noqa: E402
 from sluice.records import Router  # noqa: E402
 from sluice.settings import Settings  # noqa: E402
@@ -76,8 +77,7 @@ def bench_bridge(stack: LocalStack, settings: Settings, r: redis.Redis, total: i
     stop = threading.Event()
     thread = threading.Thread(target=bridge.run, args=(stop,))
     thread.start()
-    handed = lambda: sum(int(v) + 1 for v in r.hvals("sluice:hwm"))  # noqa: E731
-    wait_until(lambda: handed() >= total, 600, "the bridge to hand everything over", interval=0.05)
+    wait_until(lambda: progress.handed_over(r) >= total, 600, "the bridge to hand everything over", interval=0.05)
     stop.set()
     thread.join()
     first_batch = settings.batch_max_records  # the clock starts at the first hand-over
@@ -116,7 +116,7 @@ def main() -> None:
 
         # split: what the split task does with each handed-over batch (payloads are in Redis).
         router = Router(settings.app_id_source, settings.timestamp_field, settings.record_max_bytes)
-        bids = [k.decode() for k in r.zrange("sluice:inflight", 0, -1)]
+        bids = [k.decode() for k in r.zrange(INFLIGHT_KEY, 0, -1)]
 
         def split_all() -> None:
             for bid in bids:
@@ -190,16 +190,12 @@ def end_to_end(workdir: Path, lines: list[bytes]) -> tuple[float, Path]:
             return reached
 
         def done() -> bool:
-            dead = [s.name for s in stack.services if not s.alive()]
-            if dead:
-                raise RuntimeError(f"{dead} died; logs in {workdir / 'logs'}")
-            handed = sum(int(v) + 1 for v in r.hvals("sluice:hwm"))
-            compressed = sum(int(v) for v in r.hvals("sluice:stats:records"))
+            stack.check_alive()
+            handed = progress.handed_over(r)
             mark("first batch handed over", handed > 0)
             mark("all handed over", handed >= len(lines))
-            mark("all compressed", compressed >= len(lines))
-            return mark("all uploaded", compressed >= len(lines) and r.zcard("sluice:inflight") == 0
-                        and r.scard("sluice:slots") == 0 and r.hlen("sluice:sealed") == 0)
+            mark("all compressed", progress.compressed(r) >= len(lines))
+            return mark("all uploaded", progress.settled(r, len(lines)))
         wait_until(done, 1800, "end-to-end archive", interval=0.05)
         print("end to end, seconds after the bridge started: "
               + ", ".join(f"{name} {t:.1f}" for name, t in milestones.items()))

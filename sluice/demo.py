@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from sluice import sample
+from sluice import progress, sample
 from sluice.local import PROJECT_ROOT, LocalStack, free_port, port_open, wait_until
 
 BAD_RECORDS = [b'{"msg": "no app id"}', b'{"app": "../../etc", "msg": "path escape"}', b"not json at all"]
@@ -73,12 +73,8 @@ def _run(stack: LocalStack, args: argparse.Namespace) -> int:
     r = redis.Redis.from_url(stack.redis_url)
 
     def archived() -> bool:
-        dead = [s.name for s in stack.services if not s.alive()]
-        if dead:
-            raise RuntimeError(f"{dead} stopped; see {stack.workdir / 'logs'}")
-        compressed = sum(int(v) for v in r.hvals("sluice:stats:records"))
-        return (compressed >= len(values) and r.zcard("sluice:inflight") == 0
-                and r.scard("sluice:slots") == 0 and r.hlen("sluice:sealed") == 0)
+        stack.check_alive()
+        return progress.settled(r, len(values))
 
     wait_until(archived, 900, "the archive to be complete", interval=0.25)
     elapsed = time.monotonic() - started
@@ -89,7 +85,7 @@ def _run(stack: LocalStack, args: argparse.Namespace) -> int:
     archive = stack.workdir / "archive"
     objects = Counter(p.parts[len(archive.parts)] for p in archive.rglob("*.jsonl.zst"))
     stored = sum(p.stat().st_size for p in archive.rglob("*.jsonl.zst"))
-    counts = {k.decode(): int(v) for k, v in r.hgetall("sluice:stats:records").items()}
+    counts = progress.per_app(r)
     say(f"\n{'app':<16}{'records':>10}{'objects':>9}")
     for app_dir, n in sorted(objects.items(), key=lambda kv: -counts.get(kv[0][4:], 0)):
         say(f"{app_dir[4:]:<16}{counts.get(app_dir[4:], 0):>10}{n:>9}")

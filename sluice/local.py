@@ -183,6 +183,13 @@ class LocalStack:
     def start_bridge(self, name: str = "bridge") -> Service:
         return self._spawn(name, [sys.executable, "-m", "bridge"], self.env())
 
+    def check_alive(self) -> None:
+        """Raise, with the end of its log, if any service of the stack stopped on its own."""
+        for service in self.services:
+            if not service.alive():
+                tail = service.log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{service.name} stopped; {service.log}:\n{tail}")
+
     def close(self) -> None:
         for service in reversed(self.services):
             service.stop()

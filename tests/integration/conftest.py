@@ -11,6 +11,7 @@ from typing import Iterator
 import pytest
 import redis
 
+from sluice import progress
 from sluice.local import LocalStack, wait_until
 from sluice.settings import Settings
 
@@ -76,12 +77,8 @@ def wait_archived(stack: LocalStack, expected: int, timeout: float = 300) -> Non
     r = redis.Redis.from_url(stack.redis_url)
 
     def done() -> bool:
-        for service in stack.services:
-            if not service.alive():
-                raise AssertionError(f"{service.name} died:\n{service.log.read_text()[-3000:]}")
-        compressed = sum(int(v) for v in r.hvals("sluice:stats:records"))
-        return (compressed >= expected and r.zcard("sluice:inflight") == 0
-                and r.scard("sluice:slots") == 0 and r.hlen("sluice:sealed") == 0)
+        stack.check_alive()
+        return progress.settled(r, expected)
 
     wait_until(done, timeout, f"{expected} records archived", interval=0.25)
 

@@ -17,21 +17,15 @@ import pytest
 import redis
 
 from sluice import sample
+from sluice.progress import compressed, handed_over
+from sluice.ledger import INFLIGHT_KEY
 from sluice.local import LocalStack, wait_until
+from sluice.slots import SEALED_KEY
 from tests.integration.conftest import assert_exactly_once, start_pipeline, wait_archived
 
 pytestmark = pytest.mark.integration
 
 RECORDS = 60_000
-
-
-def compressed(r: redis.Redis) -> int:
-    return sum(int(v) for v in r.hvals("sluice:stats:records"))
-
-
-def handed_over(r: redis.Redis) -> int:
-    """Records handed over so far (offsets start at 0 in each partition)."""
-    return sum(int(v) + 1 for v in r.hvals("sluice:hwm"))
 
 
 class Traffic:
@@ -84,7 +78,7 @@ def test_io_worker_sigkill_mid_split(stack_factory):
     r = redis.Redis.from_url(stack.redis_url)
     traffic = Traffic(stack)
     wait_until(lambda: compressed(r) > RECORDS * 0.05 and r.hlen("unacked") > 0
-               and r.zcard("sluice:inflight") > 0, 120, "split tasks under way")
+               and r.zcard(INFLIGHT_KEY) > 0, 120, "split tasks under way")
     stack.kill("io")
     traffic.finish()
     stack.start_io_worker(name="io2")
@@ -153,13 +147,13 @@ def test_store_unavailable_for_60_seconds(stack_factory):
     down_since = time.monotonic()
     traffic = Traffic(stack)
     traffic.finish()
-    wait_until(lambda: compressed(r) >= RECORDS and r.hlen("sluice:sealed") > 0, 120,
+    wait_until(lambda: compressed(r) >= RECORDS and r.hlen(SEALED_KEY) > 0, 120,
                "sealed files waiting for the store")
     io_log = stack.service("io").log
     wait_until(lambda: "archiving" in io_log.read_text() and "failed, will retry" in io_log.read_text(),
                60, "a failed upload attempt")
     wait_until(lambda: time.monotonic() - down_since >= 60, 70, "the outage to last 60 s", interval=1)
-    assert r.hlen("sluice:sealed") > 0 and not any(Path(stack.workdir).rglob("*.jsonl.zst.part"))
+    assert r.hlen(SEALED_KEY) > 0 and not any(Path(stack.workdir).rglob("*.jsonl.zst.part"))
     archive.unlink()  # the store is back
     wait_archived(stack, RECORDS)
     assert_exactly_once(archive, traffic.seqs)
