@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.dataset import dataset, read_lines  # noqa: E402
 from bridge.consumer import Bridge  # noqa: E402
-from sluice import batch as batchmod  # noqa: E402
 from sluice import progress  # noqa: E402
-from sluice.ledger import INFLIGHT_KEY, Ledger, bundle_pieces, piece_name, split_piece  # noqa: E402
+from sluice.ledger import INFLIGHT_KEY, Ledger, bundle_pieces  # noqa: E402
 from sluice.local import LocalStack, wait_until  # noqa: E402
 from sluice.records import Router  # noqa: E402
 from sluice.settings import Settings  # noqa: E402
-from sluice.slots import Frame, Slots  # noqa: E402
+from sluice.slots import Slots  # noqa: E402
+from sluice.stages import compress_pieces, split_batch  # noqa: E402
 from sluice.store import FileStore  # noqa: E402
 from sluice.uploader import upload_sealed  # noqa: E402
 
@@ -120,9 +120,7 @@ def main() -> None:
 
         def split_all() -> None:
             for bid in bids:
-                topic, partition, _, _ = batchmod.parse_batch_id(bid)
-                groups = router.group(batchmod.unpack(ledger.load_payload(bid)), topic, partition)
-                ledger.commit_split(bid, {piece_name(a, h): b"\n".join(ls) + b"\n" for (a, h), ls in groups.items()})
+                split_batch(ledger, router, bid)
         rows.append(("split: group by app-hour", timed(split_all)[0]))
 
         import zstandard
@@ -130,15 +128,8 @@ def main() -> None:
 
         def compress_all() -> int:
             """What the compress tasks do, one bundle after the other."""
-            pieces = 0
-            for bid in bids:
-                for bundle in bundle_pieces(ledger.pending_sizes(bid), settings.compress_bundle_bytes):
-                    frames = []
-                    for piece, data in zip(bundle, ledger.pieces_data(bid, bundle)):
-                        app, hour = split_piece(piece)
-                        frames.append(Frame(app, hour, cctx.compress(data), data.count(b"\n")))
-                    pieces += slots.append_many(bid, frames)
-            return pieces
+            return sum(compress_pieces(ledger, slots, cctx, bid, bundle) for bid in bids
+                       for bundle in bundle_pieces(ledger.pending_sizes(bid), settings.compress_bundle_bytes))
         compress_s, pieces = timed(compress_all)
         rows.append((f"compress + append ({pieces:,} pieces)", compress_s))
 

@@ -7,6 +7,7 @@ are accepted; everything else is kept, wrapped in a JSON envelope, under `QUARAN
 from __future__ import annotations
 
 import base64
+import calendar
 import re
 import time
 from collections import defaultdict
@@ -44,6 +45,11 @@ class Rejected(Exception):
 def hour_of(epoch_seconds: float) -> str:
     """UTC hour bucket as YYYYMMDDHH."""
     return _hour_name(int(epoch_seconds // 3600))
+
+
+def hour_start(hour: str) -> float:
+    """Epoch seconds at the start of a YYYYMMDDHH hour (UTC): the inverse of hour_of."""
+    return calendar.timegm((int(hour[:4]), int(hour[4:6]), int(hour[6:8]), int(hour[8:10]), 0, 0))
 
 
 @lru_cache(maxsize=4096)

@@ -8,7 +8,6 @@ that lost the race) is cut off before the next append or when the slot is sealed
 
 from __future__ import annotations
 
-import calendar
 import os
 import random
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import redis
 
 from sluice import ledger
+from sluice.records import hour_start
 from sluice.settings import Settings
 
 SLOTS_KEY = ledger.PREFIX + "slots"  # set of slot ids "app|hour|k" that have state
@@ -135,11 +135,6 @@ class _Held:
     size: int
 
 
-def hour_start(hour: str) -> float:
-    """Epoch seconds at the start of a YYYYMMDDHH hour (UTC)."""
-    return calendar.timegm((int(hour[:4]), int(hour[4:6]), int(hour[6:8]), int(hour[8:10]), 0, 0))
-
-
 def slot_id(app: str, hour: str, k: int) -> str:
     return f"{app}|{hour}|{k}"
 
@@ -245,8 +240,7 @@ class Slots:
             if got[0] < 0:
                 held.append(None)
             else:
-                fid = got[1].decode() if isinstance(got[1], bytes) else got[1]
-                held.append(_Held(f, sids[got[0]], fid, int(got[2])))
+                held.append(_Held(f, sids[got[0]], got[1].decode(), int(got[2])))
         return held
 
     # --- append ------------------------------------------------------------------------

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import redis
 
-from sluice.ledger import split_piece
 from sluice.settings import get_settings
-from sluice.slots import Frame, LockLost, SlotsBusy
+from sluice.slots import LockLost, SlotsBusy
+from sluice.stages import compress_pieces
 from tasks.app import app
 from tasks.deps import compressor, ledger, slots
 
@@ -19,10 +19,4 @@ _limit = get_settings().compress_time_limit
 def compress(bid: str, pieces: list[str]) -> int:
     """Returns how many pieces this call appended; pieces appended by an earlier delivery of
     the same task (or by a redriven copy) are skipped."""
-    frames = []
-    for piece, data in zip(pieces, ledger().pieces_data(bid, pieces)):
-        if data is None:
-            continue
-        app_id, hour = split_piece(piece)
-        frames.append(Frame(app_id, hour, compressor().compress(data), data.count(b"\n")))
-    return slots().append_many(bid, frames) if frames else 0
+    return compress_pieces(ledger(), slots(), compressor(), bid, pieces)

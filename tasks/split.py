@@ -5,9 +5,9 @@ from __future__ import annotations
 import redis
 from celery.utils.log import get_task_logger
 
-from sluice.batch import parse_batch_id, unpack
-from sluice.ledger import bundle_pieces, piece_name
+from sluice.ledger import bundle_pieces
 from sluice.settings import get_settings
+from sluice.stages import split_batch
 from tasks.app import app
 from tasks.deps import ledger, router
 
@@ -21,11 +21,7 @@ def split(bid: str) -> int:
 
     Returns the number of compress tasks enqueued."""
     led = ledger()
-    if led.state(bid) == "handed":
-        topic, partition, _, _ = parse_batch_id(bid)
-        groups = router().group(unpack(led.load_payload(bid)), topic, partition)
-        pieces = {piece_name(a, h): b"\n".join(lines) + b"\n" for (a, h), lines in groups.items()}
-        led.commit_split(bid, pieces)
+    split_batch(led, router(), bid)
     bundles = bundle_pieces(led.pending_sizes(bid), get_settings().compress_bundle_bytes)
     for bundle in bundles:
         app.send_task("sluice.compress", args=[bid, bundle])

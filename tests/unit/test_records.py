@@ -510,3 +510,11 @@ def test_group_survives_out_of_range_kafka_timestamp(timestamp_ms, value):
     records = [rec(value, timestamp_ms=timestamp_ms), rec(doc(app="billing", ts=TS), offset=1)]
     groups = Router("json:app").group(records, "logs", 0)
     assert sum(len(lines) for lines in groups.values()) == 2
+
+
+@pytest.mark.parametrize("hour", ["1970010100", "2026112409", "2024022923", "9999123123"])
+def test_hour_start_is_the_inverse_of_hour_of(hour):
+    from sluice.records import hour_start
+
+    start = hour_start(hour)
+    assert hour_of(start) == hour and hour_of(start + 3599.9) == hour and hour_of(start - 0.1) != hour

@@ -1,0 +1,32 @@
+"""The work of the split and compress tasks, free of Celery, so the benchmark times the very
+code the workers run."""
+
+from __future__ import annotations
+
+import zstandard
+
+from sluice.batch import parse_batch_id, unpack
+from sluice.ledger import Ledger, piece_name, split_piece
+from sluice.records import Router
+from sluice.slots import Frame, Slots
+
+
+def split_batch(ledger: Ledger, router: Router, bid: str) -> None:
+    """Group a handed-over batch into (app, hour) pieces and record them; no-op once split."""
+    if ledger.state(bid) != "handed":
+        return
+    topic, partition, _, _ = parse_batch_id(bid)
+    groups = router.group(unpack(ledger.load_payload(bid)), topic, partition)
+    ledger.commit_split(bid, {piece_name(a, h): b"\n".join(lines) + b"\n" for (a, h), lines in groups.items()})
+
+
+def compress_pieces(ledger: Ledger, slots: Slots, cctx: zstandard.ZstdCompressor,
+                    bid: str, pieces: list[str]) -> int:
+    """One frame per piece still pending, appended exactly once; how many this call appended."""
+    frames = []
+    for piece, data in zip(pieces, ledger.pieces_data(bid, pieces)):
+        if data is None:  # appended by an earlier delivery
+            continue
+        app, hour = split_piece(piece)
+        frames.append(Frame(app, hour, cctx.compress(data), data.count(b"\n")))
+    return slots.append_many(bid, frames) if frames else 0
