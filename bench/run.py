@@ -3,14 +3,18 @@
     .venv/bin/python bench/run.py [--mb 200]
 
 Figures are MB/s and records/s of: bridge consume + hand-over, split, compress + append,
-upload to the file store, and end to end through real Celery workers; each also as a ratio to
-the single-core `zstd -3` CLI on the same bytes, measured in the same run, because these
-machines are noisy. Then objects per app-hour and the compression ratio against gzip -6.
+upload to the file store, each also as a ratio to the single-core `zstd -3` CLI on the same
+bytes, measured in the same run, because these machines are noisy. Then the whole pipeline
+through real Celery workers, against the bare kafka-python consumer reading the same topic in
+the same run: MB/s to every record compressed and to every object uploaded, the CPU seconds
+per MB of every process (from the kernel's accounting), and Redis's peak memory. Then objects
+per app-hour and the compression ratio against gzip -6.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -23,6 +27,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.cpu import group_cpu_seconds  # noqa: E402
 from bench.dataset import dataset, read_lines  # noqa: E402
 from bridge.consumer import Bridge  # noqa: E402
 from sluice import progress  # noqa: E402
@@ -107,7 +112,9 @@ def main() -> None:
         stack.create_topic("logs", 4)
         settings = Settings(redis_url=stack.redis_url, kafka_bootstrap=stack.bootstrap,
                             spool_dir=work / "stages" / "spool", store_url=f"file://{work / 'stages' / 'archive'}",
-                            kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=500)
+                            kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=500,
+                            # the bridge runs alone here, nothing drains what it hands over
+                            max_inflight_bytes=nbytes * 2)
         r = redis.Redis.from_url(stack.redis_url)
         ledger, slots = Ledger(r, settings), Slots(r, settings)
 
@@ -140,12 +147,11 @@ def main() -> None:
     finally:
         stack.close()
 
-    e2e_s, archive = end_to_end(work / "e2e", lines)
-    rows.append(("end to end (2 cpu + 8 io workers)", e2e_s))
-
     print(f"\n{'stage':<40}{'MB/s':>9}{'records/s':>12}{'x zstd CLI':>12}")
     for name, seconds in rows:
         print(f"{name:<40}{nbytes / seconds / 1e6:>9.1f}{nrec / seconds:>12,.0f}{nbytes / seconds / ref:>12.3f}")
+
+    archive = end_to_end(work / "e2e", lines, nbytes)
 
     objects = [p for p in archive.rglob("*.jsonl.zst")]
     per_app_hour = Counter(p.parent for p in objects)
@@ -156,24 +162,37 @@ def main() -> None:
           f"gzip -6 whole file {nbytes / gzip_size:.2f}x (gzip {gzip_s:.1f}s)")
 
 
-def end_to_end(workdir: Path, lines: list[bytes]) -> tuple[float, Path]:
-    """Data waits in Kafka; clock from bridge start to the last object uploaded."""
+def bare_consumer(bootstrap: str, records: int) -> dict[str, float]:
+    """The reference, in a process of its own: wall and CPU seconds to read the whole topic."""
+    out = subprocess.run([sys.executable, str(Path(__file__).parent / "bare_consumer.py"), bootstrap, "logs",
+                          str(records)], check=True, capture_output=True, text=True, timeout=1800).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def end_to_end(workdir: Path, lines: list[bytes], nbytes: int) -> Path:
+    """Data waits in Kafka; clock from bridge start to every record compressed, then uploaded."""
     stack = LocalStack(workdir, {"SLUICE_SEAL_AGE_SECONDS": "1", "SLUICE_UPLOAD_INTERVAL_SECONDS": "1",
                                  "SLUICE_KAFKA_SESSION_TIMEOUT_MS": "6000",
                                  "SLUICE_KAFKA_HEARTBEAT_INTERVAL_MS": "500"})
+    mb = nbytes / 1e6
     try:
         stack.start_redis()
         stack.start_kafka()
         stack.create_topic("logs", 4)
         load_topic(stack.bootstrap, lines)
+        bare = bare_consumer(stack.bootstrap, len(lines))
         stack.start_io_worker(concurrency=8)
         stack.start_cpu_worker(concurrency=2)
         stack.start_beat()
         r = redis.Redis.from_url(stack.redis_url)
+        services = [s for s in stack.services if s.name != "tansu"]
+        cpu_before = {s.name: group_cpu_seconds(s.proc.pid) for s in services}
         start = time.perf_counter()
-        stack.start_bridge()
+        services.append(stack.start_bridge())
+        cpu_before["bridge"] = 0.0
 
         milestones: dict[str, float] = {}
+        cpu_at: dict[str, float] = {}
 
         def mark(name: str, reached: bool) -> bool:
             if reached and name not in milestones:
@@ -185,14 +204,37 @@ def end_to_end(workdir: Path, lines: list[bytes]) -> tuple[float, Path]:
             handed = progress.handed_over(r)
             mark("first batch handed over", handed > 0)
             mark("all handed over", handed >= len(lines))
-            mark("all compressed", progress.compressed(r) >= len(lines))
+            if mark("all compressed", progress.compressed(r) >= len(lines) and r.zcard(INFLIGHT_KEY) == 0) \
+                    and not cpu_at:
+                cpu_at.update({s.name: group_cpu_seconds(s.proc.pid) - cpu_before[s.name] for s in services})
             return mark("all uploaded", progress.settled(r, len(lines)))
         wait_until(done, 1800, "end-to-end archive", interval=0.05)
-        print("end to end, seconds after the bridge started: "
-              + ", ".join(f"{name} {t:.1f}" for name, t in milestones.items()))
-        return milestones["all uploaded"], workdir / "archive"
+        cpu_end = {s.name: group_cpu_seconds(s.proc.pid) - cpu_before[s.name] for s in services}
+        peak = int(r.info("memory")["used_memory_peak"])
     finally:
         stack.close()
+
+    print("\nend to end, seconds after the bridge started: "
+          + ", ".join(f"{name} {t:.1f}" for name, t in milestones.items()))
+    bare_rate = mb / bare["wall"]
+    print(f"\n{'end to end':<52}{'MB/s':>9}{'x bare client':>15}")
+    print(f"{'bare kafka-python consumer (reference)':<52}{bare_rate:>9.1f}{1:>15.3f}")
+    for name in ("all compressed", "all uploaded"):
+        rate = mb / milestones[name]
+        print(f"{'bridge start to ' + name:<52}{rate:>9.1f}{rate / bare_rate:>15.3f}")
+    steady = mb / (milestones["all compressed"] - milestones["first batch handed over"])
+    print(f"{'first hand-over to all compressed (steady part)':<52}{steady:>9.1f}{steady / bare_rate:>15.3f}")
+
+    print(f"\n{'CPU seconds per MB':<40}{'to compressed':>15}{'to uploaded':>13}")
+    print(f"{'bare kafka-python consumer (reference)':<40}{bare['cpu'] / mb:>15.4f}{'':>13}")
+    for s in services:
+        print(f"{s.name:<40}{cpu_at[s.name] / mb:>15.4f}{cpu_end[s.name] / mb:>13.4f}")
+    print(f"{'all of sluice and redis-server':<40}{sum(cpu_at.values()) / mb:>15.4f}"
+          f"{sum(cpu_end.values()) / mb:>13.4f}")
+    print(f"{'  the same less the client (bare CPU)':<40}{(sum(cpu_at.values()) - bare['cpu']) / mb:>15.4f}"
+          f"{(sum(cpu_end.values()) - bare['cpu']) / mb:>13.4f}")
+    print(f"\nRedis peak memory: {peak / 1e6:.1f} MB")
+    return workdir / "archive"
 
 
 if __name__ == "__main__":
