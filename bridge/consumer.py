@@ -20,8 +20,11 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
+from bridge import undecodable
+from bridge.incarnation import Prober, fingerprint, same_incarnation
+from bridge.undecodable import record_of
 from sluice.batch import batch_id, pack
-from sluice.ledger import Ledger
+from sluice.ledger import Ledger, Mark
 from sluice.records import Record
 from sluice.redis_client import get_redis
 from sluice.settings import Settings
@@ -30,9 +33,10 @@ log = logging.getLogger("sluice.bridge")
 
 
 def _celery_send_split(bid: str) -> None:
-    from tasks.app import app  # the bridge only sends tasks; it never runs them
+    from tasks.app import enqueue  # the bridge only sends tasks; it never runs them
+    from tasks.deps import ledger
 
-    app.send_task("sluice.split", args=[bid], queue="io")
+    enqueue(ledger(), "sluice.split", bid)
 
 
 @dataclass
@@ -40,22 +44,40 @@ class _Buffer:
     records: list[Record] = field(default_factory=list)
     nbytes: int = 0
     since: float = 0.0
+    verify: bool = False  # first records after a quiet spell: check the incarnation first
+
+
+class Reread(Exception):
+    """A partition turned out to be a new incarnation: read it again from its beginning."""
+
+
+class NoRoom(Exception):
+    """Handing this batch over would take the in-flight bytes past SLUICE_MAX_INFLIGHT_BYTES."""
 
 
 class Bridge:
     def __init__(self, settings: Settings, ledger: Ledger | None = None,
-                 send_split: Callable[[str], None] | None = None) -> None:
+                 send_split: Callable[[str], None] | None = None,
+                 probe: Callable[[TopicPartition, int], tuple[int, str] | None] | None = None) -> None:
         self.settings = settings
         self.ledger = ledger or Ledger(get_redis(), settings)
         self._send_split = send_split or _celery_send_split
+        self._probe = probe or Prober(settings.kafka_bootstrap)
+        self._verified: dict[TopicPartition, int] = {}  # marks found to be of this incarnation
+        self._last_records: dict[TopicPartition, float] = {}  # when records last came
+        self._last_probe: dict[TopicPartition, float] = {}
         self.buffers: dict[TopicPartition, _Buffer] = {}
         self.consumer: KafkaConsumer | None = None
         self.stopping = threading.Event()
+        self.paused = False  # consumption paused: too much in flight
 
     # --- hand-over -----------------------------------------------------------------------
 
-    def hand_over(self, tp: TopicPartition, records: list[Record]) -> None:
-        """Hand over records of one partition as batches within the size/count limits."""
+    def hand_over(self, tp: TopicPartition, records: list[Record], verify: bool = False) -> None:
+        """Hand over records of one partition as batches within the size/count limits.
+
+        `verify`: check the partition's incarnation first even if the records lie past the
+        mark. Raises Reread if it is a new incarnation."""
         s = self.settings
         start = 0
         while start < len(records):
@@ -64,40 +86,92 @@ class Bridge:
                     end == start or nbytes + len(records[end].value or b"") <= s.batch_max_bytes):
                 nbytes += len(records[end].value or b"")
                 end += 1
-            self._hand_over_one(tp, records[start:end])
+            self._hand_over_one(tp, records[start:end], verify and start == 0)
             start = end
 
-    def _hand_over_one(self, tp: TopicPartition, records: list[Record]) -> None:
-        hwm = self.ledger.high_water_mark(tp.topic, tp.partition)
+    def _hand_over_one(self, tp: TopicPartition, records: list[Record], verify: bool) -> None:
+        mark = self.ledger.mark(tp.topic, tp.partition)
         while True:
+            hwm = mark.last
+            if hwm is not None and (verify or records[0].offset <= hwm) \
+                    and not self._same_incarnation(tp, mark, records, cached=not verify):
+                self._start_incarnation(tp, mark)
+                raise Reread(tp)
             fresh = [r for r in records if hwm is None or r.offset > hwm]
             if len(fresh) < len(records):
                 log.info("skipping %d records of %s:%d already handed over (replay)",
                          len(records) - len(fresh), tp.topic, tp.partition)
             if not fresh:
                 return
-            bid = batch_id(tp.topic, tp.partition, fresh[0].offset, fresh[-1].offset)
-            if self.ledger.hand_over(bid, tp.topic, tp.partition, hwm, fresh[-1].offset, pack(fresh)):
+            bid = batch_id(tp.topic, tp.partition, fresh[0].offset, fresh[-1].offset, mark.incarnation)
+            payload = pack(fresh)
+            if not self._room_for(len(payload)):
+                raise NoRoom(bid)
+            if self.ledger.hand_over(bid, tp.topic, tp.partition, hwm, fresh[-1].offset, payload,
+                                     fingerprint(fresh[-1])):
                 try:
                     self._send_split(bid)
                 except Exception as exc:  # noqa: BLE001 - the batch is safe in the ledger
                     log.warning("could not enqueue split of %s (%s); the redrive sweep will", bid, exc)
                 return
-            hwm = self.ledger.high_water_mark(tp.topic, tp.partition)
+            mark = self.ledger.mark(tp.topic, tp.partition)
             records = fresh
 
-    def _hand_over_retrying(self, tp: TopicPartition, records: list[Record]) -> None:
-        """Wait out a Redis outage: nothing is committed to Kafka until the hand-over succeeds."""
+    def _same_incarnation(self, tp: TopicPartition, mark: Mark, records: list[Record],
+                          cached: bool = True) -> bool:
+        """Is what the broker holds at the mark still the record that was handed over there?"""
+        if mark.fingerprint is None or (cached and self._verified.get(tp) == mark.last):
+            return True
+        at_mark = next((r for r in records if r.offset == mark.last), None)
+        seen = (mark.last, fingerprint(at_mark)) if at_mark is not None else self._probe(tp, mark.last)
+        same = same_incarnation(mark.last, mark.fingerprint, seen)
+        if same:
+            self._verified[tp] = mark.last
+        return same
+
+    def _start_incarnation(self, tp: TopicPartition, mark: Mark) -> None:
+        if self.ledger.new_incarnation(tp.topic, tp.partition, mark.last):
+            log.warning("%s:%d no longer holds the record handed over at offset %d: the topic was "
+                        "recreated, or its log truncated; reading it again from its beginning and "
+                        "archiving it as incarnation %d", tp.topic, tp.partition, mark.last,
+                        mark.incarnation + 1)
+        self._verified.pop(tp, None)
+
+    def _reread(self, tp: TopicPartition) -> None:
+        """Drop what is buffered of a new incarnation and read it from its first record."""
+        self.buffers[tp] = _Buffer()
+        if self.consumer is not None:
+            self.consumer.seek_to_beginning(tp)
+
+    def _check_quiet_partitions(self) -> None:
+        """A partition quiet for a while may have been deleted and recreated under us, with its
+        new log not yet past our position: compare the record at its mark with the broker's."""
+        if self.consumer is None:
+            return
+        now, period = time.monotonic(), self.settings.incarnation_check_seconds
+        for tp in self.consumer.assignment():
+            if now - self._last_records.setdefault(tp, now) < period \
+                    or now - self._last_probe.get(tp, 0.0) < period:
+                continue
+            self._last_probe[tp] = now
+            mark = self.ledger.mark(tp.topic, tp.partition)
+            if mark.last is not None and not self._same_incarnation(tp, mark, [], cached=False):
+                self._start_incarnation(tp, mark)
+                self._reread(tp)
+    def _hand_over_retrying(self, tp: TopicPartition, records: list[Record], verify: bool) -> None:
+        """Wait out a Redis outage or a full spool disk: nothing is committed to Kafka until the
+        hand-over succeeds."""
         for attempt in itertools.count():
             try:
-                self.hand_over(tp, records)
+                self.hand_over(tp, records, verify)
                 return
-            except redis.RedisError as exc:
+            except (redis.RedisError, OSError) as exc:
                 if self.stopping.is_set():
                     raise
                 delay = min(0.1 * 2 ** attempt, 5.0)
-                log.warning("Redis unavailable (%s); hand-over of %s:%d retried in %.1fs",
-                            exc, tp.topic, tp.partition, delay)
+                what = "Redis unavailable" if isinstance(exc, redis.RedisError) else "spool not writable"
+                log.warning("%s (%s); hand-over of %s:%d retried in %.1fs",
+                            what, exc, tp.topic, tp.partition, delay)
                 time.sleep(delay)
 
     def flush(self, partitions: list[TopicPartition], force: bool = False) -> None:
@@ -111,7 +185,14 @@ class Bridge:
                 continue
             if force or buf.nbytes >= s.batch_max_bytes or len(buf.records) >= s.batch_max_records \
                     or now - buf.since >= s.batch_max_seconds:
-                self._hand_over_retrying(tp, buf.records)
+                try:
+                    self._hand_over_retrying(tp, buf.records, buf.verify)
+                except Reread:
+                    self._reread(tp)
+                    continue
+                except NoRoom:
+                    self._pause()
+                    break  # the buffers wait, uncommitted; what was handed over is trimmed later
                 offsets[tp] = OffsetAndMetadata(buf.records[-1].offset + 1, "", -1)
                 self.buffers[tp] = _Buffer()
         if offsets and self.consumer is not None:
@@ -121,18 +202,55 @@ class Bridge:
                 # Handed over already: the ledger trims the replay this causes.
                 log.warning("offset commit failed (%s); the replay will be trimmed", exc)
 
+    # --- backpressure --------------------------------------------------------------------
+    def _room_for(self, nbytes: int) -> bool:
+        """Whether `nbytes` more fit under SLUICE_MAX_INFLIGHT_BYTES (one batch always fits
+        when nothing is in flight)."""
+        try:
+            inflight = self.ledger.inflight_bytes()
+        except redis.RedisError:
+            return True  # the hand-over itself waits out the outage
+        return inflight == 0 or inflight + nbytes <= self.settings.max_inflight_bytes
+
+    def _pause(self) -> None:
+        """Pause every assigned partition (newly assigned ones too), so nothing more is fetched."""
+        if self.consumer is None:
+            return
+        self.consumer.pause(*self.consumer.assignment())
+        if self.paused:
+            return
+        self.paused = True
+        log.info("pausing consumption: more than %d bytes in flight (SLUICE_MAX_INFLIGHT_BYTES)",
+                 self.settings.max_inflight_bytes)
+
+    def _resume_if_room(self) -> None:
+        if not self.paused or self.consumer is None:
+            return
+        waiting = min(max((b.nbytes for b in self.buffers.values()), default=0),
+                      self.settings.batch_max_bytes)
+        if self._room_for(waiting):
+            self.paused = False
+            self.consumer.resume(*self.consumer.paused())
+            log.info("resuming consumption")
+
     # --- consume loop --------------------------------------------------------------------
     def _add(self, tp: TopicPartition, messages: list) -> None:
         buf = self.buffers.setdefault(tp, _Buffer())
+        now = time.monotonic()
+        last = self._last_records.get(tp)
+        if last is None or now - last >= self.settings.incarnation_check_seconds:
+            buf.verify = True  # the first records after a rebalance or a quiet spell
+        self._last_records[tp] = now
         if not buf.records:
-            buf.since = time.monotonic()
+            buf.since = now
         for m in messages:
-            buf.records.append(Record(m.offset, m.timestamp, m.key, m.value, list(m.headers or [])))
+            buf.records.append(record_of(m))
             buf.nbytes += len(m.value or b"")
 
     def run(self, stop: threading.Event) -> None:
         self.stopping = stop
         s = self.settings
+        undecodable.install()
         self.consumer = KafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap.split(","),
             group_id=s.group,
@@ -152,10 +270,14 @@ class Bridge:
                 polled = self.consumer.poll(timeout_ms=min(100, int(s.batch_max_seconds * 1000)))
                 for tp, messages in polled.items():
                     self._add(tp, messages)
+                self._resume_if_room()
                 self.flush(list(self.buffers))
+                self._check_quiet_partitions()
             self.flush(list(self.buffers), force=True)
         finally:
             self.consumer.close()
+            if isinstance(self._probe, Prober):
+                self._probe.close()
 
     def _resend_inflight(self) -> None:
         """A bridge that died between hand-over and enqueue left batches with no task."""
@@ -177,4 +299,5 @@ class _FlushOnRevoke(ConsumerRebalanceListener):
             self.bridge.buffers.pop(tp, None)
 
     def on_partitions_assigned(self, assigned) -> None:
-        pass
+        for tp in assigned:  # its first records are checked: the topic may be a new one
+            self.bridge._last_records.pop(tp, None)

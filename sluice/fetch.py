@@ -10,7 +10,7 @@ import orjson
 import zstandard
 
 from sluice.records import QUARANTINE_APP, looks_like_json_object, parse_timestamp, valid_app_id
-from sluice.store import Store, hour_prefix
+from sluice.store import Store, hour_prefix, lineage, live_keys
 
 _RELATIVE = re.compile(r"-?(\d+)([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -66,6 +66,19 @@ def _event_time(line: bytes, field: str) -> float | None:
     return parse_timestamp(doc.get(field)) if isinstance(doc, dict) else None
 
 
+def _open_newest(store: Store, prefix: str, key: str) -> BinaryIO:
+    """Open an object, or the generation that replaced it after it was listed (a merge of late
+    records), which holds all of it."""
+    try:
+        return store.open(key)
+    except FileNotFoundError:
+        base = lineage(key)[0]
+        successors = [k for k in live_keys(store.list(prefix)) if lineage(k)[0] == base and k != key]
+        if not successors:
+            raise
+        return store.open(successors[0])
+
+
 def fetch(store: Store, app: str, since: datetime, until: datetime, out: BinaryIO,
           grep: re.Pattern[bytes] | None = None, timestamp_field: str = "ts") -> int:
     """Write matching lines to `out`; returns how many. Lines with no event time are kept
@@ -77,8 +90,9 @@ def fetch(store: Store, app: str, since: datetime, until: datetime, out: BinaryI
     lo, hi = since.timestamp(), until.timestamp()
     written = 0
     for hour in hours_between(since, until):
-        for key in store.list(hour_prefix(app, hour)):
-            with store.open(key) as stream:
+        prefix = hour_prefix(app, hour)
+        for key in live_keys(store.list(prefix)):
+            with _open_newest(store, prefix, key) as stream:
                 for line in iter_lines(stream):
                     if grep is not None and not grep.search(line):
                         continue

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import redis
 
-from sluice.ledger import HWM_KEY, INFLIGHT_KEY, STATS_KEY
+from sluice.ledger import EARLIER_KEY, HWM_KEY, INFLIGHT_KEY, STATS_KEY
 from sluice.slots import SEALED_KEY, SLOTS_KEY
 
 
 def handed_over(r: redis.Redis) -> int:
-    """Records the bridge has handed over."""
-    return sum(int(v) + 1 for v in r.hvals(HWM_KEY))
+    """Records the bridge has handed over, earlier incarnations of recreated topics included."""
+    return sum(int(v) + 1 for v in r.hvals(HWM_KEY)) + sum(int(v) for v in r.hvals(EARLIER_KEY))
 
 
 def per_app(r: redis.Redis) -> dict[str, int]:

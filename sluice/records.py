@@ -29,13 +29,19 @@ _MAX_SECONDS = 253402300800
 
 
 class Record(NamedTuple):
-    """One Kafka message as the bridge hands it over."""
+    """One Kafka message as the bridge hands it over.
+
+    A header name is str, or bytes when it is not UTF-8. `flaw` says why the Kafka client could
+    not decode the record ("undecodable_header", or "unreadable_record" with the raw record
+    bytes as its value); such a record always goes to quarantine.
+    """
 
     offset: int
     timestamp_ms: int
     key: bytes | None
     value: bytes
-    headers: list[tuple[str, bytes]]
+    headers: list[tuple[str | bytes, bytes | None]]
+    flaw: str = ""
 
 
 class Rejected(Exception):
@@ -147,6 +153,8 @@ class Router:
 
     def route(self, record: Record) -> tuple[str, str, bytes]:
         """(app, hour, line) for a good record; raises Rejected with the reason otherwise."""
+        if record.flaw:
+            raise Rejected(record.flaw)
         value = record.value
         if value is None:
             raise Rejected("empty")
@@ -203,6 +211,14 @@ def _is_utf8(value: bytes) -> bool:
     return True
 
 
+def _header_entry(name: str | bytes, value: bytes | None) -> list[str]:
+    """[name, value in base64]; a name that is not UTF-8 is shown escaped and kept in base64."""
+    encoded = base64.b64encode(value or b"").decode()
+    if isinstance(name, bytes):
+        return [name.decode("utf-8", "backslashreplace"), encoded, base64.b64encode(name).decode()]
+    return [name, encoded]
+
+
 def quarantine_line(record: Record, reason: str, topic: str, partition: int) -> bytes:
     """A one-line JSON envelope that keeps every byte of a rejected record."""
     value = record.value or b""
@@ -214,6 +230,6 @@ def quarantine_line(record: Record, reason: str, topic: str, partition: int) -> 
         "timestamp_ms": record.timestamp_ms,
         "key_b64": base64.b64encode(record.key).decode() if record.key is not None else None,
         "value_b64": base64.b64encode(value).decode(),
-        "headers": [[name, base64.b64encode(v or b"").decode()] for name, v in record.headers],
+        "headers": [_header_entry(name, v) for name, v in record.headers],
     }
     return orjson.dumps(envelope)

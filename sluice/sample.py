@@ -43,15 +43,16 @@ def lines(count: int, apps: list[str], start_ts: float, span_seconds: float, see
         yield app, orjson.dumps(doc)
 
 
-def produce(bootstrap: str, topic: str, values: Iterator[bytes] | list[bytes], key: bytes | None = None) -> int:
-    """Send values to Kafka and wait until every one is acknowledged."""
+def produce(bootstrap: str, topic: str, values: Iterator[bytes] | list[bytes], key: bytes | None = None,
+            partition: int | None = None) -> int:
+    """Send values to Kafka (to one partition, if given) and wait until every one is acknowledged."""
     from kafka import KafkaProducer
 
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=512 * 1024,
                              acks="all", max_request_size=16 * 1024 * 1024)
     sent = 0
     for value in values:
-        producer.send(topic, value=value, key=key)
+        producer.send(topic, value=value, key=key, partition=partition)
         sent += 1
     producer.flush()
     producer.close()

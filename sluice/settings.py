@@ -44,7 +44,13 @@ class Settings(BaseSettings):
     batch_max_bytes: int = Field(4 * 1024 * 1024, gt=0)
     batch_max_records: int = Field(20_000, gt=0)
     batch_max_seconds: float = Field(1.0, gt=0)
-    claim_check: str = "redis"  # "redis" or "spool"
+    claim_check: str = "spool"  # "spool" or "redis"
+    # Backpressure: while the batches handed over and not yet compressed hold this many bytes,
+    # the bridge pauses its partitions; data waits in Kafka instead of filling Redis or the spool.
+    max_inflight_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    # A partition that delivered nothing for this long has its high-water mark checked against
+    # the broker (a recreated topic), and so have its next records before they are handed over.
+    incarnation_check_seconds: float = Field(30.0, gt=0)
 
     # Compression and slot files.
     zstd_level: int = Field(3, ge=1, le=22)

@@ -1,28 +1,35 @@
 """Slot files: at most N appenders per app-hour, each owning one spool file under a Redis lock.
 
 A zstd stream may be a concatenation of frames, so a slot file grows by whole frames. The
-committed size lives in Redis and moves only in the script that also retires the batch piece,
-so whatever lies past it (a torn write of a killed worker, or the write of a duplicate task
-that lost the race) is cut off before the next append or when the slot is sealed.
+committed size lives in Redis and moves only in the script that also retires the batch piece
+and checks the writer's lease token, so whatever lies past it (a torn write of a killed
+worker, or the write of a duplicate task that lost the race) is cut off before the next append
+or when the slot is sealed. The file itself is changed only under its kernel lock, after the
+lease has been checked again (see sluice.spool): a writer frozen past its lease can never cut
+or overwrite bytes that someone else committed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import redis
 
 from sluice import ledger
 from sluice.records import hour_start
 from sluice.settings import Settings
+from sluice.spool import FileBusy, SealedFile, Spool, SpoolDamaged, cut_back, locked_file, write_at
+
+__all__ = ["Frame", "LockLost", "SealedFile", "Slots", "SlotsBusy", "SpoolDamaged"]
 
 SLOTS_KEY = ledger.PREFIX + "slots"  # set of slot ids "app|hour|k" that have state
 SEALED_KEY = ledger.PREFIX + "sealed"  # hash "app|hour|fid" -> committed size, awaiting upload
+PLAN_KEY = ledger.PREFIX + "upload-plan"  # hash "app|hour|fid" -> how it is archived (uploader)
 
 
 class SlotsBusy(Exception):
@@ -33,33 +40,33 @@ class LockLost(Exception):
     """The lease ran out under us: someone else may own the slot, so nothing is committed."""
 
 
-class SpoolDamaged(Exception):
-    """A slot file is shorter than its committed size: the spool lost data outside sluice."""
-
-
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
+end
 return 0
 """
 
 # For each app-hour of a bundle, take its lowest free slot and return that slot's state,
 # creating the state if the slot has none; {-1} for an app-hour whose N slots are all taken.
+# A slot whose mark in the skip mask is '1' is passed over (its file is held by a frozen writer).
 # KEYS: slot registry, then per app-hour N lock keys and N slot keys.
-# ARGV: token, lease ms, now, N, then per app-hour a new fid and its N slot ids.
+# ARGV: token, lease ms, now, N, then per app-hour a new fid, a skip mask and its N slot ids.
 _ACQUIRE = """
 local token, lease, now, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local out = {}
 for p = 0, (#KEYS - 1) / (2 * n) - 1 do
-  local kb, ab = 1 + p * 2 * n, 4 + p * (n + 1)
+  local kb, ab = 1 + p * 2 * n, 4 + p * (n + 2)
   local got = {-1}
   for k = 1, n do
-    if redis.call('SET', KEYS[kb + k], token, 'NX', 'PX', lease) then
+    if string.sub(ARGV[ab + 2], k, k) ~= '1'
+        and redis.call('SET', KEYS[kb + k], token, 'NX', 'PX', lease) then
       local state = redis.call('HMGET', KEYS[kb + n + k], 'fid', 'size')
       if state[1] then
         got = {k - 1, state[1], tonumber(state[2])}
       else
         redis.call('HSET', KEYS[kb + n + k], 'fid', ARGV[ab + 1], 'size', 0, 'created', now, 'updated', now)
-        redis.call('SADD', KEYS[1], ARGV[ab + 1 + k])
+        redis.call('SADD', KEYS[1], ARGV[ab + 2 + k])
         got = {k - 1, ARGV[ab + 1], 0}
       end
       break
@@ -73,14 +80,17 @@ return out
 # Commit the appends of a bundle: for each piece still pending, retire it, move the slot's
 # committed size and release the lock, sealing the slot in the same step when it has grown past
 # the seal size (2). A piece no longer pending (0: a duplicate delivery) keeps its lock, so its
-# writer can cut its bytes off before anyone appends after them; -1: the lease was lost.
-# KEYS: pending, groups, state, inflight, stats, sealed, slots, then per piece: lock, slot.
+# writer can cut its bytes off before anyone appends after them; -1: the lease was lost. The
+# last piece of a batch takes the batch's bytes off the in-flight total, once; the last element
+# of the reply says so (1), and the caller removes the batch's pieces files.
+# KEYS: pending, groups, state, inflight, stats, sealed, slots, in-flight bytes, batch sizes,
+#       then per piece: lock, slot.
 # ARGV: token, now, batch id, seal size, then per piece: piece, new size, app, records,
 #       sealed entry, slot id.
 _COMMIT = """
 local out = {}
-for p = 0, (#KEYS - 7) / 2 - 1 do
-  local lock, slot, a = KEYS[8 + 2 * p], KEYS[9 + 2 * p], 4 + 6 * p
+for p = 0, (#KEYS - 9) / 2 - 1 do
+  local lock, slot, a = KEYS[10 + 2 * p], KEYS[11 + 2 * p], 4 + 6 * p
   local piece, size = ARGV[a + 1], ARGV[a + 2]
   local r = 1
   if redis.call('GET', lock) ~= ARGV[1] then
@@ -101,10 +111,17 @@ for p = 0, (#KEYS - 7) / 2 - 1 do
   end
   out[p + 1] = r
 end
+local finished = 0
 if redis.call('SCARD', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2], KEYS[3])
-  redis.call('ZREM', KEYS[4], ARGV[3])
+  if redis.call('ZREM', KEYS[4], ARGV[3]) == 1 then
+    local bytes = redis.call('HGET', KEYS[9], ARGV[3])
+    if bytes then redis.call('DECRBY', KEYS[8], bytes) end
+    redis.call('HDEL', KEYS[9], ARGV[3])
+    finished = 1
+  end
 end
+out[#out + 1] = finished
 return out
 """
 
@@ -147,59 +164,9 @@ def _lock_key(sid: str) -> str:
     return f"{ledger.PREFIX}lock:{sid}"
 
 
-@dataclass(frozen=True)
-class SealedFile:
-    """A slot file that takes no more appends; `size` bytes of it are committed."""
-
-    app: str
-    hour: str
-    fid: str
-    size: int
-
-    @property
-    def entry(self) -> str:
-        return f"{self.app}|{self.hour}|{self.fid}"
-
-    @classmethod
-    def from_entry(cls, entry: str, size: int) -> "SealedFile":
-        app, hour, fid = entry.split("|")
-        return cls(app, hour, fid, size)
-
-
-class Spool:
-    """Paths in the spool directory: open slot files and sealed ones awaiting upload."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def open_path(self, app: str, hour: str, fid: str) -> Path:
-        return self.root / "open" / app / hour / f"{fid}.jsonl.zst"
-
-    def sealed_path(self, app: str, hour: str, fid: str) -> Path:
-        return self.root / "sealed" / app / hour / f"{fid}.jsonl.zst"
-
-    def finish_seal(self, sealed: SealedFile) -> Path:
-        """Cut the open file to its committed size and move it aside; idempotent."""
-        src = self.open_path(sealed.app, sealed.hour, sealed.fid)
-        dst = self.sealed_path(sealed.app, sealed.hour, sealed.fid)
-        if src.exists():
-            with open(src, "r+b") as fh:
-                if os.fstat(fh.fileno()).st_size < sealed.size:
-                    raise SpoolDamaged(f"{src} is shorter than its committed {sealed.size} bytes")
-                fh.truncate(sealed.size)
-                os.fsync(fh.fileno())
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            src.replace(dst)
-            for parent in (src.parent, src.parent.parent):  # app/hour dirs of the open tree
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
-        return dst
-
-
 class Slots:
-    """Appends frames to slot files and seals them, every step under the slot's Redis lock."""
+    """Appends frames to slot files and seals them, every step under the slot's Redis lock and
+    the slot file's kernel lock."""
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.r = client
@@ -218,13 +185,16 @@ class Slots:
             return token
         return None
 
-    def _unlock(self, sid: str, token: str) -> None:
-        self._release(keys=[_lock_key(sid)], args=[token])
+    def _unlock(self, sids: list[str], token: str) -> None:
+        """Release those of these slot locks that are still ours; one round trip."""
+        if sids:
+            self._release(keys=[_lock_key(sid) for sid in sids], args=[token])
 
-    def _acquire(self, frames: list[Frame], token: str) -> list[_Held | None]:
+    def _acquire(self, frames: list[Frame], token: str, skip: set[str]) -> list[_Held | None]:
         """One round trip: the lowest free slot of each frame's app-hour, or None if all busy.
 
-        Lowest first, so a quiet app writes one file per hour, not N.
+        Lowest first, so a quiet app writes one file per hour, not N. Slots in `skip` are
+        passed over.
         """
         n = self.settings.slots_per_app
         keys: list[str] = [SLOTS_KEY]
@@ -234,7 +204,8 @@ class Slots:
             sids = [slot_id(f.app, f.hour, k) for k in range(n)]
             sids_of.append(sids)
             keys += [*map(_lock_key, sids), *map(_slot_key, sids)]
-            args += [f"{f.hour}-{uuid.uuid4().hex[:16]}", *sids]
+            args += [f"{f.hour}-{uuid.uuid4().hex[:16]}", "".join("1" if s in skip else "0" for s in sids),
+                     *sids]
         held: list[_Held | None] = []
         for f, sids, got in zip(frames, sids_of, self._acquire_script(keys=keys, args=args)):
             if got[0] < 0:
@@ -251,19 +222,21 @@ class Slots:
     def append_many(self, bid: str, frames: list[Frame]) -> int:
         """Append each frame of batch `bid` exactly once; returns how many this call appended.
 
-        Pieces already appended by an earlier delivery are skipped. Three round trips to Redis
-        for the whole bundle, whatever its size: acquire, (write + fsync each file), commit.
+        Pieces already appended by an earlier delivery are skipped. Four round trips to Redis
+        for the whole bundle, whatever its size: acquire, check the leases under the file
+        locks, (write + fsync each file), commit, release.
         """
         appended = 0
         todo = frames
+        frozen: set[str] = set()  # slots whose file a frozen writer still holds
         deadline = time.monotonic() + self.settings.lock_wait_seconds
         while todo:
             token = uuid.uuid4().hex
-            held = self._acquire(todo, token)
-            ready = [h for h in held if h is not None]
-            if ready:
-                appended += self._write_and_commit(bid, token, ready)
-            todo = [f for f, h in zip(todo, held) if h is None]
+            held = self._acquire(todo, token, frozen)
+            claimed = [h for h in held if h is not None]
+            done, busy = self._append_claimed(bid, token, claimed, frozen) if claimed else (0, [])
+            appended += done
+            todo = [f for f, h in zip(todo, held) if h is None] + busy
             if todo:
                 if time.monotonic() > deadline:
                     raise SlotsBusy(f"all {self.settings.slots_per_app} slots of "
@@ -271,52 +244,96 @@ class Slots:
                 time.sleep(random.uniform(0.01, 0.05))
         return appended
 
-    def _write(self, h: _Held) -> int:
-        """Write the frame at the committed size, cutting any torn tail first; new size."""
-        path = self.spool.open_path(h.frame.app, h.frame.hour, h.fid)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            on_disk = os.fstat(fd).st_size
-            if on_disk < h.size:
-                raise SpoolDamaged(f"{path} has {on_disk} bytes, {h.size} were committed")
-            if on_disk > h.size:
-                os.ftruncate(fd, h.size)  # torn tail of a writer that died before committing
-            os.pwrite(fd, h.frame.data, h.size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return h.size + len(h.frame.data)
+    def _append_claimed(self, bid: str, token: str, claimed: list[_Held],
+                        frozen: set[str]) -> tuple[int, list[Frame]]:
+        """Write and commit the frames of the slots we hold; (appended, frames to place again)."""
+        busy: list[Frame] = []
+        with contextlib.ExitStack() as stack:
+            # Registered first, so it runs last: after the file locks are released.
+            stack.callback(self._unlock, [h.sid for h in claimed], token)
+            files: list[tuple[_Held, int]] = []
+            for h in claimed:
+                path = self.spool.open_path(h.frame.app, h.frame.hour, h.fid)
+                try:
+                    fd = stack.enter_context(locked_file(path, create=h.size == 0))
+                except FileBusy:
+                    frozen.add(h.sid)
+                    busy.append(h.frame)
+                    continue
+                except FileNotFoundError:
+                    raise LockLost(f"slot {h.sid} was sealed while we waited for it") from None
+                files.append((h, fd))
+            if not files:
+                return 0, busy
+            sizes = self._committed_sizes(token, files)
+            ends = self._write_all(files, sizes)
+            return self._commit_all(bid, token, files, sizes, ends), busy
 
-    def _write_and_commit(self, bid: str, token: str, held: list[_Held]) -> int:
-        unlocked: set[str] = set()
+    def _committed_sizes(self, token: str, files: list[tuple[_Held, int]]) -> list[int]:
+        """Under the file locks: each slot is still ours, and its committed size right now.
+
+        Only from here on can nobody else change these files, so this, not what `_acquire`
+        saw, is what a writer may cut back to.
+        """
+        with self.r.pipeline(transaction=False) as pipe:
+            for h, _ in files:
+                pipe.get(_lock_key(h.sid))
+                pipe.hmget(_slot_key(h.sid), "fid", "size")
+            replies = pipe.execute()
+        sizes = []
+        for i, (h, fd) in enumerate(files):
+            owner, (fid, size) = replies[2 * i], replies[2 * i + 1]
+            if owner is None or owner.decode() != token or fid is None or fid.decode() != h.fid:
+                if fid is None or fid.decode() != h.fid:
+                    self._drop_orphan(fd, h)
+                raise LockLost(f"lease on slot {h.sid} expired before its file was locked")
+            sizes.append(int(size))
+        return sizes
+
+    def _drop_orphan(self, fd: int, h: _Held) -> None:
+        """A frozen writer that wakes after its slot was sealed may have created an empty file
+        again; the fid is retired for good, so nobody else can be using that path."""
+        if os.fstat(fd).st_size == 0:
+            self.spool.open_path(h.frame.app, h.frame.hour, h.fid).unlink(missing_ok=True)
+
+    @staticmethod
+    def _write_all(files: list[tuple[_Held, int]], sizes: list[int]) -> list[int]:
+        """Write every frame at its slot's committed size; on a failure, undo them all."""
+        ends: list[int] = []
         try:
-            sizes = [self._write(h) for h in held]
-            keys = [ledger.pending_key(bid), ledger.groups_key(bid), ledger.state_key(bid),
-                    ledger.INFLIGHT_KEY, ledger.STATS_KEY, SEALED_KEY, SLOTS_KEY]
-            args: list[object] = [token, time.time(), bid, self.settings.seal_size_bytes]
-            for h, size in zip(held, sizes):
-                keys += [_lock_key(h.sid), _slot_key(h.sid)]
-                args += [ledger.piece_name(h.frame.app, h.frame.hour), size, h.frame.app,
-                         h.frame.records, SealedFile(h.frame.app, h.frame.hour, h.fid, size).entry, h.sid]
-            results = self._commit(keys=keys, args=args)
-            lost = []
-            for h, size, result in zip(held, sizes, results):
-                if result != 0:
-                    unlocked.add(h.sid)  # committed (lock released) or not ours any more
-                if result == 0:  # a duplicate delivery: take our bytes back off the tail
-                    os.truncate(self.spool.open_path(h.frame.app, h.frame.hour, h.fid), h.size)
-                elif result == 2:  # sealed by size; nobody appends to this fid any more
-                    self.spool.finish_seal(SealedFile(h.frame.app, h.frame.hour, h.fid, size))
-                elif result == -1:  # the file may be someone else's now: leave it alone
-                    lost.append(h.sid)
-            if lost:
-                raise LockLost(f"lease on slots {lost} expired during an append")
-            return sum(1 for r in results if r > 0)
-        finally:
-            for h in held:
-                if h.sid not in unlocked:
-                    self._unlock(h.sid, token)
+            for (h, fd), size in zip(files, sizes):
+                ends.append(write_at(fd, h.frame.data, size))
+        except OSError:
+            for (_, fd), size in zip(files, sizes):
+                cut_back(fd, size)
+            raise
+        return ends
+
+    def _commit_all(self, bid: str, token: str, files: list[tuple[_Held, int]],
+                    sizes: list[int], ends: list[int]) -> int:
+        keys = [ledger.pending_key(bid), ledger.groups_key(bid), ledger.state_key(bid),
+                ledger.INFLIGHT_KEY, ledger.STATS_KEY, SEALED_KEY, SLOTS_KEY,
+                ledger.INFLIGHT_BYTES_KEY, ledger.BATCH_BYTES_KEY]
+        args: list[object] = [token, time.time(), bid, self.settings.seal_size_bytes]
+        for (h, _), end in zip(files, ends):
+            keys += [_lock_key(h.sid), _slot_key(h.sid)]
+            args += [ledger.piece_name(h.frame.app, h.frame.hour), end, h.frame.app,
+                     h.frame.records, SealedFile(h.frame.app, h.frame.hour, h.fid, end).entry, h.sid]
+        *results, finished = self._commit(keys=keys, args=args)
+        if finished:
+            ledger.drop_pieces(self.settings.spool_dir, bid)
+        lost = []
+        for (h, fd), size, end, result in zip(files, sizes, ends, results):
+            if result == 0:  # a duplicate delivery: take our bytes back off the tail
+                cut_back(fd, size)
+            elif result == -1:  # our lease ran out: only our own bytes are past `size`
+                cut_back(fd, size)
+                lost.append(h.sid)
+            elif result == 2:  # sealed by size; nobody appends to this fid any more
+                self.spool.finish_seal(SealedFile(h.frame.app, h.frame.hour, h.fid, end), fd)
+        if lost:
+            raise LockLost(f"lease on slots {lost} expired during an append")
+        return sum(1 for r in results if r > 0)
 
     # --- seal --------------------------------------------------------------------------
     def _seal_locked(self, sid: str, token: str, app: str, hour: str) -> SealedFile | None:
@@ -325,15 +342,28 @@ class Slots:
             self.r.srem(SLOTS_KEY, sid)
             return None
         sealed = SealedFile(app, hour, state[b"fid"].decode(), int(state[b"size"]))
+        path = self.spool.open_path(app, hour, sealed.fid)
+        try:
+            with locked_file(path) as fd:
+                self._seal_state(sid, token, sealed)
+                if sealed.size == 0:
+                    path.unlink()
+                    return None
+                self.spool.finish_seal(sealed, fd)
+                return sealed
+        except FileBusy:
+            return None  # a frozen writer holds it; a later sweep seals it
+        except FileNotFoundError:
+            if sealed.size:
+                raise SpoolDamaged(f"{path} is missing; {sealed.size} bytes were committed") from None
+            self._seal_state(sid, token, sealed)  # claimed but never written
+            return None
+
+    def _seal_state(self, sid: str, token: str, sealed: SealedFile) -> None:
         result = self._seal(keys=[_lock_key(sid), _slot_key(sid), SEALED_KEY, SLOTS_KEY],
                             args=[token, sealed.entry, sealed.size, sid])
         if result == -1:
             raise LockLost(f"lease on slot {sid} expired while sealing")
-        if sealed.size == 0:
-            self.spool.open_path(app, hour, sealed.fid).unlink(missing_ok=True)
-            return None
-        self.spool.finish_seal(sealed)
-        return sealed
 
     def seal_due(self, now: float | None = None) -> int:
         """Seal every slot that is full or idle long enough (see `_due`); how many were sealed."""
@@ -352,7 +382,7 @@ class Slots:
                     if self._seal_locked(sid, token, app, hour):
                         sealed += 1
             finally:
-                self._unlock(sid, token)
+                self._unlock([sid], token)
         return sealed
 
     def _due(self, sid: str, now: float) -> bool:
@@ -371,5 +401,21 @@ class Slots:
         return [SealedFile.from_entry(entry.decode(), int(size))
                 for entry, size in self.r.hgetall(SEALED_KEY).items()]
 
+    def upload_plan(self, sealed: SealedFile) -> str | None:
+        plan = self.r.hget(PLAN_KEY, sealed.entry)
+        return plan.decode() if plan is not None else None
+
+    def plan_upload(self, sealed: SealedFile, plan: str) -> str:
+        """Record how a sealed file is archived, unless a plan is recorded already; the plan
+        in force. Decided once, so a repeated upload never decides differently."""
+        self.r.hsetnx(PLAN_KEY, sealed.entry, plan)
+        return self.upload_plan(sealed) or plan
+
+    def planned(self) -> list[str]:
+        return [plan.decode() for plan in self.r.hvals(PLAN_KEY)]
+
     def forget_sealed(self, sealed: SealedFile) -> None:
-        self.r.hdel(SEALED_KEY, sealed.entry)
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.hdel(SEALED_KEY, sealed.entry)
+            pipe.hdel(PLAN_KEY, sealed.entry)
+            pipe.execute()

@@ -2,6 +2,11 @@
 
 Layout: <prefix>/app=<app>/dt=<YYYY-MM-DD>/hour=<HH>/<app>.<fid>.jsonl.zst, so query engines
 can prune by partition and `sluice fetch` lists only the hours it needs.
+
+Late records of an app-hour that already has its N objects are merged into one of them
+(sluice.uploader): the merge is written as the next generation of that object,
+`<app>.<fid>.g<N>.jsonl.zst`, before the one it replaces is deleted. A reader takes only the
+newest generation of each object (`live_keys`), so it never sees a record twice or not at all.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from sluice.settings import Settings
+from sluice.spool import fsync_dir
 
 
 def hour_prefix(app: str, hour: str) -> str:
@@ -20,8 +26,35 @@ def hour_prefix(app: str, hour: str) -> str:
     return f"app={app}/dt={hour[0:4]}-{hour[4:6]}-{hour[6:8]}/hour={hour[8:10]}/"
 
 
-def object_key(app: str, hour: str, fid: str) -> str:
-    return f"{hour_prefix(app, hour)}{app}.{fid}.jsonl.zst"
+def object_key(app: str, hour: str, fid: str, generation: int = 0) -> str:
+    suffix = f".g{generation}" if generation else ""
+    return f"{hour_prefix(app, hour)}{app}.{fid}{suffix}.jsonl.zst"
+
+
+def lineage(key: str) -> tuple[str, int]:
+    """(the object's first fid, its generation) from its key."""
+    name = key.rsplit("/", 1)[-1].removesuffix(".jsonl.zst")
+    base, _, last = name.rpartition(".")
+    if last.startswith("g") and last[1:].isdigit():
+        return base, int(last[1:])
+    return name, 0
+
+
+def next_generation(key: str) -> str:
+    """The key a merge into this object is written under."""
+    prefix, _, _ = key.rpartition("/")
+    base, generation = lineage(key)
+    return f"{prefix}/{base}.g{generation + 1}.jsonl.zst"
+
+
+def live_keys(keys: list[str]) -> list[str]:
+    """The newest generation of each object: what a reader reads, sorted."""
+    newest: dict[str, tuple[int, str]] = {}
+    for key in keys:
+        base, generation = lineage(key)
+        if base not in newest or newest[base][0] < generation:
+            newest[base] = (generation, key)
+    return sorted(key for _, key in newest.values())
 
 
 class Store(Protocol):
@@ -37,7 +70,10 @@ class Store(Protocol):
         """Keys under a prefix, sorted."""
 
     def open(self, key: str) -> BinaryIO:
-        """A readable binary stream of an object."""
+        """A readable binary stream of an object; FileNotFoundError if there is none."""
+
+    def delete(self, key: str) -> None:
+        """Remove an object; no error if it is gone already."""
 
 
 class FileStore:
@@ -64,6 +100,7 @@ class FileStore:
             tmp.unlink()
             raise IOError(f"verification of {key} failed: stored bytes differ")
         tmp.replace(dest)
+        fsync_dir(dest.parent)  # the spool copy is deleted next: the archived one must stay
 
     def size(self, key: str) -> int | None:
         path = self._path(key)
@@ -78,6 +115,9 @@ class FileStore:
 
     def open(self, key: str) -> BinaryIO:
         return open(self._path(key), "rb")
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
 
 class OssStore:
@@ -119,7 +159,13 @@ class OssStore:
         return sorted(k for k in keys if k.endswith(".jsonl.zst"))
 
     def open(self, key: str) -> BinaryIO:
-        return self.bucket.get_object(self._key(key))
+        try:
+            return self.bucket.get_object(self._key(key))
+        except self._oss2.exceptions.NoSuchKey:
+            raise FileNotFoundError(key) from None
+
+    def delete(self, key: str) -> None:
+        self.bucket.delete_object(self._key(key))
 
 
 def open_store(settings: Settings) -> Store:

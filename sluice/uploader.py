@@ -2,16 +2,25 @@
 
 Object names come from the slot file id recorded in Redis, so an upload repeated after a
 crash overwrites the same object instead of adding a second copy.
+
+An app-hour keeps at most `slots_per_app` objects however late its records come: a sealed file
+of an app-hour that has them all is merged into the smallest (zstd frames concatenate), written
+as that object's next generation, and only then is the old generation deleted (see
+sluice.store.live_keys). How each file is archived is recorded in Redis before anything is
+written, so a repeat after a crash finishes the same plan instead of deciding anew.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
 from sluice.slots import SealedFile, Slots
-from sluice.store import Store, object_key
+from sluice.spool import remove_empty_dirs
+from sluice.store import Store, hour_prefix, live_keys, next_generation, object_key
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +48,70 @@ def upload_sealed(slots: Slots, store: Store, on_progress: Callable[[], object] 
     return archived
 
 
+NEW = "new"  # the plan of a file archived as an object of its own
+
+
 def _archive(slots: Slots, store: Store, sealed: SealedFile) -> int:
-    key = object_key(sealed.app, sealed.hour, sealed.fid)
     path = slots.spool.finish_seal(sealed)  # completes a seal interrupted before its rename
+    plan = slots.upload_plan(sealed) or slots.plan_upload(sealed, _choose(slots, store, sealed))
+    if plan == NEW:
+        source, source_size, key = None, 0, object_key(sealed.app, sealed.hour, sealed.fid)
+    else:
+        source, size = plan.rsplit("|", 1)
+        source_size, key = int(size), next_generation(source)
     uploaded = 0
-    if path.exists():
+    if store.size(key) != source_size + sealed.size:
+        if not path.exists():
+            raise IOError(f"{key} is neither in the spool nor complete in the store")
         on_disk = path.stat().st_size
         if on_disk != sealed.size:
             raise IOError(f"{path} has {on_disk} bytes, {sealed.size} were committed")
-        store.put(path, key)
-        path.unlink()
-        _remove_empty_dirs(path)
+        if source is None:
+            store.put(path, key)
+        else:
+            _merge(store, slots.spool.root / "merge", source, source_size, path, key)
         uploaded = 1
-    elif store.size(key) != sealed.size:
-        raise IOError(f"{key} is neither in the spool nor complete in the store")
-    slots.forget_sealed(sealed)  # last: until here a crash just repeats the upload
-    log.info("archived %s (%d bytes)", key, sealed.size)
+    if source is not None:
+        store.delete(source)  # after its successor is complete: readers switch to that
+    path.unlink(missing_ok=True)
+    remove_empty_dirs(path, levels=2)
+    slots.forget_sealed(sealed)  # last: until here a crash just repeats the plan
+    log.info("archived %s (%d bytes)%s", key, sealed.size, f", merged into {source}" if source else "")
     return uploaded
 
 
-def _remove_empty_dirs(path: Path) -> None:
-    for parent in (path.parent, path.parent.parent):
-        try:
-            parent.rmdir()
-        except OSError:
-            return
+def _choose(slots: Slots, store: Store, sealed: SealedFile) -> str:
+    """NEW while the app-hour has fewer than N objects, else "<smallest object>|<its size>"."""
+    keys = store.list(hour_prefix(sealed.app, sealed.hour))
+    if object_key(sealed.app, sealed.hour, sealed.fid) in keys:
+        return NEW  # uploaded already, before plans were recorded
+    live = live_keys(keys)
+    for superseded in set(keys) - set(live):
+        store.delete(superseded)  # left by a merge cut short after writing its successor
+    if len(live) < slots.settings.slots_per_app:
+        return NEW
+    busy = {plan.rsplit("|", 1)[0] for plan in slots.planned() if plan != NEW}
+    sizes = {key: store.size(key) for key in live if key not in busy}
+    if not sizes:
+        raise IOError(f"every object of {sealed.app} {sealed.hour} is being merged; next sweep")
+    smallest = min(sizes, key=lambda key: sizes[key] or 0)
+    return f"{smallest}|{sizes[smallest]}"
+
+
+def _merge(store: Store, workdir: Path, source: str, source_size: int, path: Path, key: str) -> None:
+    """Write source + the sealed file as `key`; the source must still have `source_size` bytes."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    merged = workdir / path.name
+    try:
+        with open(merged, "wb") as out:
+            with store.open(source) as stream:
+                shutil.copyfileobj(stream, out, 1024 * 1024)
+            if out.tell() != source_size:
+                raise IOError(f"{source} has {out.tell()} bytes, {source_size} were planned")
+            with open(path, "rb") as new:
+                shutil.copyfileobj(new, out, 1024 * 1024)
+            out.flush()
+            os.fsync(out.fileno())
+        store.put(merged, key)
+    finally:
+        merged.unlink(missing_ok=True)

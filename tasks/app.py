@@ -9,7 +9,10 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
+import uuid
+
 from beat_schedule import beat_schedule
+from sluice.ledger import QUEUED_TTL_SECONDS, Ledger
 from sluice.settings import get_settings
 
 settings = get_settings()
@@ -33,8 +36,19 @@ app.conf.update(
     worker_send_task_events=True,  # for Flower
     task_send_sent_event=True,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": 3600},
+    broker_transport_options={"visibility_timeout": QUEUED_TTL_SECONDS},
     beat_schedule=beat_schedule(settings),
     beat_schedule_filename=str(settings.spool_dir / "celerybeat-schedule"),
     worker_hijack_root_logger=False,
 )
+
+
+def enqueue(ledger: Ledger, task: str, bid: str, *args: object) -> None:
+    """Send a task about batch `bid`, noted as queued first, so the redrive leaves it alone."""
+    task_id = uuid.uuid4().hex
+    ledger.will_queue(bid, task_id)
+    try:
+        app.send_task(task, args=[bid, *args], task_id=task_id)
+    except BaseException:
+        ledger.started(bid, task_id)
+        raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import redis
+from celery import Task
 
 from sluice.settings import get_settings
 from sluice.slots import LockLost, SlotsBusy
@@ -13,10 +14,13 @@ from tasks.deps import compressor, ledger, slots
 _limit = get_settings().compress_time_limit
 
 
-@app.task(name="sluice.compress", autoretry_for=(SlotsBusy, LockLost, redis.RedisError),
+# OSError: a full or failing spool disk; nothing was committed, so the task waits and tries again.
+@app.task(name="sluice.compress", bind=True, autoretry_for=(SlotsBusy, LockLost, redis.RedisError, OSError),
           retry_backoff=True, retry_backoff_max=30, max_retries=None,
           time_limit=_limit, soft_time_limit=_limit * 0.9)
-def compress(bid: str, pieces: list[str]) -> int:
+def compress(self: Task, bid: str, pieces: list[str]) -> int:
     """Returns how many pieces this call appended; pieces appended by an earlier delivery of
     the same task (or by a redriven copy) are skipped."""
-    return compress_pieces(ledger(), slots(), compressor(), bid, pieces)
+    led = ledger()
+    led.started(bid, self.request.id)
+    return compress_pieces(led, slots(), compressor(), bid, pieces)

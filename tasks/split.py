@@ -2,39 +2,64 @@
 
 from __future__ import annotations
 
+import json
+
 import redis
+from celery import Task
 from celery.utils.log import get_task_logger
 
 from sluice.ledger import bundle_pieces
 from sluice.settings import get_settings
 from sluice.stages import split_batch
-from tasks.app import app
+from tasks.app import app, enqueue
 from tasks.deps import ledger, router
 
 log = get_task_logger(__name__)
 
 
-@app.task(name="sluice.split", autoretry_for=(redis.RedisError,), retry_backoff=True,
+# OSError: a full or failing spool disk (the pieces are written there); nothing was committed.
+@app.task(name="sluice.split", bind=True, autoretry_for=(redis.RedisError, OSError), retry_backoff=True,
           retry_backoff_max=30, max_retries=None)
-def split(bid: str) -> int:
+def split(self: Task, bid: str) -> int:
     """Idempotent: a repeat finds the batch already split and only re-enqueues what is pending.
 
     Returns the number of compress tasks enqueued."""
     led = ledger()
+    led.started(bid, self.request.id)
     split_batch(led, router(), bid)
     bundles = bundle_pieces(led.pending_sizes(bid), get_settings().compress_bundle_bytes)
     for bundle in bundles:
-        app.send_task("sluice.compress", args=[bid, bundle])
+        enqueue(led, "sluice.compress", bid, bundle)
     return len(bundles)
 
 
 @app.task(name="sluice.redrive", autoretry_for=(redis.RedisError,), max_retries=3)
 def redrive() -> int:
-    """Finish batches whose tasks were lost (e.g. a broker restart without persistence)."""
+    """Finish batches whose tasks were lost (a worker killed mid-task, a broker restart without
+    persistence); a batch with a task still waiting in the broker is left to it."""
     led = ledger()
+    redriven = 0
     stale = led.stale_batches(get_settings().redrive_after_seconds)
+    waiting = _waiting_task_ids(led.r) if stale else set()
     for bid in stale:
-        log.warning("redriving batch %s, in flight for too long", bid)
         led.touch(bid)
-        split.delay(bid)
-    return len(stale)
+        if led.queued(bid, waiting):
+            continue
+        log.warning("redriving batch %s, in flight for too long", bid)
+        enqueue(led, "sluice.split", bid)
+        redriven += 1
+    return redriven
+
+
+def _waiting_task_ids(r: redis.Redis) -> set[str]:
+    """Ids of the tasks waiting in the io and cpu queues: kombu's Redis transport keeps each
+    queue as a list of JSON messages. A task a worker has taken is not among them: that worker
+    may have died holding it, so its batch is redriven."""
+    ids = set()
+    for queue in ("io", "cpu"):
+        for raw in r.lrange(queue, 0, -1):
+            try:
+                ids.add(json.loads(raw)["headers"]["id"])
+            except (ValueError, KeyError, TypeError):
+                continue  # not a task message of ours
+    return ids

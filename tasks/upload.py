@@ -9,7 +9,7 @@ from sluice.redis_client import get_redis
 from sluice.settings import get_settings
 from sluice.uploader import upload_sealed
 from tasks.app import app
-from tasks.deps import slots, store
+from tasks.deps import ledger, slots, store
 
 log = get_task_logger(__name__)
 
@@ -29,6 +29,7 @@ def upload() -> int:
     if not lock.acquire():
         return 0
     try:
+        ledger().drop_orphan_pieces(older_than=settings.redrive_after_seconds)
         sealed = slots().seal_due()
         archived = upload_sealed(slots(), store(), on_progress=lock.reacquire)
         if sealed or archived:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -11,7 +13,7 @@ from typing import Iterator
 import pytest
 import redis
 
-from sluice import progress
+from sluice import progress, sample
 from sluice.local import LocalStack, wait_until
 from sluice.settings import Settings
 
@@ -25,6 +27,7 @@ FAST = {
     "SLUICE_REDRIVE_AFTER_SECONDS": "15",
     "SLUICE_COMPRESS_TIME_LIMIT": "15",
     "SLUICE_LOCK_LEASE_SECONDS": "20",
+    "SLUICE_INCARNATION_CHECK_SECONDS": "3",
 }
 
 
@@ -67,6 +70,38 @@ def start_pipeline(workdir: Path, topic_partitions: int = 4, cpu_workers: int = 
         stack.close()
         raise
     return stack
+
+
+class Traffic:
+    """Produce sample records in the background while the test injects its fault."""
+
+    def __init__(self, stack: LocalStack, records: int = 60_000, apps: int = 20,
+                 lines: list[bytes] | None = None) -> None:
+        self.values = lines if lines is not None else [
+            v for _, v in sample.lines(records, sample.app_names(apps), time.time() - 3600, 3600, seed=3)]
+        self.thread = threading.Thread(target=sample.produce, args=(stack.bootstrap, "logs", self.values))
+        self.thread.start()
+
+    def finish(self) -> None:
+        self.thread.join()
+
+    @property
+    def seqs(self) -> set[int]:
+        return set(range(len(self.values)))
+
+
+@pytest.fixture
+def stack_factory(tmp_path):
+    stacks: list[LocalStack] = []
+
+    def make(**env: str) -> LocalStack:
+        stack = start_pipeline(tmp_path / f"stack{len(stacks)}", **env)
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.close()
 
 
 def wait_archived(stack: LocalStack, expected: int, timeout: float = 300) -> None:

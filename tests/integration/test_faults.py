@@ -9,55 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import redis
 
-from sluice import sample
 from sluice.progress import compressed, handed_over
 from sluice.ledger import INFLIGHT_KEY
-from sluice.local import LocalStack, wait_until
+from sluice.local import wait_until
 from sluice.slots import SEALED_KEY
-from tests.integration.conftest import assert_exactly_once, start_pipeline, wait_archived
+from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
 
 pytestmark = pytest.mark.integration
 
 RECORDS = 60_000
-
-
-class Traffic:
-    """Produce sample records in the background while the test injects its fault."""
-
-    def __init__(self, stack: LocalStack, records: int = RECORDS, apps: int = 20,
-                 lines: list[bytes] | None = None) -> None:
-        self.values = lines if lines is not None else [
-            v for _, v in sample.lines(records, sample.app_names(apps), time.time() - 3600, 3600, seed=3)]
-        self.thread = threading.Thread(target=sample.produce, args=(stack.bootstrap, "logs", self.values))
-        self.thread.start()
-
-    def finish(self) -> None:
-        self.thread.join()
-
-    @property
-    def seqs(self) -> set[int]:
-        return set(range(len(self.values)))
-
-
-@pytest.fixture
-def stack_factory(tmp_path):
-    stacks: list[LocalStack] = []
-
-    def make(**env: str) -> LocalStack:
-        stack = start_pipeline(tmp_path / f"stack{len(stacks)}", **env)
-        stacks.append(stack)
-        return stack
-
-    yield make
-    for stack in stacks:
-        stack.close()
 
 
 def test_bridge_sigkill_mid_run(stack_factory):

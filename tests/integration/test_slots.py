@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from bridge.consumer import Bridge
+import sluice.slots
+
+from bridge.consumer import Bridge, Reread
+from bridge.incarnation import fingerprint
 from kafka import TopicPartition
+from sluice.fetch import fetch
 from sluice.ledger import Ledger, piece_name
+from sluice.local import wait_until
+from sluice.progress import handed_over
 from sluice.records import Record, hour_of
 from sluice.settings import Settings
 from sluice.slots import SEALED_KEY, SLOTS_KEY, Frame, LockLost, Slots
@@ -267,3 +275,184 @@ def test_a_running_hour_is_sealed_only_after_the_longer_open_hour_age(rds, setti
     assert [s.hour for s in slots.sealed_files()] == [HOUR]
     assert slots.seal_due(now=time.time() + 150) == 1
     assert sorted(s.hour for s in slots.sealed_files()) == sorted([HOUR, running])
+
+
+class Freezer:
+    """Freezes one writer at a chosen step, as SIGSTOP would freeze a worker, until thawed."""
+
+    def __init__(self) -> None:
+        self.victim: threading.Thread | None = None
+        self.frozen, self.thaw = threading.Event(), threading.Event()
+        self.errors: list[BaseException] = []
+
+    def maybe_freeze(self) -> None:
+        if threading.current_thread() is self.victim:
+            self.frozen.set()
+            assert self.thaw.wait(30)
+
+    def freeze_stale_writer(self, rds, settings: Settings) -> None:
+        """Start a writer of batch 1-1 ("stale"), wait until it is frozen and its lease lapsed."""
+        def stale_writer() -> None:
+            try:
+                Slots(rds, settings).append("logs:0:1-1", APP, HOUR, frame(b"stale\n"), 1)
+            except BaseException as exc:  # noqa: BLE001 - inspected by the test
+                self.errors.append(exc)
+
+        self.victim = threading.Thread(target=stale_writer)
+        self.victim.start()
+        assert self.frozen.wait(10)
+        wait_until(lambda: rds.get(f"sluice:lock:{APP}|{HOUR}|0") is None, 5, "the lease to lapse")
+
+    def resume(self) -> list[BaseException]:
+        self.thaw.set()
+        self.victim.join(10)
+        return self.errors
+
+
+def three_batches_one_appended(rds, settings: Settings) -> tuple[Settings, Ledger, str]:
+    """Lease 1 s, so a frozen writer's slot is handed on while it sleeps; batches 0-0 ("first",
+    appended), 1-1 ("stale") and 2-2 ("second") of one app-hour."""
+    settings = settings.model_copy(update={"compress_time_limit": 0.5, "lock_lease_seconds": 1.0})
+    ledger = Ledger(rds, settings)
+    piece = piece_name(APP, HOUR)
+    split_batch(ledger, "logs:0:0-0", {piece: b"first\n"})
+    split_batch(ledger, "logs:0:1-1", {piece: b"stale\n"})
+    split_batch(ledger, "logs:0:2-2", {piece: b"second\n"})
+    Slots(rds, settings).append("logs:0:0-0", APP, HOUR, frame(b"first\n"), 1)
+    return settings, ledger, piece
+
+
+def test_a_writer_frozen_before_its_file_lock_leaves_later_commits_alone(rds, settings, monkeypatch):
+    settings, ledger, piece = three_batches_one_appended(rds, settings)
+    freezer = Freezer()
+    real_locked_file = sluice.slots.locked_file
+
+    def freezing_locked_file(path, create=False):
+        freezer.maybe_freeze()  # frozen after taking the Redis lock, before the file lock
+        return real_locked_file(path, create)
+
+    monkeypatch.setattr("sluice.slots.locked_file", freezing_locked_file)
+    freezer.freeze_stale_writer(rds, settings)
+    # Another writer takes the same slot and commits after "first".
+    assert Slots(rds, settings).append("logs:0:2-2", APP, HOUR, frame(b"second\n"), 1)
+    errors = freezer.resume()
+    assert errors and isinstance(errors[0], LockLost)
+    [path] = open_files(settings)
+    assert zstd_cli(path) == b"first\nsecond\n"
+    assert int(rds.hget(f"sluice:slot:{APP}|{HOUR}|0", "size")) == path.stat().st_size
+    assert ledger.pending_pieces("logs:0:1-1") == [piece], "the stale piece is still to do"
+    Slots(rds, settings).append("logs:0:1-1", APP, HOUR, frame(b"stale\n"), 1)
+    assert zstd_cli(path) == b"first\nsecond\nstale\n"
+
+
+def test_a_writer_frozen_holding_its_file_lock_is_passed_over(rds, settings, monkeypatch):
+    settings, _, _ = three_batches_one_appended(rds, settings)
+    freezer = Freezer()
+    real_write_at = sluice.slots.write_at
+
+    def freezing_write_at(fd, data, at):
+        end = real_write_at(fd, data, at)
+        freezer.maybe_freeze()  # frozen after writing, holding the file lock, before the commit
+        return end
+
+    monkeypatch.setattr("sluice.slots.write_at", freezing_write_at)
+    freezer.freeze_stale_writer(rds, settings)
+    slots = Slots(rds, settings)
+    assert slots.append("logs:0:2-2", APP, HOUR, frame(b"second\n"), 1)  # goes to slot 1
+    assert slots.seal_due(now=FAR_FUTURE) == 1, "the frozen writer's file cannot be sealed"
+    errors = freezer.resume()
+    assert errors and isinstance(errors[0], LockLost)
+    [path] = open_files(settings)
+    assert zstd_cli(path) == b"first\n", "the frozen writer took its own bytes back"
+    assert rds.hget(f"sluice:slot:{APP}|{HOUR}|1", "fid") is None, "slot 1 was sealed"
+    [sealed] = slots.sealed_files()
+    assert zstd_cli(slots.spool.sealed_path(APP, HOUR, sealed.fid)) == b"second\n"
+
+
+def test_a_recreated_topic_is_archived_again_and_a_replay_is_not(rds, settings, caplog):
+    sent: list[str] = []
+    probed: list[int] = []
+    log_now: dict[int, Record] = {}  # what the broker holds now, by offset
+
+    def probe(tp, offset):
+        probed.append(offset)
+        found = sorted(o for o in log_now if o >= offset)
+        return (found[0], fingerprint(log_now[found[0]])) if found else None
+
+    bridge = Bridge(settings, Ledger(rds, settings), send_split=sent.append, probe=probe)
+    tp = TopicPartition("logs", 3)
+    old = records(0, 99)
+    log_now.update((r.offset, r) for r in old)
+    bridge.hand_over(tp, old)
+    bridge.hand_over(tp, old[10:40])  # a replay that does not reach the mark: the broker is asked
+    assert probed == [99] and sent == ["logs:3:0-99"]
+    # The topic is deleted and recreated: offsets start at 0 again, with other records.
+    new = [r._replace(value=b'{"app":"a","new":%d}' % r.offset) for r in records(0, 49)]
+    log_now = {r.offset: r for r in new}
+    with caplog.at_level("WARNING", logger="sluice.bridge"), pytest.raises(Reread):
+        bridge.hand_over(tp, new[20:], verify=True)  # records past a quiet spell are checked
+    assert sent == ["logs:3:0-99"], "nothing of the new incarnation is handed over from its middle"
+    bridge.hand_over(tp, new)  # read again from its beginning
+    assert sent == ["logs:3:0-99", "logs:3:0-49@1"]
+    assert "recreated" in caplog.text and "incarnation 1" in caplog.text
+    assert handed_over(rds) == 150
+    bridge.hand_over(tp, new)  # a replay within the new incarnation is trimmed as before
+    assert sent == ["logs:3:0-99", "logs:3:0-49@1"]
+
+
+def archive_wave(ledger: Ledger, slots: Slots, store: FileStore, n: int, data: bytes) -> None:
+    """One wave of late records for APP/HOUR: split, appended, sealed, uploaded."""
+    split_batch(ledger, f"logs:0:{n}-{n}", {piece_name(APP, HOUR): data})
+    slots.append(f"logs:0:{n}-{n}", APP, HOUR, frame(data), data.count(b"\n"))
+    assert slots.seal_due(now=FAR_FUTURE) == 1
+    upload_sealed(slots, store)
+
+
+def test_late_waves_are_merged_so_an_app_hour_keeps_at_most_n_objects(rds, settings, tmp_path):
+    settings = settings.model_copy(update={"slots_per_app": 2})
+    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    store = FileStore(tmp_path / "archive")
+    expected = b""
+    for n in range(6):
+        data = b"".join(b"wave %d line %d\n" % (n, i) for i in range(n + 1))
+        archive_wave(ledger, slots, store, n, data)
+        expected += data
+        objects = list((tmp_path / "archive").rglob("*.zst"))
+        assert len(objects) == min(n + 1, 2), objects
+    assert sorted(b"".join(zstd_cli(p) for p in objects).splitlines()) == sorted(expected.splitlines())
+    assert any(".g" in p.name for p in objects), "later waves were merged into a next generation"
+    out = io.BytesIO()
+    fetch(store, APP, datetime(2026, 1, 1, 9, tzinfo=timezone.utc), datetime(2026, 1, 1, 10, tzinfo=timezone.utc),
+          out, timestamp_field="")
+    assert sorted(out.getvalue().splitlines()) == sorted(expected.splitlines())
+    assert rds.hlen(SEALED_KEY) == 0 and not rds.hlen("sluice:upload-plan")
+
+
+class CrashAfterMerge(FileStore):
+    """A store whose merged object lands, and whose caller dies before deleting the old one."""
+
+    crashed = False
+
+    def put(self, local: Path, key: str) -> None:
+        super().put(local, key)
+        if ".g" in key and not self.crashed:
+            self.crashed = True
+            raise KeyboardInterrupt("worker killed after writing the merge")
+
+
+def test_a_merge_cut_short_is_finished_once_and_readers_see_each_record_once(rds, settings, tmp_path):
+    settings = settings.model_copy(update={"slots_per_app": 1})
+    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    store = CrashAfterMerge(tmp_path / "archive")
+    archive_wave(ledger, slots, store, 0, b"first\n")
+    with pytest.raises(KeyboardInterrupt):
+        archive_wave(ledger, slots, store, 1, b"late\n")
+    assert len(list((tmp_path / "archive").rglob("*.zst"))) == 2, "old and new generation side by side"
+    window = (datetime(2026, 1, 1, 9, tzinfo=timezone.utc), datetime(2026, 1, 1, 10, tzinfo=timezone.utc))
+    out = io.BytesIO()
+    fetch(store, APP, *window, out, timestamp_field="")
+    assert sorted(out.getvalue().splitlines()) == [b"first", b"late"], "no record twice in the window"
+    upload_sealed(slots, store)  # the next sweep finishes the same plan
+    [merged] = list((tmp_path / "archive").rglob("*.zst"))
+    assert zstd_cli(merged) == b"first\nlate\n"
+    assert rds.hlen(SEALED_KEY) == 0

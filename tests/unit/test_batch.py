@@ -66,3 +66,9 @@ def test_batch_id_is_deterministic_and_distinct():
     assert batch_id("t", 1, 2, 3) == batch_id("t", 1, 2, 3)
     ids = {batch_id("t", p, f, l) for p in range(3) for f in range(3) for l in range(3, 6)}
     assert len(ids) == 27
+
+
+def test_a_recreated_topic_s_batches_carry_its_incarnation():
+    assert batch_id("logs", 2, 0, 9) == "logs:2:0-9"
+    assert batch_id("logs", 2, 0, 9, incarnation=3) == "logs:2:0-9@3"
+    assert parse_batch_id("logs:2:0-9@3") == ("logs", 2, 0, 9)

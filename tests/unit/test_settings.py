@@ -27,7 +27,7 @@ def test_defaults():
     assert s.topic == "logs"
     assert s.app_id_source == "json:app"
     assert s.store_url == "file://data/archive"
-    assert s.claim_check == "redis"
+    assert s.claim_check == "spool"
     assert s.slots_per_app == 10
     assert s.lock_lease_seconds > s.compress_time_limit
 

@@ -1,0 +1,207 @@
+"""An operator's bad day: a full spool disk, a worker frozen past its lease, a poison header,
+a topic deleted and recreated. Each on the whole real stack; afterwards every record is
+archived exactly once, or kept in quarantine when no client can decode it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from sluice import sample
+from sluice.local import wait_until
+from sluice.ledger import INFLIGHT_KEY, state_key
+from sluice.progress import compressed, handed_over
+from tests.integration.conftest import Traffic, assert_exactly_once, read_archive, wait_archived
+from tests.integration.kcat import kcat
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MB tmpfs for the spool (the tests run as root), unmounted afterwards."""
+    mount = tmp_path / "spool-fs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill the file system but for `leave` bytes."""
+    filler = disk / "filler"
+    stat = os.statvfs(disk)
+    with open(filler, "wb") as fh:
+        fh.write(b"\0" * (stat.f_bavail * stat.f_frsize - leave))
+    return filler
+
+
+def committed_within_files(r: redis.Redis, spool: Path) -> bool:
+    """No slot's committed size is larger than its file: nothing short was committed."""
+    for key in r.scan_iter("sluice:slot:*"):
+        state = r.hgetall(key)
+        app, hour, _ = key.decode().split(":", 2)[2].split("|")
+        path = spool / "open" / app / hour / f"{state[b'fid'].decode()}.jsonl.zst"
+        size = path.stat().st_size if path.exists() else 0
+        if int(state[b"size"]) > size:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("claim_check", ["redis", "spool"])
+def test_a_full_spool_disk_pauses_the_pipeline_until_space_is_back(stack_factory, small_disk, claim_check):
+    filler = fill(small_disk, leave=96 * 1024)
+    stack = stack_factory(SLUICE_SPOOL_DIR=str(small_disk), SLUICE_CLAIM_CHECK=claim_check)
+    r = redis.Redis.from_url(stack.redis_url)
+    now = time.time()
+    lines = [json.dumps({"app": "bulk", "ts": now, "seq": i, "blob": os.urandom(1000).hex()}).encode()
+             for i in range(3000)]
+    traffic = Traffic(stack, lines=lines)
+    traffic.finish()
+    # The side that writes to the spool first meets the full disk and waits: the bridge for
+    # spooled batches, else the split writing the pieces.
+    waiting = stack.service("bridge" if claim_check == "spool" else "io").log
+    wait_until(lambda: waiting.read_text(errors="replace").count("No space left on device") >= 2, 120,
+               "writes to meet the full disk twice")
+    stack.check_alive()
+    assert compressed(r) < len(lines), "the disk filled up too late to test anything"
+    assert committed_within_files(r, small_disk)
+    filler.unlink()  # space is back
+    wait_archived(stack, len(lines))
+    assert_exactly_once(stack.workdir / "archive", traffic.seqs)
+    # Checked once all is done: while the disk is full, a retry may be mid-write at any moment.
+    assert not list(small_disk.rglob("*.tmp")), "a write the full disk cut short leaves no .tmp behind"
+
+
+def test_a_worker_frozen_past_its_lease_destroys_nothing(stack_factory):
+    # Level 19 keeps both workers busy; the lease is 20 s (FAST), each freeze lasts 28 s.
+    stack = stack_factory(SLUICE_ZSTD_LEVEL="19", cpu_workers=2)
+    r = redis.Redis.from_url(stack.redis_url)
+    values = [v for _, v in sample.lines(60_000, sample.app_names(4), time.time() - 600, 600, seed=5)]
+    waves = [values[i::5] for i in range(5)]
+    produced: list[bytes] = []
+    frozen = stack.service("cpu0")
+    for wave in waves:
+        traffic = Traffic(stack, lines=wave)
+        traffic.finish()
+        produced += wave
+        wait_until(lambda: r.hlen("unacked") > 0, 60, "compress tasks under way")
+        os.killpg(frozen.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(28)  # the fault itself: frozen for longer than the 20 s lease
+        finally:
+            os.killpg(frozen.proc.pid, signal.SIGCONT)
+    wait_archived(stack, len(produced), timeout=400)
+    seqs = [json.loads(v)["seq"] for v in produced]
+    assert_exactly_once(stack.workdir / "archive", set(seqs))
+
+
+def test_a_header_name_no_client_decoding_it_can_read_goes_to_quarantine(stack_factory):
+    stack = stack_factory()
+    bridge = stack.service("bridge")
+    good = [json.dumps({"app": "billing", "ts": time.time(), "seq": i}).encode() for i in range(2000)]
+    poison = b'{"app": "billing", "msg": "poison header"}'
+    os.killpg(bridge.proc.pid, signal.SIGSTOP)  # so the bad record shares a fetch with good ones
+    try:
+        sample.produce(stack.bootstrap, "logs", good[:1000], partition=0)
+        body = stack.workdir / "poison.json"
+        body.write_bytes(poison)
+        # A header name that is not UTF-8, sent by Debian's kcat (surrogateescape gives the raw bytes).
+        kcat(stack.workdir, "-P", "-b", stack.bootstrap, "-t", "logs", "-p", "0",
+             "-H", "h\udcff\udcfe=value", str(body))
+        sample.produce(stack.bootstrap, "logs", good[1000:], partition=0)
+    finally:
+        os.killpg(bridge.proc.pid, signal.SIGCONT)
+    wait_archived(stack, len(good) + 1)
+    assert_exactly_once(stack.workdir / "archive", set(range(len(good))))
+    [envelope] = [json.loads(line) for _, line in read_archive(stack.workdir / "archive" / "app=_quarantine")]
+    assert envelope["reason"] == "undecodable_header"
+    assert (envelope["topic"], envelope["partition"], envelope["offset"]) == ("logs", 0, 1000)
+    assert base64.b64decode(envelope["value_b64"]) == poison
+    [[shown, value_b64, name_b64]] = envelope["headers"]
+    assert base64.b64decode(name_b64) == b"h\xff\xfe" and base64.b64decode(value_b64) == b"value"
+    assert shown == "h\\xff\\xfe"
+
+
+def test_a_topic_deleted_and_recreated_is_archived_again(stack_factory):
+    from kafka.admin import KafkaAdminClient
+
+    stack = stack_factory()
+    values = [v for _, v in sample.lines(6000, sample.app_names(5), time.time() - 600, 600, seed=9)]
+    sample.produce(stack.bootstrap, "logs", values[:3000])
+    wait_archived(stack, 3000)
+    admin = KafkaAdminClient(bootstrap_servers=stack.bootstrap, client_id="sluice-test")
+    try:
+        admin.delete_topics(["logs"])
+    finally:
+        admin.close()
+    stack.create_topic("logs", 4)  # the new incarnation: offsets start at 0 again
+    sample.produce(stack.bootstrap, "logs", values[3000:])
+    wait_archived(stack, 6000)
+    assert_exactly_once(stack.workdir / "archive", set(range(6000)))
+    bridge_log = stack.service("bridge").log.read_text()
+    assert "WARNING" in bridge_log and "incarnation 1" in bridge_log
+
+
+def test_redrive_leaves_work_alone_while_it_waits_in_the_queue(stack_factory):
+    stack = stack_factory()
+    r = redis.Redis.from_url(stack.redis_url)
+    stack.kill("cpu0")  # a cpu worker outage
+    traffic = Traffic(stack, records=20_000)
+    traffic.finish()
+
+    def all_split() -> bool:
+        batches = r.zrange(INFLIGHT_KEY, 0, -1)
+        return handed_over(r) >= 20_000 and r.llen("io") == 0 and all(
+            r.get(state_key(b.decode())) == b"split" for b in batches)
+
+    wait_until(all_split, 120, "every batch split, its compress tasks queued")
+    queued = r.llen("cpu")
+    assert queued > 0
+    # The outage lasts three redrive ages (SLUICE_REDRIVE_AFTER_SECONDS=15, a sweep every 7.5 s).
+    time.sleep(45)
+    io_log = stack.service("io").log.read_text()
+    assert io_log.count("sluice.redrive") >= 4, "the redrive sweep ran during the outage"
+    assert "redriving batch" not in io_log
+    assert r.llen("cpu") == queued, "nothing was queued twice"
+    stack.start_cpu_worker(name="cpu1")
+    wait_archived(stack, 20_000)
+    assert_exactly_once(stack.workdir / "archive", traffic.seqs)
+
+
+def test_backpressure_keeps_redis_and_the_spool_under_the_bound(stack_factory):
+    bound = 4 * 1024 * 1024
+    stack = stack_factory(SLUICE_MAX_INFLIGHT_BYTES=str(bound), SLUICE_BATCH_MAX_BYTES=str(512 * 1024))
+    r = redis.Redis.from_url(stack.redis_url)
+    baseline = int(r.info("memory")["used_memory"])
+    stack.kill("cpu0")  # nothing is compressed: what is handed over stays in flight
+    traffic = Traffic(stack, records=80_000)  # about 22 MB, five times the bound, waits in Kafka
+    traffic.finish()
+    bridge_log = stack.service("bridge").log
+    wait_until(lambda: "pausing consumption" in bridge_log.read_text(), 120, "the bridge to pause")
+
+    def settled_while_paused() -> bool:
+        batches = r.zrange(INFLIGHT_KEY, 0, -1)
+        return r.llen("io") == 0 and all(r.get(state_key(b.decode())) == b"split" for b in batches)
+
+    wait_until(settled_while_paused, 60, "every handed-over batch split")
+    assert handed_over(r) < 80_000 / 2, "most records still wait in Kafka"
+    inflight = int(r.get("sluice:inflight:bytes"))
+    assert 0 < inflight <= bound
+    assert int(r.info("memory")["used_memory"]) - baseline < bound + 2 * 1024 * 1024
+    spool = stack.workdir / "spool"
+    assert sum(p.stat().st_size for p in spool.rglob("*") if p.is_file()) < bound
+    stack.start_cpu_worker(name="cpu1")
+    wait_archived(stack, 80_000)
+    assert_exactly_once(stack.workdir / "archive", traffic.seqs)
+    assert "resuming consumption" in bridge_log.read_text()
+    assert int(r.get("sluice:inflight:bytes")) == 0
