@@ -21,7 +21,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from bridge import undecodable
-from bridge.incarnation import Prober, fingerprint, same_incarnation
+from bridge.incarnation import ProbeInconclusive, Prober, fingerprint, same_incarnation
 from bridge.undecodable import record_of
 from sluice.batch import batch_id, pack
 from sluice.ledger import Ledger, Mark
@@ -155,21 +155,27 @@ class Bridge:
                 continue
             self._last_probe[tp] = now
             mark = self.ledger.mark(tp.topic, tp.partition)
-            if mark.last is not None and not self._same_incarnation(tp, mark, [], cached=False):
+            try:
+                same = mark.last is None or self._same_incarnation(tp, mark, [], cached=False)
+            except ProbeInconclusive as exc:
+                log.warning("%s; checked again in %.0fs", exc, period)
+                continue
+            if not same:
                 self._start_incarnation(tp, mark)
                 self._reread(tp)
     def _hand_over_retrying(self, tp: TopicPartition, records: list[Record], verify: bool) -> None:
-        """Wait out a Redis outage or a full spool disk: nothing is committed to Kafka until the
-        hand-over succeeds."""
+        """Wait out a Redis outage, a full spool disk or a broker that cannot say which incarnation
+        a replay belongs to: nothing is committed to Kafka until the hand-over succeeds."""
         for attempt in itertools.count():
             try:
                 self.hand_over(tp, records, verify)
                 return
-            except (redis.RedisError, OSError) as exc:
+            except (redis.RedisError, OSError, ProbeInconclusive) as exc:
                 if self.stopping.is_set():
                     raise
                 delay = min(0.1 * 2 ** attempt, 5.0)
-                what = "Redis unavailable" if isinstance(exc, redis.RedisError) else "spool not writable"
+                what = ("Redis unavailable" if isinstance(exc, redis.RedisError)
+                        else "spool not writable" if isinstance(exc, OSError) else "replay undecided")
                 log.warning("%s (%s); hand-over of %s:%d retried in %.1fs",
                             what, exc, tp.topic, tp.partition, delay)
                 time.sleep(delay)

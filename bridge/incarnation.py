@@ -22,6 +22,11 @@ from sluice.records import Record
 PROBE_SECONDS = 10.0
 
 
+class ProbeInconclusive(KafkaError):
+    """The broker did not say, within the timeout, what it holds at the offset. Deciding
+    anyway would either drop a new incarnation's records or archive a replay twice."""
+
+
 def fingerprint(record: Record) -> str:
     """Kafka timestamp and a checksum of key and value: what identifies a record at an offset."""
     digest = zlib.crc32(record.value or b"", zlib.crc32(record.key or b""))
@@ -55,14 +60,18 @@ class Prober:
         self._consumer: KafkaConsumer | None = None
 
     def __call__(self, tp: TopicPartition, offset: int) -> tuple[int, str] | None:
-        """(offset, fingerprint) of that record; None when nothing arrives within the timeout:
-        some brokers (Tansu) answer a fetch beyond the end of the log with no records rather
-        than an error."""
+        """(offset, fingerprint) of that record; None when the log ends before it.
+
+        Raises ProbeInconclusive when the broker does not answer within the timeout. The end of
+        the log is read from the fetch reply's high watermark: Tansu answers a fetch beyond the
+        end with no records rather than OffsetOutOfRange, and its ListOffsets end offset is
+        wrong for batches of several records."""
         if self._consumer is None:
             self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap.split(","), group_id=None,
                                            enable_auto_commit=False, auto_offset_reset="none",
                                            client_id="sluice-bridge-probe")
         consumer = self._consumer
+        consumer.unsubscribe()  # a fresh partition state: no high watermark from an earlier probe
         consumer.assign([tp])
         consumer.seek(tp, offset)
         deadline = time.monotonic() + self.timeout
@@ -77,7 +86,11 @@ class Prober:
                 if message.offset >= offset:
                     return message.offset, fingerprint(
                         Record(message.offset, message.timestamp, message.key, message.value, []))
-        return None
+            highwater = consumer.highwater(tp)  # set only by a reply to a fetch at `offset`
+            if highwater is not None and highwater <= offset:
+                return None
+        raise ProbeInconclusive(f"no answer from the broker about {tp.topic}:{tp.partition} "
+                                f"at offset {offset} within {self.timeout:.0f}s")
 
     def close(self) -> None:
         if self._consumer is not None:
