@@ -20,16 +20,17 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from bridge import undecodable
 from bridge.incarnation import ProbeInconclusive, Prober, fingerprint, same_incarnation
-from bridge.undecodable import record_of
-from sluice.batch import batch_id, pack
+from sluice.batch import batch_id
+from sluice.kafka_batches import Chunk, last_record, record_at, use_raw_batches
 from sluice.ledger import Ledger, Mark
-from sluice.records import Record
 from sluice.redis_client import get_redis
 from sluice.settings import Settings
 
 log = logging.getLogger("sluice.bridge")
+
+# poll() returns whole Kafka record batches (sluice.kafka_batches); at most this many per call.
+POLL_MAX_BATCHES = 1000
 
 
 def _celery_send_split(bid: str) -> None:
@@ -41,7 +42,7 @@ def _celery_send_split(bid: str) -> None:
 
 @dataclass
 class _Buffer:
-    records: list[Record] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)  # whole Kafka record batches, in order
     nbytes: int = 0
     since: float = 0.0
     verify: bool = False  # first records after a quiet spell: check the incarnation first
@@ -73,56 +74,61 @@ class Bridge:
 
     # --- hand-over -----------------------------------------------------------------------
 
-    def hand_over(self, tp: TopicPartition, records: list[Record], verify: bool = False) -> None:
-        """Hand over records of one partition as batches within the size/count limits.
+    def hand_over(self, tp: TopicPartition, chunks: list[Chunk], verify: bool = False) -> None:
+        """Hand over the fetched batches of one partition, grouped within the size/count limits
+        (a Kafka batch is never cut: the payload is whole batches, as the broker sent them).
 
         `verify`: check the partition's incarnation first even if the records lie past the
         mark. Raises Reread if it is a new incarnation."""
         s = self.settings
         start = 0
-        while start < len(records):
+        while start < len(chunks):
             end, nbytes = start, 0
-            while end < len(records) and end - start < s.batch_max_records and (
-                    end == start or nbytes + len(records[end].value or b"") <= s.batch_max_bytes):
-                nbytes += len(records[end].value or b"")
+            while end < len(chunks) and (end == start or (
+                    nbytes + len(chunks[end].data) <= s.batch_max_bytes
+                    and chunks[end].last - chunks[start].first < s.batch_max_records)):
+                nbytes += len(chunks[end].data)
                 end += 1
-            self._hand_over_one(tp, records[start:end], verify and start == 0)
+            self._hand_over_one(tp, chunks[start:end], verify and start == 0)
             start = end
 
-    def _hand_over_one(self, tp: TopicPartition, records: list[Record], verify: bool) -> None:
+    def _hand_over_one(self, tp: TopicPartition, chunks: list[Chunk], verify: bool) -> None:
         mark = self.ledger.mark(tp.topic, tp.partition)
         while True:
             hwm = mark.last
-            if hwm is not None and (verify or records[0].offset <= hwm) \
-                    and not self._same_incarnation(tp, mark, records, cached=not verify):
+            if hwm is not None and (verify or chunks[0].first <= hwm) \
+                    and not self._same_incarnation(tp, mark, chunks, cached=not verify):
                 self._start_incarnation(tp, mark)
                 raise Reread(tp)
-            fresh = [r for r in records if hwm is None or r.offset > hwm]
-            if len(fresh) < len(records):
-                log.info("skipping %d records of %s:%d already handed over (replay)",
-                         len(records) - len(fresh), tp.topic, tp.partition)
+            fresh = [c for c in chunks if hwm is None or c.last > hwm]
+            if hwm is not None and chunks[0].first <= hwm:
+                log.info("skipping offsets %d-%d of %s:%d: already handed over (replay)",
+                         chunks[0].first, hwm, tp.topic, tp.partition)
             if not fresh:
                 return
-            bid = batch_id(tp.topic, tp.partition, fresh[0].offset, fresh[-1].offset, mark.incarnation)
-            payload = pack(fresh)
+            first = fresh[0].first if hwm is None else max(fresh[0].first, hwm + 1)
+            last = fresh[-1].last
+            bid = batch_id(tp.topic, tp.partition, first, last, mark.incarnation)
+            payload = b"".join(c.data for c in fresh)
             if not self._room_for(len(payload)):
                 raise NoRoom(bid)
-            if self.ledger.hand_over(bid, tp.topic, tp.partition, hwm, fresh[-1].offset, payload,
-                                     fingerprint(fresh[-1])):
+            at_last = last_record(fresh[-1])
+            mark_print = fingerprint(at_last) if at_last is not None and at_last.offset == last else ""
+            if self.ledger.hand_over(bid, tp.topic, tp.partition, hwm, last, payload, mark_print):
                 try:
                     self._send_split(bid)
                 except Exception as exc:  # noqa: BLE001 - the batch is safe in the ledger
                     log.warning("could not enqueue split of %s (%s); the redrive sweep will", bid, exc)
                 return
             mark = self.ledger.mark(tp.topic, tp.partition)
-            records = fresh
+            chunks = fresh
 
-    def _same_incarnation(self, tp: TopicPartition, mark: Mark, records: list[Record],
+    def _same_incarnation(self, tp: TopicPartition, mark: Mark, chunks: list[Chunk],
                           cached: bool = True) -> bool:
         """Is what the broker holds at the mark still the record that was handed over there?"""
-        if mark.fingerprint is None or (cached and self._verified.get(tp) == mark.last):
+        if not mark.fingerprint or (cached and self._verified.get(tp) == mark.last):
             return True
-        at_mark = next((r for r in records if r.offset == mark.last), None)
+        at_mark = record_at(chunks, mark.last)
         seen = (mark.last, fingerprint(at_mark)) if at_mark is not None else self._probe(tp, mark.last)
         same = same_incarnation(mark.last, mark.fingerprint, seen)
         if same:
@@ -163,12 +169,12 @@ class Bridge:
             if not same:
                 self._start_incarnation(tp, mark)
                 self._reread(tp)
-    def _hand_over_retrying(self, tp: TopicPartition, records: list[Record], verify: bool) -> None:
+    def _hand_over_retrying(self, tp: TopicPartition, chunks: list[Chunk], verify: bool) -> None:
         """Wait out a Redis outage, a full spool disk or a broker that cannot say which incarnation
         a replay belongs to: nothing is committed to Kafka until the hand-over succeeds."""
         for attempt in itertools.count():
             try:
-                self.hand_over(tp, records, verify)
+                self.hand_over(tp, chunks, verify)
                 return
             except (redis.RedisError, OSError, ProbeInconclusive) as exc:
                 if self.stopping.is_set():
@@ -187,19 +193,20 @@ class Bridge:
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         for tp in partitions:
             buf = self.buffers.get(tp)
-            if not buf or not buf.records:
+            if not buf or not buf.chunks:
                 continue
-            if force or buf.nbytes >= s.batch_max_bytes or len(buf.records) >= s.batch_max_records \
+            if force or buf.nbytes >= s.batch_max_bytes \
+                    or buf.chunks[-1].last - buf.chunks[0].first >= s.batch_max_records \
                     or now - buf.since >= s.batch_max_seconds:
                 try:
-                    self._hand_over_retrying(tp, buf.records, buf.verify)
+                    self._hand_over_retrying(tp, buf.chunks, buf.verify)
                 except Reread:
                     self._reread(tp)
                     continue
                 except NoRoom:
                     self._pause()
                     break  # the buffers wait, uncommitted; what was handed over is trimmed later
-                offsets[tp] = OffsetAndMetadata(buf.records[-1].offset + 1, "", -1)
+                offsets[tp] = OffsetAndMetadata(buf.chunks[-1].last + 1, "", -1)
                 self.buffers[tp] = _Buffer()
         if offsets and self.consumer is not None:
             try:
@@ -240,23 +247,21 @@ class Bridge:
             log.info("resuming consumption")
 
     # --- consume loop --------------------------------------------------------------------
-    def _add(self, tp: TopicPartition, messages: list) -> None:
+    def _add(self, tp: TopicPartition, chunks: list[Chunk]) -> None:
         buf = self.buffers.setdefault(tp, _Buffer())
         now = time.monotonic()
         last = self._last_records.get(tp)
         if last is None or now - last >= self.settings.incarnation_check_seconds:
             buf.verify = True  # the first records after a rebalance or a quiet spell
         self._last_records[tp] = now
-        if not buf.records:
+        if not buf.chunks:
             buf.since = now
-        for m in messages:
-            buf.records.append(record_of(m))
-            buf.nbytes += len(m.value or b"")
+        buf.chunks.extend(chunks)
+        buf.nbytes += sum(len(c.data) for c in chunks)
 
     def run(self, stop: threading.Event) -> None:
         self.stopping = stop
         s = self.settings
-        undecodable.install()
         self.consumer = KafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap.split(","),
             group_id=s.group,
@@ -264,18 +269,19 @@ class Bridge:
             auto_offset_reset="earliest",
             session_timeout_ms=s.kafka_session_timeout_ms,
             heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
-            max_poll_records=s.batch_max_records,
+            max_poll_records=POLL_MAX_BATCHES,
             max_partition_fetch_bytes=max(s.batch_max_bytes, 1024 * 1024),
             client_id="sluice-bridge",
         )
+        use_raw_batches(self.consumer)
         self.consumer.subscribe([s.topic], listener=_FlushOnRevoke(self))
         self._resend_inflight()
         log.info("bridge consuming %s as group %s", s.topic, s.group)
         try:
             while not stop.is_set():
                 polled = self.consumer.poll(timeout_ms=min(100, int(s.batch_max_seconds * 1000)))
-                for tp, messages in polled.items():
-                    self._add(tp, messages)
+                for tp, chunks in polled.items():
+                    self._add(tp, chunks)
                 self._resume_if_room()
                 self.flush(list(self.buffers))
                 self._check_quiet_partitions()

@@ -173,7 +173,7 @@ class Ledger:
         return bool(ok)
 
     def spool_batch_path(self, bid: str) -> Path:
-        return self.settings.spool_dir / "batches" / f"{bid}.msgpack"
+        return self.settings.spool_dir / "batches" / f"{bid}.kafka"
 
     # --- split side --------------------------------------------------------------------
     def state(self, bid: str) -> str | None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import zstandard
 
-from sluice.batch import parse_batch_id, unpack
+from sluice.batch import parse_batch_id
+from sluice.kafka_batches import records
 from sluice.ledger import Ledger, piece_name, split_piece
 from sluice.records import Router
 from sluice.slots import Frame, Slots
@@ -15,8 +16,8 @@ def split_batch(ledger: Ledger, router: Router, bid: str) -> None:
     """Group a handed-over batch into (app, hour) pieces and record them; no-op once split."""
     if ledger.state(bid) != "handed":
         return
-    topic, partition, _, _ = parse_batch_id(bid)
-    groups = router.group(unpack(ledger.load_payload(bid)), topic, partition)
+    topic, partition, first, last = parse_batch_id(bid)
+    groups = router.group(records(ledger.load_payload(bid), first, last), topic, partition)
     ledger.commit_split(bid, {piece_name(a, h): b"\n".join(lines) + b"\n" for (a, h), lines in groups.items()})
 
 

@@ -44,7 +44,7 @@ def test_header_app_ids_and_spool_claim_check(tmp_path):
         assert reasons == ["bad_app_id", "missing_app_id", "missing_app_id"]
         assert set(by_app) == {"app=web", "app=db.primary", "app=_quarantine"}
         # Claim-checked batch files are removed once split.
-        assert not list((stack.workdir / "spool" / "batches").glob("*.msgpack"))
+        assert not list((stack.workdir / "spool" / "batches").glob("*.kafka"))
         assert (stack.workdir / "spool" / "batches").is_dir()
     finally:
         stack.close()

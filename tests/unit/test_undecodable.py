@@ -11,8 +11,8 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CorruptRecordError
 from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 
-from bridge import undecodable
-from bridge.undecodable import RawName, record_of
+from sluice import undecodable
+from sluice.undecodable import RawName, record_of
 from sluice.records import QUARANTINE_APP, Record, Router
 
 TS = 1_795_000_000_000
@@ -84,3 +84,16 @@ def test_a_flawed_record_goes_to_quarantine_with_every_byte():
     assert base64.b64decode(envelope["value_b64"]) == b'{"app":"a","n":1}'
     assert envelope["headers"] == [["h\\xff\\xfe", base64.b64encode(b"v").decode(),
                                     base64.b64encode(b"h\xff\xfe").decode()]]
+
+
+def test_the_split_reads_a_batch_with_a_flawed_record_through_the_patch():
+    from sluice.kafka_batches import records
+
+    data = batch_bytes([("h!!", b"v")]).replace(b"h!!", b"h\xff\xfe")
+    # kafka-python's builder left the CRC of the original name: redo it, as a producer would.
+    import crc32c
+    data = data[:17] + crc32c.crc32c(data[21:]).to_bytes(4, "big") + data[21:]
+    back = list(records(data, 0, 2))
+    assert [r.offset for r in back] == [0, 1, 2]
+    assert back[1].flaw == "undecodable_header" and back[1].headers == [(b"h\xff\xfe", b"v")]
+    assert back[0].flaw == back[2].flaw == "" and back[2].headers == [("ok", b"1")]

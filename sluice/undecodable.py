@@ -1,13 +1,14 @@
-"""Records kafka-python cannot decode are delivered, flagged, instead of stopping their partition.
+"""Records no Kafka reader can decode are delivered, flagged, instead of stopping their partition.
 
-kafka-python 2.3 decodes every header name as UTF-8 inside `poll()`. One record whose header
-name is not UTF-8 (kcat and librdkafka send such names without complaint) makes `poll()` raise
-CorruptRecordError on every call, so that partition never moves again and the records fetched
-with it are stuck too. `install()` wraps the record reader of kafka-python's batch class: when
-one record cannot be read, it is read again without decoding anything, and handed on with its
-header names as `RawName` (a str that keeps the raw bytes). A record whose very framing is
-broken is handed on whole as raw bytes under the header name `UNREADABLE`. The bridge turns
-either into a `Record` with a `flaw`, which the split sends to quarantine with every byte.
+Both record readers sluice could use decode every header name as UTF-8: aiokafka's compiled one
+raises UnicodeDecodeError, kafka-python 2.3 raises CorruptRecordError. One record whose header
+name is not UTF-8 (kcat and librdkafka send such names without complaint) would stop its whole
+batch. The split reads such a batch again with kafka-python's reader after `install()`, which
+wraps kafka-python's batch class: when one record cannot be read, it is read again without
+decoding anything, and handed on with its header names as `RawName` (a str that keeps the raw
+bytes). A record whose very framing is broken is handed on whole as raw bytes under the header
+name `UNREADABLE`. `record_of` turns either into a `Record` with a `flaw`, which the split sends
+to quarantine with every byte.
 
 This patches a private method of the pinned kafka-python (requirements.txt); the unit tests
 build such batches with kafka-python's own builder and fail if the patch stops applying.
@@ -117,7 +118,7 @@ def install() -> None:
 
 
 def record_of(message: ConsumerRecord) -> Record:
-    """The bridge's Record of a consumed message, with its flaw if it could not be decoded."""
+    """The Record of a message kafka-python read, with its flaw if it could not be decoded."""
     headers = message.headers
     if not headers:
         return Record(message.offset, message.timestamp, message.key, message.value, [])

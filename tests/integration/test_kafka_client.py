@@ -1,4 +1,5 @@
-"""The incarnation probe against a real broker: it answers, or says it cannot."""
+"""sluice's two uses of kafka-python against a real broker: raw record batches for the bridge,
+and the incarnation probe (it answers, or says it cannot)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from kafka import KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from bridge.incarnation import ProbeInconclusive, Prober, fingerprint
+from sluice.kafka_batches import records, use_raw_batches
 from sluice.local import LocalStack
 from sluice.records import Record
 
@@ -69,3 +71,22 @@ def test_a_broker_that_does_not_answer_is_inconclusive(kafka: LocalStack) -> Non
             broker.proc.send_signal(signal.SIGCONT)
     finally:
         probe.close()
+
+
+@pytest.mark.parametrize("start", [0, 42])
+def test_the_bridge_s_consumer_returns_whole_batches_that_read_back_as_the_records(kafka, start):
+    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False,
+                             auto_offset_reset="earliest")
+    use_raw_batches(consumer)
+    consumer.assign([TP])
+    consumer.seek(TP, start)  # 42 lies inside a batch: its earlier records are not ours
+    chunks = []
+    deadline = time.monotonic() + 30
+    while (not chunks or chunks[-1].last < 99) and time.monotonic() < deadline:
+        chunks += consumer.poll(timeout_ms=500).get(TP, [])
+    consumer.close()
+    assert len(chunks) < 100 - start, "batches, not records"
+    assert chunks[0].first == start and chunks[-1].last == 99
+    got = [r for c in chunks for r in records(c.data, c.first, c.last)]
+    assert [(r.offset, r.key, r.value, r.timestamp_ms) for r in got] == [
+        (i, b"k%d" % i, b"v%d" % i, 1_000 + i) for i in range(start, 100)]
