@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
@@ -27,10 +28,12 @@ class ProbeInconclusive(KafkaError):
     anyway would either drop a new incarnation's records or archive a replay twice."""
 
 
-def fingerprint(record: Record) -> str:
-    """Kafka timestamp and a checksum of key and value: what identifies a record at an offset."""
+def fingerprint(record: Any) -> str:
+    """Kafka timestamp and a checksum of key and value: what identifies a record at an offset.
+
+    `record`: a Record or a Kafka client's record (offset, timestamp, key, value)."""
     digest = zlib.crc32(record.value or b"", zlib.crc32(record.key or b""))
-    return f"{record.timestamp_ms}:{digest:08x}"
+    return f"{record.timestamp}:{digest:08x}"
 
 
 def same_incarnation(mark: int, mark_fingerprint: str, seen: tuple[int, str] | None) -> bool:

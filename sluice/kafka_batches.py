@@ -104,16 +104,23 @@ def use_raw_batches(consumer: Any) -> None:
     consumer._fetcher.PartitionRecords = _RawPartitionRecords
 
 
-def records(payload: bytes, first: int, last: int) -> Iterator[Record]:
-    """The records with offsets first..last in a payload of whole batches, in offset order."""
+def records(payload: bytes, first: int, last: int) -> Iterator[Any]:
+    """The records with offsets first..last in a payload of whole batches, in offset order.
+
+    Each has `offset`, `timestamp`, `key`, `value` and `headers`: aiokafka's own record objects
+    (building a Record of each cost more than decoding it), or a `Record` with its `flaw` when
+    the batch had to be read by kafka-python's reader.
+    """
     view = memoryview(payload)
     for start, end, magic in _spans(view):
         batch = _fast_batch(view[start:end], magic)
         if batch.is_control_batch:
             continue
         try:
-            found = [Record(r.offset, r.timestamp, r.key, r.value, r.headers)
-                     for r in batch if first <= r.offset <= last]
+            if magic >= 2 and first <= batch.base_offset and batch.next_offset - 1 <= last:
+                found = list(batch)  # wholly ours: the usual case
+            else:
+                found = [r for r in batch if first <= r.offset <= last]
         except (UnicodeDecodeError, ValueError, CorruptRecordError):
             found = _records_slowly(payload[start:end], first, last)
         yield from found
@@ -126,13 +133,13 @@ def _records_slowly(data: bytes, first: int, last: int) -> list[Record]:
     return [undecodable.record_of(r) for r in batch if first <= r.offset <= last]
 
 
-def last_record(chunk: Chunk) -> Record | None:
+def last_record(chunk: Chunk) -> Any:
     """The chunk's record with the highest offset, None if compaction left it none of ours."""
     found = list(records(chunk.data, chunk.first, chunk.last))
     return found[-1] if found else None
 
 
-def record_at(chunks: list[Chunk], offset: int) -> Record | None:
+def record_at(chunks: list[Chunk], offset: int) -> Any:
     """The record at `offset` among these chunks, if they hold it."""
     for chunk in chunks:
         if chunk.first <= offset <= chunk.last:

@@ -35,6 +35,14 @@ def kafka_batch(recs: list[Record], base: int | None = None, codec: str = "none"
     return bytes(data)
 
 
+def read(payload: bytes, first: int, last: int) -> list[Record]:
+    return [Record(r.offset, r.timestamp, r.key, r.value, r.headers) for r in records(payload, first, last)]
+
+
+def as_record(r) -> Record:
+    return Record(r.offset, r.timestamp, r.key, r.value, r.headers)
+
+
 MIXED = [
     Record(0, 1_700_000_000_000, None, b'{"app":"a"}', []),
     Record(1, 1_700_000_000_001, b"key", b"\x00\xff\xfe binary \n value", [("x-app", b"billing")]),
@@ -46,15 +54,15 @@ MIXED = [
 
 @pytest.mark.parametrize("codec", list(CODECS))
 def test_every_field_comes_back_whatever_the_producer_compression(codec):
-    back = list(records(kafka_batch(MIXED, codec=codec), 0, 4))
+    back = read(kafka_batch(MIXED, codec=codec), 0, 4)
     assert back == MIXED
-    assert all(type(r) is Record and all(type(h) is tuple for h in r.headers) for r in back)
+    assert all(type(h) is tuple and type(h[0]) is str for r in back for h in r.headers)
 
 
 def test_only_the_offsets_of_the_batch_id_are_read():
     payload = kafka_batch(MIXED[:3]) + kafka_batch(MIXED[3:])
     assert [r.offset for r in records(payload, 1, 3)] == [1, 2, 3]
-    assert list(records(payload, 0, 4)) == MIXED
+    assert read(payload, 0, 4) == MIXED
 
 
 def test_random_batches_round_trip():
@@ -64,7 +72,7 @@ def test_random_batches_round_trip():
                    [(f"h{j}", rng.randbytes(rng.randrange(0, 10))) for j in range(rng.randrange(0, 3))])
             for i in range(500)]
     payload = b"".join(kafka_batch(recs[i:i + 37]) for i in range(0, 500, 37))
-    assert list(records(payload, 1000, 1499)) == recs
+    assert read(payload, 1000, 1499) == recs
 
 
 def test_transaction_markers_are_not_records():
@@ -89,10 +97,10 @@ def test_a_batch_cut_off_at_the_end_is_not_read():
 
 def test_the_record_at_an_offset_and_the_last_one():
     chunks = [Chunk(0, 2, kafka_batch(MIXED[:3])), Chunk(3, 4, kafka_batch(MIXED[3:]))]
-    assert record_at(chunks, 3) == MIXED[3] and record_at(chunks, 9) is None
-    assert last_record(chunks[1]) == MIXED[4]
+    assert as_record(record_at(chunks, 3)) == MIXED[3] and record_at(chunks, 9) is None
+    assert as_record(last_record(chunks[1])) == MIXED[4]
     compacted = Chunk(0, 9, kafka_batch(MIXED[:3], base=0))  # its last record compacted away
-    assert last_record(compacted) == MIXED[2]
+    assert as_record(last_record(compacted)) == MIXED[2]
 
 
 def test_batch_id_format():
