@@ -40,9 +40,10 @@ class Settings(BaseSettings):
     timestamp_field: str = "ts"
     record_max_bytes: int = Field(1024 * 1024, gt=0)
 
-    # Bridge batching and claim-check.
-    batch_max_bytes: int = Field(4 * 1024 * 1024, gt=0)
-    batch_max_records: int = Field(20_000, gt=0)
+    # Bridge batching and claim-check. Every batch makes one frame per app-hour it touches, and
+    # each frame costs an append, an fsync and a commit: large batches keep those few per MB.
+    batch_max_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    batch_max_records: int = Field(100_000, gt=0)
     batch_max_seconds: float = Field(1.0, gt=0)
     claim_check: str = "spool"  # "spool" or "redis"
     # Backpressure: while the batches handed over and not yet compressed hold this many bytes,
@@ -56,7 +57,7 @@ class Settings(BaseSettings):
     zstd_level: int = Field(3, ge=1, le=22)
     slots_per_app: int = Field(10, ge=1, le=1000)
     # Pieces of a batch are compressed in tasks of about this many bytes (see bundle_pieces).
-    compress_bundle_bytes: int = Field(1024 * 1024, gt=0)
+    compress_bundle_bytes: int = Field(4 * 1024 * 1024, gt=0)
     compress_time_limit: float = Field(120.0, gt=0)
     # A slot lock outlives the hard time limit of the task holding it, so a stalled writer is
     # killed by Celery before anyone else can take its slot.

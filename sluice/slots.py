@@ -50,24 +50,30 @@ return 0
 # For each app-hour of a bundle, take its lowest free slot and return that slot's state,
 # creating the state if the slot has none; {-1} for an app-hour whose N slots are all taken.
 # A slot whose mark in the skip mask is '1' is passed over (its file is held by a frozen writer).
-# KEYS: slot registry, then per app-hour N lock keys and N slot keys.
-# ARGV: token, lease ms, now, N, then per app-hour a new fid, a skip mask and its N slot ids.
+# The script builds the N lock and slot key names of each app-hour itself: passing them all
+# (2N keys and N ids per frame) was most of the compress stage's Redis cost. Fine on one Redis
+# server, which is what sluice runs on; Redis Cluster would need them declared in KEYS.
+# KEYS: slot registry.
+# ARGV: token, lease ms, now, N, lock key prefix, slot key prefix, then per app-hour its slot id
+#       stem "app|hour", a new fid and a skip mask.
 _ACQUIRE = """
 local token, lease, now, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local lockp, slotp = ARGV[5], ARGV[6]
 local out = {}
-for p = 0, (#KEYS - 1) / (2 * n) - 1 do
-  local kb, ab = 1 + p * 2 * n, 4 + p * (n + 2)
+for p = 0, (#ARGV - 6) / 3 - 1 do
+  local stem, fid, skip = ARGV[7 + 3 * p], ARGV[8 + 3 * p], ARGV[9 + 3 * p]
   local got = {-1}
   for k = 1, n do
-    if string.sub(ARGV[ab + 2], k, k) ~= '1'
-        and redis.call('SET', KEYS[kb + k], token, 'NX', 'PX', lease) then
-      local state = redis.call('HMGET', KEYS[kb + n + k], 'fid', 'size')
+    local sid = stem .. '|' .. (k - 1)
+    if string.sub(skip, k, k) ~= '1' and redis.call('SET', lockp .. sid, token, 'NX', 'PX', lease) then
+      local slot = slotp .. sid
+      local state = redis.call('HMGET', slot, 'fid', 'size')
       if state[1] then
         got = {k - 1, state[1], tonumber(state[2])}
       else
-        redis.call('HSET', KEYS[kb + n + k], 'fid', ARGV[ab + 1], 'size', 0, 'created', now, 'updated', now)
-        redis.call('SADD', KEYS[1], ARGV[ab + 2 + k])
-        got = {k - 1, ARGV[ab + 1], 0}
+        redis.call('HSET', slot, 'fid', fid, 'size', 0, 'created', now, 'updated', now)
+        redis.call('SADD', KEYS[1], sid)
+        got = {k - 1, fid, 0}
       end
       break
     end
@@ -197,21 +203,19 @@ class Slots:
         passed over.
         """
         n = self.settings.slots_per_app
-        keys: list[str] = [SLOTS_KEY]
-        args: list[object] = [token, int(self.settings.lock_lease_seconds * 1000), time.time(), n]
-        sids_of = []
+        args: list[object] = [token, int(self.settings.lock_lease_seconds * 1000), time.time(), n,
+                              _lock_key(""), _slot_key("")]
         for f in frames:
-            sids = [slot_id(f.app, f.hour, k) for k in range(n)]
-            sids_of.append(sids)
-            keys += [*map(_lock_key, sids), *map(_slot_key, sids)]
-            args += [f"{f.hour}-{uuid.uuid4().hex[:16]}", "".join("1" if s in skip else "0" for s in sids),
-                     *sids]
+            stem = f"{f.app}|{f.hour}"
+            args += [stem, f"{f.hour}-{uuid.uuid4().hex[:16]}",
+                     "".join("1" if slot_id(f.app, f.hour, k) in skip else "0" for k in range(n))
+                     if skip else ""]
         held: list[_Held | None] = []
-        for f, sids, got in zip(frames, sids_of, self._acquire_script(keys=keys, args=args)):
+        for f, got in zip(frames, self._acquire_script(keys=[SLOTS_KEY], args=args)):
             if got[0] < 0:
                 held.append(None)
             else:
-                held.append(_Held(f, sids[got[0]], got[1].decode(), int(got[2])))
+                held.append(_Held(f, slot_id(f.app, f.hour, got[0]), got[1].decode(), int(got[2])))
         return held
 
     # --- append ------------------------------------------------------------------------

@@ -17,8 +17,10 @@ import sluice.slots
 
 from bridge.consumer import Bridge, Reread
 from bridge.incarnation import fingerprint
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from kafka import TopicPartition
 from sluice.fetch import fetch
+from sluice.kafka_batches import Chunk
 from sluice.ledger import Ledger, piece_name
 from sluice.local import wait_until
 from sluice.progress import handed_over
@@ -208,13 +210,27 @@ def records(first: int, last: int) -> list[Record]:
     return [Record(o, 1_795_000_000_000, None, b'{"app":"a","n":%d}' % o, []) for o in range(first, last + 1)]
 
 
+def chunks(recs: list[Record], per: int = 1) -> list[Chunk]:
+    """The records as the bridge's consumer returns them: Kafka record batches of `per`."""
+    out = []
+    for i in range(0, len(recs), per):
+        group = recs[i:i + per]
+        builder = DefaultRecordBatchBuilder(2, 0, False, -1, -1, -1, 1 << 30)
+        for r in group:
+            builder.append(r.offset - group[0].offset, r.timestamp_ms, r.key, r.value, r.headers)
+        data = bytearray(builder.build())
+        data[0:8] = group[0].offset.to_bytes(8, "big")
+        out.append(Chunk(group[0].offset, group[-1].offset, bytes(data)))
+    return out
+
+
 def test_bridge_replays_are_trimmed_by_the_ledger(rds, settings):
     sent: list[str] = []
     bridge = Bridge(settings, Ledger(rds, settings), send_split=sent.append)
     tp = TopicPartition("logs", 3)
-    bridge.hand_over(tp, records(0, 99))
-    bridge.hand_over(tp, records(50, 149))  # redelivered after a crash before the commit
-    bridge.hand_over(tp, records(0, 149))
+    bridge.hand_over(tp, chunks(records(0, 99), per=10))
+    bridge.hand_over(tp, chunks(records(50, 149), per=10))  # redelivered after a crash before the commit
+    bridge.hand_over(tp, chunks(records(0, 149), per=10))
     assert sent == ["logs:3:0-99", "logs:3:100-149"]
     assert Ledger(rds, settings).high_water_mark("logs", 3) == 149
 
@@ -223,10 +239,10 @@ def test_bridge_batches_within_count_and_byte_limits(rds, settings):
     settings = settings.model_copy(update={"batch_max_records": 20, "batch_max_bytes": 10_000})
     sent: list[str] = []
     bridge = Bridge(settings, Ledger(rds, settings), send_split=sent.append)
-    bridge.hand_over(TopicPartition("logs", 0), records(0, 44))
+    bridge.hand_over(TopicPartition("logs", 0), chunks(records(0, 44)))
     assert sent == ["logs:0:0-19", "logs:0:20-39", "logs:0:40-44"]
     big = [Record(100 + i, 0, None, b"x" * 4000, []) for i in range(5)]
-    bridge.hand_over(TopicPartition("logs", 0), big)
+    bridge.hand_over(TopicPartition("logs", 0), chunks(big))
     assert sent[3:] == ["logs:0:100-101", "logs:0:102-103", "logs:0:104-104"]
 
 
@@ -383,20 +399,20 @@ def test_a_recreated_topic_is_archived_again_and_a_replay_is_not(rds, settings, 
     tp = TopicPartition("logs", 3)
     old = records(0, 99)
     log_now.update((r.offset, r) for r in old)
-    bridge.hand_over(tp, old)
-    bridge.hand_over(tp, old[10:40])  # a replay that does not reach the mark: the broker is asked
+    bridge.hand_over(tp, chunks(old))
+    bridge.hand_over(tp, chunks(old[10:40]))  # a replay that does not reach the mark: the broker is asked
     assert probed == [99] and sent == ["logs:3:0-99"]
     # The topic is deleted and recreated: offsets start at 0 again, with other records.
     new = [r._replace(value=b'{"app":"a","new":%d}' % r.offset) for r in records(0, 49)]
     log_now = {r.offset: r for r in new}
     with caplog.at_level("WARNING", logger="sluice.bridge"), pytest.raises(Reread):
-        bridge.hand_over(tp, new[20:], verify=True)  # records past a quiet spell are checked
+        bridge.hand_over(tp, chunks(new[20:]), verify=True)  # records past a quiet spell are checked
     assert sent == ["logs:3:0-99"], "nothing of the new incarnation is handed over from its middle"
-    bridge.hand_over(tp, new)  # read again from its beginning
+    bridge.hand_over(tp, chunks(new))  # read again from its beginning
     assert sent == ["logs:3:0-99", "logs:3:0-49@1"]
     assert "recreated" in caplog.text and "incarnation 1" in caplog.text
     assert handed_over(rds) == 150
-    bridge.hand_over(tp, new)  # a replay within the new incarnation is trimmed as before
+    bridge.hand_over(tp, chunks(new))  # a replay within the new incarnation is trimmed as before
     assert sent == ["logs:3:0-99", "logs:3:0-49@1"]
 
 
