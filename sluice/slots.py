@@ -370,18 +370,25 @@ class Slots:
             raise LockLost(f"lease on slot {sid} expired while sealing")
 
     def seal_due(self, now: float | None = None) -> int:
-        """Seal every slot that is full or idle long enough (see `_due`); how many were sealed."""
+        """Seal every slot that is full or idle long enough (see `_due`); how many were sealed.
+
+        The states of all slots are read in one round trip: a sweep runs every few seconds
+        over every open app-hour, and one read per slot was most of its cost."""
         now = time.time() if now is None else now
+        sids = [raw.decode() for raw in self.r.smembers(SLOTS_KEY)]
+        with self.r.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hgetall(_slot_key(sid))
+            states = pipe.execute()
         sealed = 0
-        for raw in self.r.smembers(SLOTS_KEY):
-            sid = raw.decode()
-            if not self._due(sid, now):
+        for sid, state in zip(sids, states):
+            if not self._due(sid, state, now):
                 continue
             token = self._try_lock(sid)
             if token is None:
                 continue  # being appended to right now, so not idle
             try:
-                if self._due(sid, now):
+                if self._due(sid, self.r.hgetall(_slot_key(sid)), now):
                     app, hour, _ = sid.split("|")
                     if self._seal_locked(sid, token, app, hour):
                         sealed += 1
@@ -389,8 +396,7 @@ class Slots:
                 self._unlock([sid], token)
         return sealed
 
-    def _due(self, sid: str, now: float) -> bool:
-        state = self.r.hgetall(_slot_key(sid))
+    def _due(self, sid: str, state: dict[bytes, bytes], now: float) -> bool:
         if not state:
             return True  # stale registry entry; sealing it just drops the entry
         if int(state[b"size"]) >= self.settings.seal_size_bytes:
