@@ -88,5 +88,5 @@ def test_the_bridge_s_consumer_returns_whole_batches_that_read_back_as_the_recor
     assert len(chunks) < 100 - start, "batches, not records"
     assert chunks[0].first == start and chunks[-1].last == 99
     got = [r for c in chunks for r in records(c.data, c.first, c.last)]
-    assert [(r.offset, r.key, r.value, r.timestamp_ms) for r in got] == [
+    assert [(r.offset, r.key, r.value, r.timestamp) for r in got] == [
         (i, b"k%d" % i, b"v%d" % i, 1_000 + i) for i in range(start, 100)]
