@@ -162,6 +162,21 @@ def slot_id(app: str, hour: str, k: int) -> str:
     return f"{app}|{hour}|{k}"
 
 
+def committed_files(client: redis.Redis, app: str, hour: str, n: int) -> list[tuple[str, int]]:
+    """(fid, committed size) of every open and every sealed, not yet uploaded, file of an
+    app-hour, read in one transaction: what a reader may read of the spool, without a lock."""
+    with client.pipeline(transaction=True) as pipe:
+        for k in range(n):
+            pipe.hmget(_slot_key(slot_id(app, hour, k)), "fid", "size")
+        pipe.hgetall(SEALED_KEY)
+        *open_slots, sealed = pipe.execute()
+    found = [(fid.decode(), int(size)) for fid, size in open_slots if fid is not None]
+    stem = f"{app}|{hour}|"
+    found += [(entry.decode()[len(stem):], int(size)) for entry, size in sealed.items()
+              if entry.decode().startswith(stem)]
+    return found
+
+
 def _slot_key(sid: str) -> str:
     return f"{ledger.PREFIX}slot:{sid}"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import zstandard
 
 from sluice.batch import parse_batch_id
+from sluice.frames import announce
 from sluice.kafka_batches import records
 from sluice.ledger import Ledger, piece_name, split_piece
 from sluice.records import Router
@@ -23,11 +24,13 @@ def split_batch(ledger: Ledger, router: Router, bid: str) -> None:
 
 def compress_pieces(ledger: Ledger, slots: Slots, cctx: zstandard.ZstdCompressor,
                     bid: str, pieces: list[str]) -> int:
-    """One frame per piece still pending, appended exactly once; how many this call appended."""
+    """One frame per piece still pending, announced with the piece's id (sluice.frames) and
+    appended exactly once; how many this call appended."""
     frames = []
     for piece, data in zip(pieces, ledger.pieces_data(bid, pieces)):
         if data is None:  # appended by an earlier delivery
             continue
         app, hour = split_piece(piece)
-        frames.append(Frame(app, hour, cctx.compress(data), data.count(b"\n")))
+        frame = announce(f"{bid}|{piece}", cctx.compress(data))
+        frames.append(Frame(app, hour, frame, data.count(b"\n")))
     return slots.append_many(bid, frames) if frames else 0
