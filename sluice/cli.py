@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="after the window, print new matching records as they are committed, until Ctrl-C")
     f.add_argument("--limit", type=int, help="stop after this many matching records")
     f.add_argument("--count", action="store_true", help="print only how many records match")
+    f.add_argument("--sort", action="store_true",
+                   help="print in event-time order (parses every line's time; sorts an hour at a time, "
+                        "spilling to temporary files beyond 64 MiB); the default is archive order")
     args = parser.parse_args(argv)
 
     settings = get_settings()
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         since = parse_when(args.since)
         until = None if args.follow else parse_when(args.until or "now")
         grep = re.compile(args.grep.encode()) if args.grep else None
-        query = Query(args.app, since, until, grep, settings.timestamp_field, args.limit, args.count)
+        query = Query(args.app, since, until, grep, settings.timestamp_field, args.limit, args.count,
+                      args.sort)
         query.check()
     except (ValueError, re.error) as exc:
         _warn(str(exc))

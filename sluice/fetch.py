@@ -12,13 +12,17 @@ and changes nothing in the spool.
 from __future__ import annotations
 
 import os
+import heapq
 import queue
 import re
+import struct
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from operator import itemgetter
 from typing import BinaryIO, Callable, Iterator
 
 import orjson
@@ -33,9 +37,12 @@ from sluice.store import Store, hour_prefix, lineage, live_keys
 # Objects read (and decompressed: zstd lets go of the GIL) at once; store reads are network-bound.
 READ_THREADS = 8
 # Decompressed frames a reader may hold ahead of the printer, per object.
-READ_AHEAD = 2
+READ_AHEAD = 1
 # How often --follow looks for new records.
 FOLLOW_SECONDS = 0.5
+# --sort keeps at most about this many bytes of lines in memory; more go to sorted runs on disk.
+SORT_BUFFER_BYTES = 64 * 1024 * 1024
+_RUN_ENTRY = struct.Struct("<dI")  # event time, line length
 
 _RELATIVE = re.compile(r"-?(\d+)([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -93,6 +100,7 @@ class Query:
     timestamp_field: str = "ts"
     limit: int | None = None
     count_only: bool = False
+    sort: bool = False
 
     def check(self) -> None:
         if self.app != QUARANTINE_APP and not valid_app_id(self.app):
@@ -101,6 +109,8 @@ class Query:
             raise ValueError("--until must be later than --since")
         if self.limit is not None and self.limit < 0:
             raise ValueError("--limit must not be negative")
+        if self.sort and self.until is None:
+            raise ValueError("--sort needs the window's end: it cannot be used with --follow")
 
 
 class SpoolReader:
@@ -139,22 +149,66 @@ class _Enough(Exception):
     """--limit reached."""
 
 
+class _HourSorter:
+    """The lines of one hour in event-time order: sorted in memory up to SORT_BUFFER_BYTES, in
+    sorted runs on disk beyond that, merged at the end. Lines with no event time come first."""
+
+    def __init__(self, field_name: str) -> None:
+        self.field, self.lines, self.size = field_name, [], 0
+        self.runs: list[BinaryIO] = []
+
+    def add(self, line: bytes) -> None:
+        ts = _event_time(line, self.field)
+        self.lines.append((-1.0 if ts is None else ts, line))
+        self.size += len(line) + 64
+        if self.size >= SORT_BUFFER_BYTES:
+            self._spill()
+
+    def _spill(self) -> None:
+        self.lines.sort(key=itemgetter(0))
+        run = tempfile.TemporaryFile()
+        for ts, line in self.lines:
+            run.write(_RUN_ENTRY.pack(ts, len(line)) + line)
+        run.seek(0)
+        self.runs.append(run)
+        self.lines, self.size = [], 0
+
+    @staticmethod
+    def _read_run(run: BinaryIO) -> Iterator[tuple[float, bytes]]:
+        with run:
+            while head := run.read(_RUN_ENTRY.size):
+                ts, length = _RUN_ENTRY.unpack(head)
+                yield ts, run.read(length)
+
+    def drain(self) -> Iterator[bytes]:
+        self.lines.sort(key=itemgetter(0))
+        runs = [self._read_run(run) for run in self.runs]
+        for _, line in heapq.merge(*runs, iter(self.lines), key=itemgetter(0)):
+            yield line
+        self.lines, self.size, self.runs = [], 0, []
+
+
 @dataclass
 class _Printer:
     out: BinaryIO
     query: Query
     count: int = 0
+    sorter: _HourSorter | None = None
+
+    def __post_init__(self) -> None:
+        if self.query.sort and not self.query.count_only:
+            self.sorter = _HourSorter(self.query.timestamp_field)
 
     def block(self, data: bytes, hour: str) -> None:
         """Print the matching lines of newline-terminated `data`, all filed under one event hour.
 
         An hour wholly inside the window needs no line to be parsed for its time, and without
-        --grep or --limit not even split into lines."""
+        --grep, --limit or --sort not even split into lines."""
         q = self.query
         start, lo = hour_start(hour), q.since.timestamp()
         hi = q.until.timestamp() if q.until is not None else float("inf")
         whole = lo <= start and start + 3600 <= hi
-        if whole and q.grep is None and q.limit is None:
+        if whole and q.grep is None and q.limit is None and self.sorter is None:
             self.count += data.count(b"\n")
             if not q.count_only:
                 self.out.write(data)
@@ -166,12 +220,24 @@ class _Printer:
                 ts = _event_time(line, q.timestamp_field)
                 if ts is not None and not lo <= ts < hi:
                     continue
-            if q.limit is not None and self.count >= q.limit:
-                raise _Enough
-            self.count += 1
-            if not q.count_only:
-                self.out.write(line + b"\n")
-        if q.limit is not None and self.count >= q.limit:
+            if self.sorter is not None:
+                self.sorter.add(line)
+            else:
+                self._print(line)
+
+    def _print(self, line: bytes) -> None:
+        if self.query.limit is not None and self.count >= self.query.limit:
+            raise _Enough
+        self.count += 1
+        if not self.query.count_only:
+            self.out.write(line + b"\n")
+
+    def end_hour(self) -> None:
+        """With --sort, an hour's lines are printed once all of them are read."""
+        if self.sorter is not None:
+            for line in self.sorter.drain():
+                self._print(line)
+        if self.query.limit is not None and self.count >= self.query.limit:
             raise _Enough
 
 
@@ -209,6 +275,7 @@ class Fetch:
         try:
             for hour in hours_between(self.query.since, until):
                 self._read_hour(hour)
+                self.printer.end_hour()
         except _Enough:
             pass
         return self.count
@@ -226,6 +293,7 @@ class Fetch:
                 recent = max(self.query.since, now - timedelta(hours=1))
                 for hour in hours_between(recent, now + timedelta(seconds=1)):
                     self._read_hour(hour)
+                    self.printer.end_hour()
         except _Enough:
             pass
         return self.count

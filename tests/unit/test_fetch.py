@@ -11,8 +11,9 @@ import orjson
 import pytest
 import zstandard
 
+import sluice.fetch as fetch_module
 from sluice.fetch import Fetch, Query, fetch, hours_between, parse_when
-from sluice.frames import Damaged, read_frames
+from sluice.frames import Damaged, announce, read_frames
 from sluice.records import QUARANTINE_APP, Record, Router
 from sluice.store import FileStore, object_key
 
@@ -364,3 +365,72 @@ class TestFetch:
         assert Router("json:app").route(Record(0, 0, None, outside, []))[1] == "2024030110"
         put(store, tmp_path, "alpha", "2024030110", "f", frames(outside + b"\n" + inside + b"\n"))
         assert run(store, "alpha", t(1, 10, 30), t(1, 10, 50)) == (1, [inside])
+
+
+# --------------------------------------------------------------------------- --sort, --limit, --count
+
+
+@pytest.fixture
+def shuffled(tmp_path):
+    """One hour of app gamma, its records' times out of order over three objects."""
+    import random
+
+    store = FileStore(tmp_path / "store")
+    rng = random.Random(5)
+    minutes = list(range(60)) * 5
+    rng.shuffle(minutes)
+    records = [orjson.dumps({"app": "gamma", "ts": ts(10, m) + i % 60, "i": i}) for i, m in enumerate(minutes)]
+    cctx = zstandard.ZstdCompressor()
+    for n in range(3):
+        part = records[n::3]
+        data = b"".join(announce(f"b{n}:{k}|gamma|2024030110", cctx.compress(b"\n".join(part[k::4]) + b"\n"))
+                        for k in range(4))
+        put(store, tmp_path, "gamma", "2024030110", f"f{n}", data)
+    return store, records
+
+
+def event_time(record: bytes) -> int:
+    return orjson.loads(record)["ts"]
+
+
+@pytest.mark.parametrize("buffer", [1 << 30, 2000])  # in memory; spilled to many sorted runs
+def test_sort_prints_in_event_time_order(shuffled, monkeypatch, buffer):
+    monkeypatch.setattr(fetch_module, "SORT_BUFFER_BYTES", buffer)
+    store, records = shuffled
+    out = io.BytesIO()
+    assert Fetch(store, Query("gamma", t(1, 10), t(1, 11), sort=True), out).run() == 300
+    lines = out.getvalue().split(b"\n")[:-1]
+    assert sorted(lines) == sorted(records)
+    assert [event_time(x) for x in lines] == sorted(event_time(x) for x in records)
+
+
+def test_limit_stops_after_n_and_count_prints_nothing_else(shuffled):
+    store, records = shuffled
+    out = io.BytesIO()
+    assert Fetch(store, Query("gamma", t(1, 10), t(1, 11), limit=7), out).run() == 7
+    assert len(out.getvalue().split(b"\n")[:-1]) == 7
+    out = io.BytesIO()
+    assert Fetch(store, Query("gamma", t(1, 10), t(1, 11), count_only=True), out).run() == 300
+    assert out.getvalue() == b""
+    out = io.BytesIO()
+    sorted_first = Fetch(store, Query("gamma", t(1, 10), t(1, 11), limit=5, sort=True), out)
+    assert sorted_first.run() == 5
+    assert [event_time(x) for x in out.getvalue().split(b"\n")[:-1]] == sorted(map(event_time, records))[:5]
+
+
+def test_a_damaged_object_is_named_and_everything_else_printed(shuffled, tmp_path):
+    store, records = shuffled
+    path = next((tmp_path / "store").rglob("*f1.jsonl.zst"))
+    path.write_bytes(path.read_bytes()[:-10])  # truncated
+    warnings: list[str] = []
+    out = io.BytesIO()
+    job = Fetch(store, Query("gamma", t(1, 10), t(1, 11)), out, warn=warnings.append)
+    count = job.run()
+    assert job.damaged and len(warnings) == 1 and "f1" in warnings[0]
+    assert 300 - 25 <= count < 300  # the last frame of f1 (25 records) is lost, nothing else
+    assert set(out.getvalue().split(b"\n")[:-1]) <= set(records)
+
+
+def test_sort_cannot_follow():
+    with pytest.raises(ValueError, match="--follow"):
+        Query("gamma", t(1, 10), None, sort=True).check()
