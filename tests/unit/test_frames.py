@@ -54,3 +54,12 @@ def test_a_corrupt_frame_raises():
 def test_plain_frames_after_announced_ones_are_read_as_a_stream():
     data = stream(PIECES[0]) + CCTX.compress(b"old\nlines") + CCTX.compress(b" more\n")
     assert list(read_frames(io.BytesIO(data))) == [PIECES[0], (None, b"old\nlines more\n")]
+
+
+def test_duckdb_reads_an_archive_of_announced_frames(tmp_path):
+    import duckdb
+
+    path = tmp_path / "billing.f1.jsonl.zst"
+    path.write_bytes(stream(("a|billing|h", b'{"app":"billing","n":1}\n{"app":"billing","n":2}\n'),
+                            ("b|billing|h", b'{"app":"billing","n":3}\n')))
+    assert duckdb.sql(f"select count(*), sum(n) from read_json_auto('{path}')").fetchall() == [(3, 6)]
