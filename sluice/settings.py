@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+import re
+from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_OSS_BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
+_OSS_PREFIX_PART = re.compile(r"[A-Za-z0-9_.=-]+")
 
 APP_ID_KINDS = ("json", "key", "header", "regex")
 
@@ -81,6 +87,13 @@ class Settings(BaseSettings):
     oss_access_key_id: SecretStr = SecretStr("")
     oss_access_key_secret: SecretStr = SecretStr("")
     oss_multipart_threshold: int = 64 * 1024 * 1024
+    # How sluice signs OSS requests: "static" (the access key pair), "sts" (a temporary key pair
+    # and security token from STS AssumeRole) or "ecs_ram_role" (the ECS instance's RAM role,
+    # read and renewed from the instance metadata service: no key on the machine at all).
+    oss_credentials: Literal["static", "sts", "ecs_ram_role"] = "static"
+    oss_security_token: SecretStr = SecretStr("")
+    oss_ecs_ram_role: str = ""
+    oss_ecs_metadata_url: str = "http://100.100.100.200/latest/meta-data/ram/security-credentials/"
 
     @field_validator("app_id_source")
     @classmethod
@@ -104,7 +117,42 @@ class Settings(BaseSettings):
     def _known_store(cls, value: str) -> str:
         if not value.startswith(("file://", "oss://")):
             raise ValueError(f"store_url must start with file:// or oss://, got {value!r}")
+        if value.startswith("oss://"):
+            bucket, _, prefix = value[len("oss://"):].partition("/")
+            if not _OSS_BUCKET.fullmatch(bucket) or "--" in bucket:
+                raise ValueError(f"{bucket!r} is not a bucket name OSS accepts: 3-63 lowercase "
+                                 "letters, digits and hyphens, starting and ending with a letter or digit")
+            parts = prefix.strip("/").split("/") if prefix.strip("/") else []
+            if any(part in ("", ".", "..") or not _OSS_PREFIX_PART.fullmatch(part) for part in parts):
+                raise ValueError(f"prefix {prefix!r} of store_url must be plain path segments "
+                                 "(letters, digits, '_', '-', '.', '='; no empty, '.' or '..' segment)")
         return value
+
+    @field_validator("oss_endpoint")
+    @classmethod
+    def _endpoint_is_a_url(cls, value: str) -> str:
+        if value:
+            parsed = urlsplit(value)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.path not in ("", "/"):
+                raise ValueError(f"oss_endpoint must be a URL such as https://oss-cn-hangzhou.aliyuncs.com, "
+                                 f"got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _oss_is_complete(self) -> "Settings":
+        if self.store_url.startswith("oss://"):
+            if not self.oss_endpoint:
+                raise ValueError("an oss:// store_url needs SLUICE_OSS_ENDPOINT")
+            missing = [name for name, field_value in (
+                ("SLUICE_OSS_ACCESS_KEY_ID", self.oss_access_key_id),
+                ("SLUICE_OSS_ACCESS_KEY_SECRET", self.oss_access_key_secret)) if not field_value.get_secret_value()]
+            if self.oss_credentials in ("static", "sts") and missing:
+                raise ValueError(f"oss_credentials={self.oss_credentials} needs {' and '.join(missing)}")
+            if self.oss_credentials == "sts" and not self.oss_security_token.get_secret_value():
+                raise ValueError("oss_credentials=sts needs SLUICE_OSS_SECURITY_TOKEN")
+            if self.oss_credentials == "ecs_ram_role" and not self.oss_ecs_ram_role:
+                raise ValueError("oss_credentials=ecs_ram_role needs SLUICE_OSS_ECS_RAM_ROLE")
+        return self
 
     @field_validator("lock_lease_seconds")
     @classmethod

@@ -15,7 +15,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from sluice.settings import Settings
 from sluice.spool import fsync_dir
@@ -121,21 +121,21 @@ class FileStore:
 
 
 class OssStore:
-    """Aliyun OSS through oss2: resumable multipart above the threshold, CRC64 checked by oss2."""
+    """Aliyun OSS through oss2: resumable multipart above the threshold, CRC-64 checked both ways."""
 
     def __init__(self, bucket_name: str, prefix: str, settings: Settings) -> None:
         import oss2
 
-        if not settings.oss_endpoint:
-            raise ValueError("oss:// store needs SLUICE_OSS_ENDPOINT")
-        auth = oss2.Auth(settings.oss_access_key_id.get_secret_value(),
-                         settings.oss_access_key_secret.get_secret_value())
         self._oss2 = oss2
-        self.bucket = oss2.Bucket(auth, settings.oss_endpoint, bucket_name, enable_crc=True)
+        self.bucket = oss2.Bucket(oss_auth(settings), settings.oss_endpoint, bucket_name, enable_crc=True)
         self.prefix = prefix.strip("/")
         self.threshold = settings.oss_multipart_threshold
 
     def _key(self, key: str) -> str:
+        """The full key of `key` (or of a listing prefix ending in '/') under the store's prefix."""
+        parts = key.removesuffix("/").split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"object key {key!r} would leave the store's prefix")
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put(self, local: Path, key: str) -> None:
@@ -160,7 +160,7 @@ class OssStore:
 
     def open(self, key: str) -> BinaryIO:
         try:
-            return self.bucket.get_object(self._key(key))
+            return _CrcChecked(self.bucket.get_object(self._key(key)), key)
         except self._oss2.exceptions.NoSuchKey:
             raise FileNotFoundError(key) from None
 
@@ -168,14 +168,55 @@ class OssStore:
         self.bucket.delete_object(self._key(key))
 
 
+class _CrcChecked:
+    """An object being read; at its end, the CRC-64 of what was read must be the server's.
+
+    oss2 computes it while reading but leaves the comparison to the caller (only its
+    get_object_to_file compares), so a damaged read would otherwise go unnoticed."""
+
+    def __init__(self, result: Any, key: str) -> None:
+        self.result, self.key = result, key
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.result.read(n if n >= 0 else None)
+        if not data or n < 0:
+            server = self.result.server_crc
+            if server is not None and self.result.client_crc != server:
+                raise IOError(f"{self.key}: CRC-64 of the bytes read does not match the store's")
+        return data
+
+    def close(self) -> None:
+        self.result.close()
+
+    def __enter__(self) -> "_CrcChecked":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def oss_auth(settings: Settings) -> Any:
+    """oss2's signer for SLUICE_OSS_CREDENTIALS: a static key pair, an STS key pair and token, or
+    the ECS instance's RAM role (fetched and renewed from the instance metadata service)."""
+    import oss2
+    from oss2.credentials import EcsRamRoleCredentialsProvider
+
+    if settings.oss_credentials == "ecs_ram_role":
+        url = settings.oss_ecs_metadata_url.rstrip("/") + "/" + settings.oss_ecs_ram_role
+        return oss2.ProviderAuth(EcsRamRoleCredentialsProvider(url))
+    key_id = settings.oss_access_key_id.get_secret_value()
+    secret = settings.oss_access_key_secret.get_secret_value()
+    if settings.oss_credentials == "sts":
+        return oss2.StsAuth(key_id, secret, settings.oss_security_token.get_secret_value())
+    return oss2.Auth(key_id, secret)
+
+
 def open_store(settings: Settings) -> Store:
     url = settings.store_url
     if url.startswith("file://"):
         return FileStore(Path(url[len("file://"):]))
     if url.startswith("oss://"):
-        bucket, _, prefix = url[len("oss://"):].partition("/")
-        if not bucket:
-            raise ValueError(f"store_url {url!r} names no bucket")
+        bucket, _, prefix = url[len("oss://"):].partition("/")  # checked by Settings
         return OssStore(bucket, prefix, settings)
     raise ValueError(f"unsupported store_url {url!r}")
 

@@ -44,6 +44,8 @@ def test_reads_prefixed_env(monkeypatch):
     monkeypatch.setenv("SLUICE_STORE_URL", "oss://bucket/prefix")
     monkeypatch.setenv("SLUICE_REDIS_URL", REDIS_URL)
     monkeypatch.setenv("SLUICE_OSS_ACCESS_KEY_SECRET", OSS_SECRET)
+    monkeypatch.setenv("SLUICE_OSS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("SLUICE_OSS_ENDPOINT", "https://oss-cn-hangzhou.aliyuncs.com")
     s = Settings()
     assert s.topic == "mixed-logs"
     assert s.kafka_bootstrap == "k1:9092,k2:9092"
@@ -118,9 +120,46 @@ def test_claim_check_rejected(value):
         Settings(claim_check=value)
 
 
-@pytest.mark.parametrize("url", ["file:///abs/dir", "file://rel/dir", "oss://bucket", "oss://bucket/p/q"])
+OSS_READY = {"oss_endpoint": "https://oss-cn-hangzhou.aliyuncs.com", "oss_access_key_id": "id",
+             "oss_access_key_secret": "secret"}
+
+
+@pytest.mark.parametrize("url", ["file:///abs/dir", "file://rel/dir", "oss://bucket", "oss://bucket/p/q",
+                                 "oss://my-logs-2026/app=x/v1.2/"])
 def test_store_url_accepted(url):
-    assert Settings(store_url=url).store_url == url
+    assert Settings(store_url=url, **OSS_READY).store_url == url
+
+
+@pytest.mark.parametrize("url, why", [
+    ("oss://Bucket/p", "not a bucket name"), ("oss://ab/p", "not a bucket name"),
+    ("oss://-bucket/p", "not a bucket name"), ("oss://bu--cket/p", "not a bucket name"),
+    ("oss://bucket_1/p", "not a bucket name"), ("oss:///p", "not a bucket name"),
+    ("oss://bucket/../up", "plain path segments"), ("oss://bucket/a//b", "plain path segments"),
+    ("oss://bucket/a/./b", "plain path segments"), ("oss://bucket/a b", "plain path segments"),
+])
+def test_an_oss_url_oss_would_refuse_fails_at_start(url, why):
+    with pytest.raises(ValueError, match=why):
+        Settings(store_url=url, **OSS_READY)
+
+
+@pytest.mark.parametrize("endpoint", ["oss-cn-hangzhou.aliyuncs.com", "ftp://x", "https://", "https://h/path", "h:80"])
+def test_an_endpoint_that_is_not_a_url_fails_at_start(endpoint):
+    with pytest.raises(ValueError, match="oss_endpoint must be a URL"):
+        Settings(store_url="oss://bucket/p", **{**OSS_READY, "oss_endpoint": endpoint})
+
+
+def test_oss_needs_what_its_credential_mode_needs():
+    with pytest.raises(ValueError, match="needs SLUICE_OSS_ENDPOINT"):
+        Settings(store_url="oss://bucket/p")
+    with pytest.raises(ValueError, match="needs SLUICE_OSS_ACCESS_KEY_SECRET"):
+        Settings(store_url="oss://bucket/p", **{**OSS_READY, "oss_access_key_secret": ""})
+    with pytest.raises(ValueError, match="needs SLUICE_OSS_SECURITY_TOKEN"):
+        Settings(store_url="oss://bucket/p", oss_credentials="sts", **OSS_READY)
+    with pytest.raises(ValueError, match="needs SLUICE_OSS_ECS_RAM_ROLE"):
+        Settings(store_url="oss://bucket/p", oss_credentials="ecs_ram_role", oss_endpoint=OSS_READY["oss_endpoint"])
+    role = Settings(store_url="oss://bucket/p", oss_credentials="ecs_ram_role", oss_ecs_ram_role="sluice-writer",
+                    oss_endpoint=OSS_READY["oss_endpoint"])
+    assert role.oss_ecs_ram_role == "sluice-writer"
 
 
 @pytest.mark.parametrize("url", ["s3://bucket", "/abs/dir", "data/archive", "http://x", "", "file:/x"])
@@ -168,6 +207,8 @@ def test_repr_and_str_hide_secrets():
 def test_repr_hides_secrets_from_env(monkeypatch):
     monkeypatch.setenv("SLUICE_REDIS_URL", REDIS_URL)
     monkeypatch.setenv("SLUICE_OSS_ACCESS_KEY_SECRET", OSS_SECRET)
+    monkeypatch.setenv("SLUICE_OSS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("SLUICE_OSS_ENDPOINT", "https://oss-cn-hangzhou.aliyuncs.com")
     s = Settings()
     assert s.oss_access_key_secret.get_secret_value() == OSS_SECRET
     assert "s3cret-pw" not in repr(s) and OSS_SECRET not in repr(s)

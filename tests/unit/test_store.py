@@ -200,8 +200,9 @@ def test_open_store_oss_needs_endpoint():
 
 
 def test_open_store_oss_needs_bucket():
-    with pytest.raises(ValueError, match="names no bucket"):
-        open_store(Settings(store_url="oss:///prefix", oss_endpoint="https://oss.example.com"))
+    with pytest.raises(ValueError, match="not a bucket name OSS accepts"):
+        open_store(Settings(store_url="oss:///prefix", oss_endpoint="https://oss.example.com",
+                            oss_access_key_id="id", oss_access_key_secret="secret"))
 
 
 def test_open_store_oss_bucket_and_prefix():
