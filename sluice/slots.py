@@ -426,6 +426,10 @@ class Slots:
         return [SealedFile.from_entry(entry.decode(), int(size))
                 for entry, size in self.r.hgetall(SEALED_KEY).items()]
 
+    def is_sealed(self, sealed: SealedFile) -> bool:
+        """Still awaiting upload (not archived and forgotten since it was listed)."""
+        return self.r.hexists(SEALED_KEY, sealed.entry)
+
     def upload_plan(self, sealed: SealedFile) -> str | None:
         plan = self.r.hget(PLAN_KEY, sealed.entry)
         return plan.decode() if plan is not None else None

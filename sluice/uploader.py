@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from redis.exceptions import LockError
+
 from sluice.slots import SealedFile, Slots
 from sluice.spool import remove_empty_dirs
 from sluice.store import Store, hour_prefix, live_keys, next_generation, object_key
@@ -29,16 +31,22 @@ class UploadFailed(IOError):
     """Some sealed files could not be archived; they stay sealed for the next sweep."""
 
 
-def upload_sealed(slots: Slots, store: Store, on_progress: Callable[[], object] = lambda: None) -> int:
-    """Archive every sealed file; returns how many this call uploaded.
+# An upload holds its app-hour for at most this long; a worker that dies holding it delays that
+# app-hour's next upload by this much, no more.
+APP_HOUR_LEASE_SECONDS = 600
 
-    A failure (store down, a damaged file) is logged and the sweep goes on with the other
-    files; UploadFailed at the end makes the failure visible in Celery and Flower.
+
+def upload_sealed(slots: Slots, store: Store, on_progress: Callable[[], object] = lambda: None) -> int:
+    """Archive every sealed file, one after the other; returns how many this call uploaded.
+
+    The workers fan the same work out as one `archive_one` task per file (tasks.upload); this
+    serial form is for one process (tests, the bench's reference). A failure (store down, a
+    damaged file) is logged and the others go on; UploadFailed at the end makes it visible.
     """
     archived, failed = 0, []
     for sealed in slots.sealed_files():
         try:
-            archived += _archive(slots, store, sealed)
+            archived += archive_one(slots, store, sealed)
         except Exception as exc:  # noqa: BLE001 - one failure must not hold back the rest
             log.error("archiving %s failed, will retry: %s", sealed.entry, exc)
             failed.append(sealed.entry)
@@ -46,6 +54,28 @@ def upload_sealed(slots: Slots, store: Store, on_progress: Callable[[], object] 
     if failed:
         raise UploadFailed(f"{len(failed)} sealed files not archived yet, e.g. {failed[0]}")
     return archived
+
+
+def archive_one(slots: Slots, store: Store, sealed: SealedFile) -> int:
+    """Archive one sealed file unless it is archived already or its app-hour is being uploaded
+    right now; 1 if this call uploaded it.
+
+    One upload per app-hour at a time (a Redis lock with a lease): so never two uploads of one
+    file at once, and two late files of an app-hour never pick the same object to merge into.
+    """
+    lock = slots.r.lock(f"sluice:lock:upload:{sealed.app}|{sealed.hour}", timeout=APP_HOUR_LEASE_SECONDS,
+                        blocking=False)
+    if not lock.acquire():
+        return 0  # the next sweep sends it again
+    try:
+        if not slots.is_sealed(sealed):
+            return 0  # archived by an earlier delivery
+        return _archive(slots, store, sealed)
+    finally:
+        try:
+            lock.release()
+        except LockError:
+            log.warning("upload of %s outlived its app-hour lease; uploads are idempotent", sealed.entry)
 
 
 NEW = "new"  # the plan of a file archived as an object of its own

@@ -26,6 +26,7 @@ app.conf.update(
     task_routes={
         "sluice.split": {"queue": "io"},
         "sluice.upload": {"queue": "io"},
+        "sluice.upload_file": {"queue": "io"},
         "sluice.redrive": {"queue": "io"},
         "sluice.compress": {"queue": "cpu"},
     },

@@ -29,6 +29,7 @@ import re
 import signal
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -81,14 +82,18 @@ class OssAdapter:
     Bodies are buffered whole; this is a test server for objects of a few MB.
     """
 
-    def __init__(self, s3_app: WsgiApp, access_key_id: str, access_key_secret: str) -> None:
+    def __init__(self, s3_app: WsgiApp, access_key_id: str, access_key_secret: str,
+                 latency: float = 0.0) -> None:
         self.s3_app = s3_app
         self.access_key_id = access_key_id
         self.access_key_secret = access_key_secret
+        self.latency = latency  # added to every request: a store this far away (the bench)
 
     # -- WSGI entry -------------------------------------------------------------------------
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if self.latency:
+            time.sleep(self.latency)  # the network distance being simulated, not a synchronisation
         method = environ["REQUEST_METHOD"]
         raw_path = (environ.get("RAW_URI") or environ["REQUEST_URI"]).split("?", 1)[0]
         resource = unquote(raw_path)  # "/", "/bucket/" or "/bucket/key", as oss2 signs it
@@ -331,14 +336,14 @@ class OssServer:
     """
 
     def __init__(self, port: int | None = None, access_key_id: str = "test-oss-key-id",
-                 access_key_secret: str = "test-oss-key-secret") -> None:
+                 access_key_secret: str = "test-oss-key-secret", latency: float = 0.0) -> None:
         self.port = _pick_port() if port is None else port
         self.access_key_id = access_key_id
         self.access_key_secret = access_key_secret
         # moto reads this module global when completing an upload; OSS allows parts of 100 KB.
         moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = OSS_MIN_PART_SIZE
         self._s3_app = create_backend_app("s3")
-        self.app = OssAdapter(self._s3_app, access_key_id, access_key_secret)
+        self.app = OssAdapter(self._s3_app, access_key_id, access_key_secret, latency)
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -404,10 +409,11 @@ def main() -> None:
     parser.add_argument("-b", "--bucket", action="append", default=[])
     parser.add_argument("--access-key-id", default="test-oss-key-id")
     parser.add_argument("--access-key-secret", default="test-oss-key-secret")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
     args = parser.parse_args()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    with OssServer(args.port, args.access_key_id, args.access_key_secret) as server:
+    with OssServer(args.port, args.access_key_id, args.access_key_secret, args.latency) as server:
         for name in args.bucket:
             server.create_bucket(name)
         print(f"OSS endpoint {server.endpoint} (key id {server.access_key_id})", flush=True)

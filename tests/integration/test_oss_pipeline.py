@@ -1,0 +1,69 @@
+"""The whole pipeline archiving to oss://bucket/prefix on the OSS test server over HTTP, through
+a 60-second outage of the store: every record exactly once, and `sluice fetch` reads it back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from sluice.local import wait_until
+from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
+from tests.oss_server import OssServer
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "logs/v1"
+
+
+def download(server: OssServer, bucket: str, into: Path) -> int:
+    """Every object under PREFIX, into the same layout below `into`, as another client reads it."""
+    import oss2
+
+    count = 0
+    raw = server.bucket(bucket)
+    for obj in oss2.ObjectIterator(raw, prefix=PREFIX + "/"):
+        path = into / obj.key[len(PREFIX) + 1:]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        raw.get_object_to_file(obj.key, str(path))  # oss2 compares the CRC-64 here
+        count += 1
+    return count
+
+
+def test_the_pipeline_archives_to_oss_exactly_once_through_a_store_outage(stack_factory, tmp_path):
+    with OssServer() as server:
+        bucket = f"sluice-{uuid.uuid4().hex[:12]}"
+        server.create_bucket(bucket)
+        stack = stack_factory(SLUICE_STORE_URL=f"oss://{bucket}/{PREFIX}", SLUICE_OSS_ENDPOINT=server.endpoint,
+                              SLUICE_OSS_ACCESS_KEY_ID=server.access_key_id,
+                              SLUICE_OSS_ACCESS_KEY_SECRET=server.access_key_secret,
+                              SLUICE_OSS_MULTIPART_THRESHOLD=str(256 * 1024))
+        r = redis.Redis.from_url(stack.redis_url)
+        traffic = Traffic(stack, records=30_000)
+        wait_until(lambda: r.hlen("sluice:sealed") > 0 or download(server, bucket, tmp_path / "peek") > 0,
+                   120, "the first sealed files")
+        server.stop()  # the store is gone for a minute while records keep coming
+        traffic.finish()
+        time.sleep(60)  # the outage's length is what is tested; there is nothing to poll for
+        server.start()
+        wait_archived(stack, 30_000, timeout=300)
+        archive = tmp_path / "archive"
+        assert download(server, bucket, archive) > 0
+        assert_exactly_once(archive, traffic.seqs)
+        io_log = stack.service("io").log.read_text()
+        assert "will retry" in io_log or "failed" in io_log, "uploads failed during the outage"
+        assert server.access_key_secret not in io_log
+
+        docs = [json.loads(v) for v in traffic.values]
+        app = docs[0]["app"]
+        since, until = min(d["ts"] for d in docs), max(d["ts"] for d in docs) + 1
+        result = subprocess.run([sys.executable, "-m", "sluice.cli", "fetch", "--app", app, "--since", str(since),
+                                 "--until", str(until)], env=stack.env(), capture_output=True, check=True)
+        got = sorted(json.loads(line)["seq"] for line in result.stdout.splitlines())
+        assert got == sorted(d["seq"] for d in docs if d["app"] == app)
