@@ -40,7 +40,9 @@ def test_bridge_sigkill_mid_run(stack_factory):
 
 
 def test_io_worker_sigkill_mid_split(stack_factory):
-    stack = stack_factory()
+    # Batches of 5,000 records: with the default 100,000 the 60,000 records, all waiting in Kafka
+    # by the time the bridge has joined, make one split per partition, over before the kill.
+    stack = stack_factory(SLUICE_BATCH_MAX_RECORDS="5000")
     r = redis.Redis.from_url(stack.redis_url)
     traffic = Traffic(stack)
     wait_until(lambda: compressed(r) > RECORDS * 0.05 and r.hlen("unacked") > 0

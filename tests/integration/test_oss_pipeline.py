@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import oss2
 import pytest
 import redis
 
@@ -24,8 +25,6 @@ PREFIX = "logs/v1"
 
 def download(server: OssServer, bucket: str, into: Path) -> int:
     """Every object under PREFIX, into the same layout below `into`, as another client reads it."""
-    import oss2
-
     count = 0
     raw = server.bucket(bucket)
     for obj in oss2.ObjectIterator(raw, prefix=PREFIX + "/"):
@@ -46,8 +45,8 @@ def test_the_pipeline_archives_to_oss_exactly_once_through_a_store_outage(stack_
                               SLUICE_OSS_MULTIPART_THRESHOLD=str(256 * 1024))
         r = redis.Redis.from_url(stack.redis_url)
         traffic = Traffic(stack, records=30_000)
-        wait_until(lambda: r.hlen("sluice:sealed") > 0 or download(server, bucket, tmp_path / "peek") > 0,
-                   120, "the first sealed files")
+        uploaded = lambda: next(oss2.ObjectIterator(server.bucket(bucket), prefix=PREFIX + "/"), None)  # noqa: E731
+        wait_until(lambda: r.hlen("sluice:sealed") > 0 or uploaded() is not None, 120, "the first sealed files")
         server.stop()  # the store is gone for a minute while records keep coming
         traffic.finish()
         time.sleep(60)  # the outage's length is what is tested; there is nothing to poll for
