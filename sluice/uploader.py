@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Callable
 
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisError
 
 from sluice.slots import SealedFile, Slots
 from sluice.spool import remove_empty_dirs
@@ -31,9 +32,13 @@ class UploadFailed(IOError):
     """Some sealed files could not be archived; they stay sealed for the next sweep."""
 
 
-# An upload holds its app-hour for at most this long; a worker that dies holding it delays that
-# app-hour's next upload by this much, no more.
-APP_HOUR_LEASE_SECONDS = 600
+# An upload holds its app-hour's lock with this lease, renewed while it works: a worker killed
+# mid-upload holds the app-hour up for this long at most.
+APP_HOUR_LEASE_SECONDS = 30.0
+
+
+def app_hour_lock_key(app: str, hour: str) -> str:
+    return f"sluice:lock:upload:{app}|{hour}"
 
 
 def upload_sealed(slots: Slots, store: Store, on_progress: Callable[[], object] = lambda: None) -> int:
@@ -60,18 +65,32 @@ def archive_one(slots: Slots, store: Store, sealed: SealedFile) -> int:
     """Archive one sealed file unless it is archived already or its app-hour is being uploaded
     right now; 1 if this call uploaded it.
 
-    One upload per app-hour at a time (a Redis lock with a lease): so never two uploads of one
-    file at once, and two late files of an app-hour never pick the same object to merge into.
+    One upload per app-hour at a time (a Redis lock whose lease a thread renews while the upload
+    runs): so never two uploads of one file at once, and two late files of an app-hour never pick
+    the same object to merge into.
     """
-    lock = slots.r.lock(f"sluice:lock:upload:{sealed.app}|{sealed.hour}", timeout=APP_HOUR_LEASE_SECONDS,
+    lock = slots.r.lock(app_hour_lock_key(sealed.app, sealed.hour), timeout=APP_HOUR_LEASE_SECONDS,
                         blocking=False)
     if not lock.acquire():
         return 0  # the next sweep sends it again
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(APP_HOUR_LEASE_SECONDS / 3):
+            try:
+                lock.reacquire()
+            except (LockError, RedisError):
+                return
+
+    renewer = threading.Thread(target=renew, name="upload-lease", daemon=True)
+    renewer.start()
     try:
         if not slots.is_sealed(sealed):
             return 0  # archived by an earlier delivery
         return _archive(slots, store, sealed)
     finally:
+        done.set()
+        renewer.join()
         try:
             lock.release()
         except LockError:

@@ -6,10 +6,12 @@ runs again; every task is idempotent (see sluice.ledger), which makes the repeat
 
 from __future__ import annotations
 
+import json
+import uuid
+
+import redis
 from celery import Celery
 from kombu import Queue
-
-import uuid
 
 from beat_schedule import beat_schedule
 from sluice.ledger import QUEUED_TTL_SECONDS, Ledger
@@ -53,3 +55,17 @@ def enqueue(ledger: Ledger, task: str, bid: str, *args: object) -> None:
     except BaseException:
         ledger.started(bid, task_id)
         raise
+
+
+def waiting_task_ids(r: redis.Redis) -> set[str]:
+    """Ids of the tasks waiting in the io and cpu queues: kombu's Redis transport keeps each
+    queue as a list of JSON messages. A task a worker has taken is not among them: that worker
+    may have died holding it (its message then waits out the visibility timeout)."""
+    ids = set()
+    for queue in ("io", "cpu"):
+        for raw in r.lrange(queue, 0, -1):
+            try:
+                ids.add(json.loads(raw)["headers"]["id"])
+            except (ValueError, KeyError, TypeError):
+                continue  # not a task message of ours
+    return ids

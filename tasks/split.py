@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import redis
 from celery import Task
 from celery.utils.log import get_task_logger
@@ -11,7 +9,7 @@ from celery.utils.log import get_task_logger
 from sluice.ledger import bundle_pieces
 from sluice.settings import get_settings
 from sluice.stages import split_batch
-from tasks.app import app, enqueue
+from tasks.app import app, enqueue, waiting_task_ids
 from tasks.deps import ledger, router
 
 log = get_task_logger(__name__)
@@ -40,7 +38,7 @@ def redrive() -> int:
     led = ledger()
     redriven = 0
     stale = led.stale_batches(get_settings().redrive_after_seconds)
-    waiting = _waiting_task_ids(led.r) if stale else set()
+    waiting = waiting_task_ids(led.r) if stale else set()
     for bid in stale:
         led.touch(bid)
         if led.queued(bid, waiting):
@@ -49,17 +47,3 @@ def redrive() -> int:
         enqueue(led, "sluice.split", bid)
         redriven += 1
     return redriven
-
-
-def _waiting_task_ids(r: redis.Redis) -> set[str]:
-    """Ids of the tasks waiting in the io and cpu queues: kombu's Redis transport keeps each
-    queue as a list of JSON messages. A task a worker has taken is not among them: that worker
-    may have died holding it, so its batch is redriven."""
-    ids = set()
-    for queue in ("io", "cpu"):
-        for raw in r.lrange(queue, 0, -1):
-            try:
-                ids.add(json.loads(raw)["headers"]["id"])
-            except (ValueError, KeyError, TypeError):
-                continue  # not a task message of ours
-    return ids

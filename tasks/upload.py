@@ -6,14 +6,17 @@ minutes one after the other in one task. Sent as tasks of their own they run on 
 
 from __future__ import annotations
 
+import uuid
+
 import redis
 from celery.utils.log import get_task_logger
 
 from sluice.redis_client import get_redis
 from sluice.settings import get_settings
 from sluice.slots import SealedFile
-from sluice.uploader import APP_HOUR_LEASE_SECONDS, UploadFailed, archive_one
-from tasks.app import app
+from sluice.ledger import QUEUED_TTL_SECONDS
+from sluice.uploader import UploadFailed, app_hour_lock_key, archive_one
+from tasks.app import app, waiting_task_ids
 from tasks.deps import ledger, slots, store
 
 log = get_task_logger(__name__)
@@ -22,7 +25,7 @@ SWEEP_LOCK = "sluice:lock:sweep"
 
 
 def _queued_key(entry: str) -> str:
-    """Set while an upload task for this sealed file is queued or running."""
+    """The id of the last upload task sent for this sealed file."""
     return f"sluice:upload-queued:{entry}"
 
 
@@ -38,12 +41,20 @@ def upload() -> int:
     try:
         ledger().drop_orphan_pieces(older_than=settings.redrive_after_seconds)
         sealed = slots().seal_due()
+        files = slots().sealed_files()
+        waiting = waiting_task_ids(r) if files else set()
         sent = 0
-        for file in slots().sealed_files():
-            # The mark outlives a lost task by the app-hour lease at most; then a sweep resends.
-            if r.set(_queued_key(file.entry), 1, nx=True, ex=APP_HOUR_LEASE_SECONDS):
-                app.send_task("sluice.upload_file", args=[file.entry, file.size], queue="io")
-                sent += 1
+        for file in files:
+            queued = r.get(_queued_key(file.entry))
+            if queued is not None and queued.decode() in waiting:
+                continue  # its task still waits in the queue
+            if r.exists(app_hour_lock_key(file.app, file.hour)):
+                continue  # its app-hour is being uploaded right now; the next sweep looks again
+            # Otherwise never sent, done, or lost with a killed worker: send it (a repeat is harmless).
+            task_id = uuid.uuid4().hex
+            r.set(_queued_key(file.entry), task_id, ex=QUEUED_TTL_SECONDS)
+            app.send_task("sluice.upload_file", args=[file.entry, file.size], queue="io", task_id=task_id)
+            sent += 1
         if sealed or sent:
             log.info("sealed %d slot files, sent %d uploads", sealed, sent)
         return sent
