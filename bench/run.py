@@ -41,6 +41,10 @@ from sluice.store import FileStore  # noqa: E402
 from sluice.uploader import upload_sealed  # noqa: E402
 
 
+# Files are sealed once idle this long in the end-to-end run (the default is 300 s).
+SEAL_AGE_SECONDS = 5.0
+
+
 def timed(fn, *args):
     start = time.perf_counter()
     result = fn(*args)
@@ -89,29 +93,18 @@ def bench_bridge(stack: LocalStack, settings: Settings, r: redis.Redis, total: i
     return (times[-1] - times[0]) * total / max(total - first_batch, 1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mb", type=int, default=200)
-    args = parser.parse_args()
-
-    path = dataset(args.mb)
-    lines = read_lines(path)
-    nbytes, nrec = path.stat().st_size, len(lines)
-    print(f"data set: {path.name}, {nbytes / 1e6:.0f} MB, {nrec:,} records, Zipf over 200 apps")
-
-    zstd_s, zstd_size = cli_seconds(["zstd", "-3", "-T1", "-c"], path)
-    gzip_s, gzip_size = cli_seconds(["gzip", "-6", "-c"], path, repeat=1)
+def stages(workdir: Path, lines: list[bytes], nbytes: int, zstd_s: float) -> None:
+    """Each stage on its own, one after the other, in this process: MB/s against the zstd CLI."""
+    nrec = len(lines)
     ref = nbytes / zstd_s
     rows: list[tuple[str, float]] = [("zstd -3 CLI, 1 core (reference)", zstd_s)]
-
-    work = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    stack = LocalStack(work / "stages")
+    stack = LocalStack(workdir)
     try:
         stack.start_redis()
         stack.start_kafka()
         stack.create_topic("logs", 4)
         settings = Settings(redis_url=stack.redis_url, kafka_bootstrap=stack.bootstrap,
-                            spool_dir=work / "stages" / "spool", store_url=f"file://{work / 'stages' / 'archive'}",
+                            spool_dir=workdir / "spool", store_url=f"file://{workdir / 'archive'}",
                             kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=500,
                             # the bridge runs alone here, nothing drains what it hands over
                             max_inflight_bytes=nbytes * 2)
@@ -142,7 +135,7 @@ def main() -> None:
 
         def upload_all() -> int:
             slots.seal_due(now=time.time() + settings.seal_age_seconds + 1)
-            return upload_sealed(slots, FileStore(work / "stages" / "archive"))
+            return upload_sealed(slots, FileStore(workdir / "archive"))
         rows.append(("upload to file store", timed(upload_all)[0]))
     finally:
         stack.close()
@@ -151,7 +144,27 @@ def main() -> None:
     for name, seconds in rows:
         print(f"{name:<40}{nbytes / seconds / 1e6:>9.1f}{nrec / seconds:>12,.0f}{nbytes / seconds / ref:>12.3f}")
 
-    archive = end_to_end(work / "e2e", lines, nbytes)
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=int, default=200)
+    parser.add_argument("--seal-age", type=float, default=SEAL_AGE_SECONDS,
+                        help="SLUICE_SEAL_AGE_SECONDS of the end-to-end run")
+    parser.add_argument("--e2e-only", action="store_true", help="skip the stage-by-stage part")
+    args = parser.parse_args()
+
+    path = dataset(args.mb)
+    lines = read_lines(path)
+    nbytes, nrec = path.stat().st_size, len(lines)
+    print(f"data set: {path.name}, {nbytes / 1e6:.0f} MB, {nrec:,} records, Zipf over 200 apps")
+
+    zstd_s, zstd_size = cli_seconds(["zstd", "-3", "-T1", "-c"], path)
+    gzip_s, gzip_size = cli_seconds(["gzip", "-6", "-c"], path, repeat=1)
+    work = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
+    if not args.e2e_only:
+        stages(work / "stages", lines, nbytes, zstd_s)
+
+    archive = end_to_end(work / "e2e", lines, nbytes, args.seal_age)
 
     objects = [p for p in archive.rglob("*.jsonl.zst")]
     per_app_hour = Counter(p.parent for p in objects)
@@ -173,9 +186,9 @@ def bare_consumer(bootstrap: str, records: int, group: str | None) -> dict[str, 
     return {"wall": result["done"] - start, "cpu": result["cpu"]}
 
 
-def end_to_end(workdir: Path, lines: list[bytes], nbytes: int) -> Path:
+def end_to_end(workdir: Path, lines: list[bytes], nbytes: int, seal_age: float = SEAL_AGE_SECONDS) -> Path:
     """Data waits in Kafka; clock from bridge start to every record compressed, then uploaded."""
-    stack = LocalStack(workdir, {"SLUICE_SEAL_AGE_SECONDS": "1", "SLUICE_UPLOAD_INTERVAL_SECONDS": "1",
+    stack = LocalStack(workdir, {"SLUICE_SEAL_AGE_SECONDS": str(seal_age), "SLUICE_UPLOAD_INTERVAL_SECONDS": "1",
                                  "SLUICE_KAFKA_SESSION_TIMEOUT_MS": "6000",
                                  "SLUICE_KAFKA_HEARTBEAT_INTERVAL_MS": "500"})
     mb = nbytes / 1e6

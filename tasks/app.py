@@ -57,12 +57,12 @@ def enqueue(ledger: Ledger, task: str, bid: str, *args: object) -> None:
         raise
 
 
-def waiting_task_ids(r: redis.Redis) -> set[str]:
-    """Ids of the tasks waiting in the io and cpu queues: kombu's Redis transport keeps each
-    queue as a list of JSON messages. A task a worker has taken is not among them: that worker
-    may have died holding it (its message then waits out the visibility timeout)."""
+def waiting_task_ids(r: redis.Redis, queues: tuple[str, ...] = ("io", "cpu")) -> set[str]:
+    """Ids of the tasks waiting in these queues: kombu's Redis transport keeps each queue as a
+    list of JSON messages. A task a worker has taken is not among them: that worker may have
+    died holding it (its message then waits out the visibility timeout)."""
     ids = set()
-    for queue in ("io", "cpu"):
+    for queue in queues:
         for raw in r.lrange(queue, 0, -1):
             try:
                 ids.add(json.loads(raw)["headers"]["id"])

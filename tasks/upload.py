@@ -42,19 +42,26 @@ def upload() -> int:
         ledger().drop_orphan_pieces(older_than=settings.redrive_after_seconds)
         sealed = slots().seal_due()
         files = slots().sealed_files()
-        waiting = waiting_task_ids(r) if files else set()
-        sent = 0
-        for file in files:
-            queued = r.get(_queued_key(file.entry))
-            if queued is not None and queued.decode() in waiting:
-                continue  # its task still waits in the queue
-            if r.exists(app_hour_lock_key(file.app, file.hour)):
-                continue  # its app-hour is being uploaded right now; the next sweep looks again
-            # Otherwise never sent, done, or lost with a killed worker: send it (a repeat is harmless).
-            task_id = uuid.uuid4().hex
-            r.set(_queued_key(file.entry), task_id, ex=QUEUED_TTL_SECONDS)
+        with r.pipeline(transaction=False) as pipe:  # one round trip, however many files wait
+            for file in files:
+                pipe.get(_queued_key(file.entry))
+                pipe.exists(app_hour_lock_key(file.app, file.hour))
+            replies = pipe.execute() if files else []
+        queued, busy = replies[0::2], replies[1::2]
+        waiting = waiting_task_ids(r, ("io",)) if any(q is not None for q in queued) else set()
+        due = [file for file, task, locked in zip(files, queued, busy)
+               # Its task still waits in the queue, or its app-hour is being uploaded right now
+               # (the next sweep looks again). Otherwise never sent, done, or lost with a killed
+               # worker: send it (a repeat is harmless).
+               if not (task is not None and task.decode() in waiting) and not locked]
+        task_ids = [uuid.uuid4().hex for _ in due]
+        with r.pipeline(transaction=False) as pipe:
+            for file, task_id in zip(due, task_ids):
+                pipe.set(_queued_key(file.entry), task_id, ex=QUEUED_TTL_SECONDS)
+            pipe.execute()
+        for file, task_id in zip(due, task_ids):
             app.send_task("sluice.upload_file", args=[file.entry, file.size], queue="io", task_id=task_id)
-            sent += 1
+        sent = len(due)
         if sealed or sent:
             log.info("sealed %d slot files, sent %d uploads", sealed, sent)
         return sent

@@ -97,3 +97,19 @@ def test_the_split_reads_a_batch_with_a_flawed_record_through_the_patch():
     assert [r.offset for r in back] == [0, 1, 2]
     assert back[1].flaw == "undecodable_header" and back[1].headers == [(b"h\xff\xfe", b"v")]
     assert back[0].flaw == back[2].flaw == "" and back[2].headers == [("ok", b"1")]
+
+
+def test_a_record_whose_length_is_corrupt_goes_to_quarantine_whole():
+    """The CRC holds but a record's length is wrong: aiokafka's reader raises an error of its
+    own (not kafka-python's), which used to fail the split; now every byte of the batch's
+    records reaches the quarantine."""
+    from sluice.kafka_batches import records
+
+    import crc32c
+    data = bytearray(batch_bytes([("x", b"1")]))
+    data[61] = 0x7E  # the first record's length (a varint), now longer than the batch
+    data = bytes(data)
+    data = data[:17] + crc32c.crc32c(data[21:]).to_bytes(4, "big") + data[21:]
+    back = list(records(data, 0, 2))
+    assert back and {r.flaw for r in back} == {"unreadable_record"}
+    assert b"".join(r.value for r in back) == data[61:]
