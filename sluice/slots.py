@@ -23,7 +23,8 @@ import redis
 from sluice import ledger
 from sluice.records import hour_start
 from sluice.settings import Settings
-from sluice.spool import FileBusy, SealedFile, Spool, SpoolDamaged, cut_back, locked_file, write_at
+from sluice.spool import (FileBusy, SealedFile, Spool, SpoolDamaged, cut_back, locked_file, make_durable,
+                          write_at)
 
 __all__ = ["Frame", "LockLost", "SealedFile", "Slots", "SlotsBusy", "SpoolDamaged"]
 
@@ -83,21 +84,46 @@ end
 return out
 """
 
+# Under the file locks, for each slot: its committed size if the lock is still ours and the
+# slot still has the file we locked, -1 if the lease was lost, -2 if the slot moved on to
+# another file (sealed meanwhile). Key names are built here, as in _ACQUIRE.
+# ARGV: token, lock key prefix, slot key prefix, then per slot its id and fid.
+_VERIFY = """
+local token, lockp, slotp = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+for p = 0, (#ARGV - 3) / 2 - 1 do
+  local sid, fid = ARGV[4 + 2 * p], ARGV[5 + 2 * p]
+  local state = redis.call('HMGET', slotp .. sid, 'fid', 'size')
+  if state[1] ~= fid then
+    out[p + 1] = -2
+  elseif redis.call('GET', lockp .. sid) ~= token then
+    out[p + 1] = -1
+  else
+    out[p + 1] = tonumber(state[2])
+  end
+end
+return out
+"""
+
 # Commit the appends of a bundle: for each piece still pending, retire it, move the slot's
 # committed size and release the lock, sealing the slot in the same step when it has grown past
 # the seal size (2). A piece no longer pending (0: a duplicate delivery) keeps its lock, so its
 # writer can cut its bytes off before anyone appends after them; -1: the lease was lost. The
 # last piece of a batch takes the batch's bytes off the in-flight total, once; the last element
-# of the reply says so (1), and the caller removes the batch's pieces files.
-# KEYS: pending, groups, state, inflight, stats, sealed, slots, in-flight bytes, batch sizes,
-#       then per piece: lock, slot.
-# ARGV: token, now, batch id, seal size, then per piece: piece, new size, app, records,
-#       sealed entry, slot id.
+# of the reply says so (1), and the caller removes the batch's pieces files. The piece, app and
+# sealed-file names are built from the slot id "app|hour|k" and the fid, as in _ACQUIRE.
+# KEYS: pending, groups, state, inflight, stats, sealed, slots, in-flight bytes, batch sizes.
+# ARGV: token, now, batch id, seal size, lock key prefix, slot key prefix, then per piece: slot
+#       id, fid, new size, records.
 _COMMIT = """
+local lockp, slotp = ARGV[5], ARGV[6]
 local out = {}
-for p = 0, (#KEYS - 9) / 2 - 1 do
-  local lock, slot, a = KEYS[10 + 2 * p], KEYS[11 + 2 * p], 4 + 6 * p
-  local piece, size = ARGV[a + 1], ARGV[a + 2]
+for p = 0, (#ARGV - 6) / 4 - 1 do
+  local a = 6 + 4 * p
+  local sid, fid, size = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local lock, slot = lockp .. sid, slotp .. sid
+  local app, hour = string.match(sid, '^([^|]*)|([^|]*)|')
+  local piece = app .. '|' .. hour
   local r = 1
   if redis.call('GET', lock) ~= ARGV[1] then
     r = -1
@@ -106,11 +132,11 @@ for p = 0, (#KEYS - 9) / 2 - 1 do
   else
     redis.call('HSET', slot, 'size', size, 'updated', ARGV[2])
     redis.call('HDEL', KEYS[2], piece)
-    redis.call('HINCRBY', KEYS[5], ARGV[a + 3], ARGV[a + 4])
+    redis.call('HINCRBY', KEYS[5], app, ARGV[a + 4])
     if tonumber(size) >= tonumber(ARGV[4]) then
-      redis.call('HSET', KEYS[6], ARGV[a + 5], size)
+      redis.call('HSET', KEYS[6], piece .. '|' .. fid, size)
       redis.call('DEL', slot)
-      redis.call('SREM', KEYS[7], ARGV[a + 6])
+      redis.call('SREM', KEYS[7], sid)
       r = 2
     end
     redis.call('DEL', lock)
@@ -195,6 +221,7 @@ class Slots:
         self.spool = Spool(settings.spool_dir)
         self._release = client.register_script(_RELEASE)
         self._acquire_script = client.register_script(_ACQUIRE)
+        self._verify = client.register_script(_VERIFY)
         self._commit = client.register_script(_COMMIT)
         self._seal = client.register_script(_SEAL)
 
@@ -243,7 +270,7 @@ class Slots:
 
         Pieces already appended by an earlier delivery are skipped. Four round trips to Redis
         for the whole bundle, whatever its size: acquire, check the leases under the file
-        locks, (write + fsync each file), commit, release.
+        locks, (write each file, then make them durable at once), commit, release.
         """
         appended = 0
         todo = frames
@@ -267,9 +294,10 @@ class Slots:
                         frozen: set[str]) -> tuple[int, list[Frame]]:
         """Write and commit the frames of the slots we hold; (appended, frames to place again)."""
         busy: list[Frame] = []
+        held = {h.sid for h in claimed}  # the locks still ours to release: the commit releases most
         with contextlib.ExitStack() as stack:
             # Registered first, so it runs last: after the file locks are released.
-            stack.callback(self._unlock, [h.sid for h in claimed], token)
+            stack.callback(lambda: self._unlock(sorted(held), token))
             files: list[tuple[_Held, int]] = []
             for h in claimed:
                 path = self.spool.open_path(h.frame.app, h.frame.hour, h.fid)
@@ -286,7 +314,7 @@ class Slots:
                 return 0, busy
             sizes = self._committed_sizes(token, files)
             ends = self._write_all(files, sizes)
-            return self._commit_all(bid, token, files, sizes, ends), busy
+            return self._commit_all(bid, token, files, sizes, ends, held), busy
 
     def _committed_sizes(self, token: str, files: list[tuple[_Held, int]]) -> list[int]:
         """Under the file locks: each slot is still ours, and its committed size right now.
@@ -294,19 +322,15 @@ class Slots:
         Only from here on can nobody else change these files, so this, not what `_acquire`
         saw, is what a writer may cut back to.
         """
-        with self.r.pipeline(transaction=False) as pipe:
-            for h, _ in files:
-                pipe.get(_lock_key(h.sid))
-                pipe.hmget(_slot_key(h.sid), "fid", "size")
-            replies = pipe.execute()
-        sizes = []
-        for i, (h, fd) in enumerate(files):
-            owner, (fid, size) = replies[2 * i], replies[2 * i + 1]
-            if owner is None or owner.decode() != token or fid is None or fid.decode() != h.fid:
-                if fid is None or fid.decode() != h.fid:
-                    self._drop_orphan(fd, h)
+        args: list[object] = [token, _lock_key(""), _slot_key("")]
+        for h, _ in files:
+            args += [h.sid, h.fid]
+        sizes = self._verify(args=args)
+        for (h, fd), size in zip(files, sizes):
+            if size == -2:
+                self._drop_orphan(fd, h)
+            if size < 0:
                 raise LockLost(f"lease on slot {h.sid} expired before its file was locked")
-            sizes.append(int(size))
         return sizes
 
     def _drop_orphan(self, fd: int, h: _Held) -> None:
@@ -317,11 +341,13 @@ class Slots:
 
     @staticmethod
     def _write_all(files: list[tuple[_Held, int]], sizes: list[int]) -> list[int]:
-        """Write every frame at its slot's committed size; on a failure, undo them all."""
+        """Write every frame at its slot's committed size and make them all durable; on a
+        failure, undo them all."""
         ends: list[int] = []
         try:
             for (h, fd), size in zip(files, sizes):
                 ends.append(write_at(fd, h.frame.data, size))
+            make_durable([fd for _, fd in files])
         except OSError:
             for (_, fd), size in zip(files, sizes):
                 cut_back(fd, size)
@@ -329,16 +355,16 @@ class Slots:
         return ends
 
     def _commit_all(self, bid: str, token: str, files: list[tuple[_Held, int]],
-                    sizes: list[int], ends: list[int]) -> int:
+                    sizes: list[int], ends: list[int], held: set[str]) -> int:
+        """Commit the appended frames; the slots committed leave `held` (the script released them)."""
         keys = [ledger.pending_key(bid), ledger.groups_key(bid), ledger.state_key(bid),
                 ledger.INFLIGHT_KEY, ledger.STATS_KEY, SEALED_KEY, SLOTS_KEY,
                 ledger.INFLIGHT_BYTES_KEY, ledger.BATCH_BYTES_KEY]
-        args: list[object] = [token, time.time(), bid, self.settings.seal_size_bytes]
+        args: list[object] = [token, time.time(), bid, self.settings.seal_size_bytes, _lock_key(""), _slot_key("")]
         for (h, _), end in zip(files, ends):
-            keys += [_lock_key(h.sid), _slot_key(h.sid)]
-            args += [ledger.piece_name(h.frame.app, h.frame.hour), end, h.frame.app,
-                     h.frame.records, SealedFile(h.frame.app, h.frame.hour, h.fid, end).entry, h.sid]
+            args += [h.sid, h.fid, end, h.frame.records]
         *results, finished = self._commit(keys=keys, args=args)
+        held.difference_update(h.sid for (h, _), result in zip(files, results) if result > 0)
         if finished:
             ledger.drop_pieces(self.settings.spool_dir, bid)
         lost = []

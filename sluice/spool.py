@@ -16,16 +16,18 @@ one slot file from two threads: compress runs in prefork workers, one task per p
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-# A live writer holds a file lock for one write, one fsync and one Redis round trip; anyone who
-# waits longer than this is waiting for a frozen or dying process.
+# A live writer holds a file lock for the writes of one bundle, one flush to disk and a few Redis
+# round trips; anyone who waits longer than this is waiting for a frozen or dying process.
 FILE_LOCK_WAIT_SECONDS = 1.0
 
 
@@ -122,7 +124,8 @@ def durable_mkdir(path: Path) -> None:
 
 
 def write_at(fd: int, data: bytes, at: int) -> int:
-    """Write `data` at offset `at` (cutting whatever lies past it first) and fsync; the new size.
+    """Write `data` at offset `at` (cutting whatever lies past it first); the new size. Not yet
+    durable: the caller makes its files durable together (`make_durable`) before committing.
 
     Loops over short writes; a write that cannot complete (ENOSPC, EIO) is undone and raised,
     so a slot file never holds part of a frame that someone could commit.
@@ -139,11 +142,45 @@ def write_at(fd: int, data: bytes, at: int) -> int:
             if n == 0:
                 raise OSError(errno.ENOSPC, "no progress writing the slot file")
             view, pos = view[n:], pos + n
-        os.fsync(fd)
     except OSError:
         cut_back(fd, at)
         raise
     return pos
+
+
+def _syncfs_reports_errors() -> bool:
+    """syncfs(2) returns writeback errors since Linux 5.8; before that it always returned 0."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 8)
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if _syncfs_reports_errors() else None
+
+
+def make_durable(fds: list[int]) -> None:
+    """What was written to these files survives a power loss once this returns.
+
+    A bundle appends to dozens of slot files: an fsync of each cost a journal commit each, most
+    of the cost of an append (75-140 us of CPU per file against 6-18 us, measured). So where the
+    kernel reports writeback errors from it, one syncfs(2) per filesystem flushes them all;
+    elsewhere each file is fsynced.
+    """
+    if _libc is None:
+        for fd in fds:
+            os.fsync(fd)
+        return
+    devices: dict[int, int] = {}
+    for fd in fds:
+        devices.setdefault(os.fstat(fd).st_dev, fd)
+    for fd in devices.values():
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs: {os.strerror(err)}")
 
 
 def cut_back(fd: int, size: int) -> None:
