@@ -6,7 +6,7 @@ Against the OSS test server (tests/oss_server.py, its own process) with `--laten
 to every request, as a store that far away would: `--files` sealed slot files of one small
 frame each (one app-hour each), archived first by `upload_sealed` one after the other in this
 process (what the Beat task did before), then, after sealing as many again, by the Beat sweep's
-fan-out: one `sluice.upload_file` task per file on an io worker with `--threads` threads.
+fan-out: one `sluice.upload_app_hour` task per file (each its own app-hour) on an io worker with `--threads` threads.
 Printed: objects/s and MB/s of each, and the ratio.
 """
 
@@ -86,7 +86,7 @@ def main() -> None:
         stack.start_io_worker(concurrency=args.threads)
         wait_until(lambda: "ready." in stack.service("io").log.read_text(), 120, "the io worker")
         start = time.perf_counter()
-        stack.start_beat()  # its first tick sweeps: one upload_file task per sealed file
+        stack.start_beat()  # its first tick sweeps: one upload_app_hour task per sealed file
         wait_until(lambda: r.hlen(SEALED_KEY) == 0, 1800, "every file archived", interval=0.05)
         rows.append((f"fan-out, one task per file, {args.threads} io threads", time.perf_counter() - start, nbytes))
     finally:

@@ -42,35 +42,47 @@ def app_hour_lock_key(app: str, hour: str) -> str:
 
 
 def upload_sealed(slots: Slots, store: Store, on_progress: Callable[[], object] = lambda: None) -> int:
-    """Archive every sealed file, one after the other; returns how many this call uploaded.
+    """Archive every sealed file, one app-hour after the other; returns how many this call
+    uploaded.
 
-    The workers fan the same work out as one `archive_one` task per file (tasks.upload); this
-    serial form is for one process (tests, the bench's reference). A failure (store down, a
+    The workers fan the same work out as one `archive_app_hour` task per app-hour (tasks.upload);
+    this serial form is for one process (tests, the bench's reference). A failure (store down, a
     damaged file) is logged and the others go on; UploadFailed at the end makes it visible.
     """
-    archived, failed = 0, []
-    for sealed in slots.sealed_files():
+    archived, failed = 0, 0
+    for files in by_app_hour(slots.sealed_files()).values():
         try:
-            archived += archive_one(slots, store, sealed)
-        except Exception as exc:  # noqa: BLE001 - one failure must not hold back the rest
-            log.error("archiving %s failed, will retry: %s", sealed.entry, exc)
-            failed.append(sealed.entry)
+            archived += archive_app_hour(slots, store, files)
+        except UploadFailed as exc:
+            failed += 1
+            log.error("%s", exc)
         on_progress()
     if failed:
-        raise UploadFailed(f"{len(failed)} sealed files not archived yet, e.g. {failed[0]}")
+        raise UploadFailed(f"{failed} app-hours not wholly archived yet")
     return archived
 
 
-def archive_one(slots: Slots, store: Store, sealed: SealedFile) -> int:
-    """Archive one sealed file unless it is archived already or its app-hour is being uploaded
-    right now; 1 if this call uploaded it.
+def by_app_hour(files: list[SealedFile]) -> dict[tuple[str, str], list[SealedFile]]:
+    """Sealed files grouped by their app-hour, in the order given."""
+    groups: dict[tuple[str, str], list[SealedFile]] = {}
+    for sealed in files:
+        groups.setdefault((sealed.app, sealed.hour), []).append(sealed)
+    return groups
+
+
+def archive_app_hour(slots: Slots, store: Store, files: list[SealedFile]) -> int:
+    """Archive these sealed files of one app-hour, except those archived already, unless the
+    app-hour is being uploaded right now; how many this call uploaded.
 
     One upload per app-hour at a time (a Redis lock whose lease a thread renews while the upload
     runs): so never two uploads of one file at once, and two late files of an app-hour never pick
-    the same object to merge into.
+    the same object to merge into. The files of an app-hour go one after the other under one
+    lock anyway, so they are one task: a task per file cost Celery's per-task work (and a
+    second task found the lock taken and waited for the next sweep). A file that fails is
+    logged and the others go on; UploadFailed at the end names it.
     """
-    lock = slots.r.lock(app_hour_lock_key(sealed.app, sealed.hour), timeout=APP_HOUR_LEASE_SECONDS,
-                        blocking=False)
+    app, hour = files[0].app, files[0].hour
+    lock = slots.r.lock(app_hour_lock_key(app, hour), timeout=APP_HOUR_LEASE_SECONDS, blocking=False)
     if not lock.acquire():
         return 0  # the next sweep sends it again
     done = threading.Event()
@@ -84,17 +96,29 @@ def archive_one(slots: Slots, store: Store, sealed: SealedFile) -> int:
 
     renewer = threading.Thread(target=renew, name="upload-lease", daemon=True)
     renewer.start()
+    archived, failed = 0, []
     try:
-        if not slots.is_sealed(sealed):
-            return 0  # archived by an earlier delivery
-        return _archive(slots, store, sealed)
+        for sealed in files:
+            if not slots.is_sealed(sealed):
+                continue  # archived by an earlier delivery
+            try:
+                archived += _archive(slots, store, sealed)
+            except RedisError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one failure must not hold back the rest
+                log.error("archiving %s failed, will retry: %s", sealed.entry, exc)
+                failed.append(sealed.entry)
     finally:
         done.set()
         renewer.join()
         try:
             lock.release()
         except LockError:
-            log.warning("upload of %s outlived its app-hour lease; uploads are idempotent", sealed.entry)
+            log.warning("upload of %s %s outlived its app-hour lease; uploads are idempotent", app, hour)
+    if failed:
+        raise UploadFailed(f"{len(failed)} of {len(files)} sealed files of {app} {hour} not archived "
+                           f"yet, e.g. {failed[0]}")
+    return archived
 
 
 NEW = "new"  # the plan of a file archived as an object of its own

@@ -28,7 +28,7 @@ app.conf.update(
     task_routes={
         "sluice.split": {"queue": "io"},
         "sluice.upload": {"queue": "io"},
-        "sluice.upload_file": {"queue": "io"},
+        "sluice.upload_app_hour": {"queue": "io"},
         "sluice.redrive": {"queue": "io"},
         "sluice.compress": {"queue": "cpu"},
     },

@@ -1,4 +1,5 @@
-"""upload [queue io], run by Beat: seal due slot files, then one `upload_file` task per sealed file.
+"""upload [queue io], run by Beat: seal due slot files, then one `upload_app_hour` task per app-hour
+with sealed files.
 
 Uploads are network-bound: against a store 50 ms away, thousands of app-hour files an hour took
 minutes one after the other in one task. Sent as tasks of their own they run on all io threads.
@@ -15,7 +16,7 @@ from sluice.redis_client import get_redis
 from sluice.settings import get_settings
 from sluice.slots import SealedFile
 from sluice.ledger import QUEUED_TTL_SECONDS
-from sluice.uploader import UploadFailed, app_hour_lock_key, archive_one
+from sluice.uploader import app_hour_lock_key, archive_app_hour, by_app_hour
 from tasks.app import app, waiting_task_ids
 from tasks.deps import ledger, slots, store
 
@@ -24,15 +25,15 @@ log = get_task_logger(__name__)
 SWEEP_LOCK = "sluice:lock:sweep"
 
 
-def _queued_key(entry: str) -> str:
-    """The id of the last upload task sent for this sealed file."""
-    return f"sluice:upload-queued:{entry}"
+def _queued_key(app: str, hour: str) -> str:
+    """The id of the last upload task sent for this app-hour."""
+    return f"sluice:upload-queued:{app}|{hour}"
 
 
 @app.task(name="sluice.upload", autoretry_for=(redis.RedisError,), max_retries=3)
 def upload() -> int:
-    """Seal what is due and send an upload task for every sealed file that has none queued;
-    returns how many were sent. One sweep at a time: a second Beat tick just returns."""
+    """Seal what is due and send an upload task for every app-hour with sealed files that has
+    none queued; returns how many were sent. One sweep at a time: a second Beat tick just returns."""
     settings = get_settings()
     r = get_redis()
     lock = r.lock(SWEEP_LOCK, timeout=max(30.0, settings.upload_interval_seconds * 4), blocking=False)
@@ -41,30 +42,30 @@ def upload() -> int:
     try:
         ledger().drop_orphan_pieces(older_than=settings.redrive_after_seconds)
         sealed = slots().seal_due()
-        files = slots().sealed_files()
+        groups = by_app_hour(slots().sealed_files())
         with r.pipeline(transaction=False) as pipe:  # one round trip, however many files wait
-            for file in files:
-                pipe.get(_queued_key(file.entry))
-                pipe.exists(app_hour_lock_key(file.app, file.hour))
-            replies = pipe.execute() if files else []
+            for app_name, hour in groups:
+                pipe.get(_queued_key(app_name, hour))
+                pipe.exists(app_hour_lock_key(app_name, hour))
+            replies = pipe.execute() if groups else []
         queued, busy = replies[0::2], replies[1::2]
         waiting = waiting_task_ids(r, ("io",)) if any(q is not None for q in queued) else set()
-        due = [file for file, task, locked in zip(files, queued, busy)
-               # Its task still waits in the queue, or its app-hour is being uploaded right now
+        due = [files for files, task, locked in zip(groups.values(), queued, busy)
+               # Its task still waits in the queue, or the app-hour is being uploaded right now
                # (the next sweep looks again). Otherwise never sent, done, or lost with a killed
                # worker: send it (a repeat is harmless).
                if not (task is not None and task.decode() in waiting) and not locked]
         task_ids = [uuid.uuid4().hex for _ in due]
         with r.pipeline(transaction=False) as pipe:
-            for file, task_id in zip(due, task_ids):
-                pipe.set(_queued_key(file.entry), task_id, ex=QUEUED_TTL_SECONDS)
+            for files, task_id in zip(due, task_ids):
+                pipe.set(_queued_key(files[0].app, files[0].hour), task_id, ex=QUEUED_TTL_SECONDS)
             pipe.execute()
-        for file, task_id in zip(due, task_ids):
-            app.send_task("sluice.upload_file", args=[file.entry, file.size], queue="io", task_id=task_id)
-        sent = len(due)
-        if sealed or sent:
-            log.info("sealed %d slot files, sent %d uploads", sealed, sent)
-        return sent
+        for files, task_id in zip(due, task_ids):
+            app.send_task("sluice.upload_app_hour", queue="io", task_id=task_id,
+                          args=[files[0].app, files[0].hour, [[f.fid, f.size] for f in files]])
+        if sealed or due:
+            log.info("sealed %d slot files, sent uploads of %d app-hours", sealed, len(due))
+        return len(due)
     finally:
         try:
             lock.release()
@@ -72,16 +73,11 @@ def upload() -> int:
             log.warning("sweep outlived its lock; uploads are idempotent, so no harm done")
 
 
-@app.task(name="sluice.upload_file", autoretry_for=(redis.RedisError,), max_retries=3)
-def upload_file(entry: str, size: int) -> int:
-    """Archive one sealed file (idempotent); a failure is logged and the next sweep resends it."""
-    sealed = SealedFile.from_entry(entry, size)
+@app.task(name="sluice.upload_app_hour", autoretry_for=(redis.RedisError,), max_retries=3)
+def upload_app_hour(app_name: str, hour: str, files: list[list]) -> int:
+    """Archive the sealed files (fid, size) of one app-hour (idempotent); a failure is logged,
+    the task shows as failed in Flower, and the next sweep sends what is left again."""
     try:
-        return archive_one(slots(), store(), sealed)
-    except redis.RedisError:
-        raise
-    except Exception as exc:  # the file stays sealed; the next sweep resends it
-        log.error("archiving %s failed, will retry: %s", entry, exc)
-        raise UploadFailed(f"{entry} not archived yet: {exc}") from None  # shown as failed in Flower
+        return archive_app_hour(slots(), store(), [SealedFile(app_name, hour, fid, size) for fid, size in files])
     finally:
-        get_redis().delete(_queued_key(entry))
+        get_redis().delete(_queued_key(app_name, hour))
