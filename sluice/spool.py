@@ -31,6 +31,20 @@ from typing import Iterator
 FILE_LOCK_WAIT_SECONDS = 1.0
 
 
+def _syncfs_reports_errors() -> bool:
+    """syncfs(2) returns writeback errors since Linux 5.8; before that it always returned 0."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 8)
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if _syncfs_reports_errors() else None
+
+
 class SpoolDamaged(Exception):
     """A slot file is shorter than its committed size: the spool lost data outside sluice."""
 
@@ -64,7 +78,8 @@ def locked_file(path: Path, create: bool = False,
     """A read-write descriptor of `path` under an exclusive flock, released on exit.
 
     FileNotFoundError if the path is gone or was renamed while we waited for the lock (a seal
-    moved it), so the descriptor always belongs to the file now at `path`.
+    moved it), so the descriptor always belongs to the file now at `path`. A file created here
+    is durable, name and all, once `make_durable` has run on it.
     """
     fd = _open(path, create)
     try:
@@ -88,14 +103,18 @@ def _open(path: Path, create: bool) -> int:
     if not create:
         return os.open(path, os.O_RDWR)
     for attempt in range(3):  # a seal may remove the empty hour directory between the two calls
-        durable_mkdir(path.parent)
+        if _libc is None:
+            durable_mkdir(path.parent)
+        else:  # make_durable's syncfs makes the new names durable with the bytes written after them
+            path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:
             if attempt == 2:
                 raise
             continue
-        fsync_dir(path.parent)  # the new name survives a power loss, like the bytes after it
+        if _libc is None:
+            fsync_dir(path.parent)  # the new name survives a power loss, like the bytes after it
         return fd
     raise AssertionError("unreachable")
 
@@ -148,27 +167,14 @@ def write_at(fd: int, data: bytes, at: int) -> int:
     return pos
 
 
-def _syncfs_reports_errors() -> bool:
-    """syncfs(2) returns writeback errors since Linux 5.8; before that it always returned 0."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) >= (5, 8)
-
-
-_libc = ctypes.CDLL(None, use_errno=True) if _syncfs_reports_errors() else None
-
-
 def make_durable(fds: list[int]) -> None:
     """What was written to these files survives a power loss once this returns.
 
     A bundle appends to dozens of slot files: an fsync of each cost a journal commit each, most
     of the cost of an append (75-140 us of CPU per file against 6-18 us, measured). So where the
-    kernel reports writeback errors from it, one syncfs(2) per filesystem flushes them all;
-    elsewhere each file is fsynced.
+    kernel reports writeback errors from it, one syncfs(2) per filesystem flushes them all, and
+    the names of files and directories `locked_file` created with them; elsewhere each file is
+    fsynced (and `locked_file` fsynced the new names already).
     """
     if _libc is None:
         for fd in fds:
