@@ -109,8 +109,8 @@ class Bridge:
             first = fresh[0].first if hwm is None else max(fresh[0].first, hwm + 1)
             last = fresh[-1].last
             bid = batch_id(tp.topic, tp.partition, first, last, mark.incarnation)
-            payload = b"".join(c.data for c in fresh)
-            if not self._room_for(len(payload)):
+            payload = [c.data for c in fresh]
+            if not self._room_for(sum(len(part) for part in payload)):
                 raise NoRoom(bid)
             at_last = last_record(fresh[-1])
             mark_print = fingerprint(at_last) if at_last is not None and at_last.offset == last else ""
