@@ -62,8 +62,9 @@ class Settings(BaseSettings):
     # Compression and slot files.
     zstd_level: int = Field(3, ge=1, le=22)
     slots_per_app: int = Field(10, ge=1, le=1000)
-    # Pieces of a batch are compressed in tasks of about this many bytes (see bundle_pieces).
-    compress_bundle_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    # Pieces of a batch are compressed in tasks of about this many bytes (see bundle_pieces): two
+    # tasks per full batch keep two cpu processes busy; smaller ones cost more in task overhead.
+    compress_bundle_bytes: int = Field(8 * 1024 * 1024, gt=0)
     compress_time_limit: float = Field(120.0, gt=0)
     # A slot lock outlives the hard time limit of the task holding it, so a stalled writer is
     # killed by Celery before anyone else can take its slot.
