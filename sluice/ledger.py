@@ -200,19 +200,21 @@ class Ledger:
                 return b""
             return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
 
-    def commit_split(self, bid: str, groups: dict[str, bytes]) -> bool:
-        """Record the pieces of a handed-over batch; False if it was already split.
+    def commit_split(self, bid: str, groups: dict[str, bytes], records: dict[str, int] | None = None) -> bool:
+        """Record the pieces of a handed-over batch (and how many records, lines, each holds);
+        False if it was already split.
 
         The pieces are written once, to one file of the spool (fsynced before Redis refers to
-        it); Redis keeps only where each lies. Each delivery writes a file of its own, so a
-        duplicate that loses the race removes just its own.
+        it); Redis keeps only where each lies, "token:offset:length:records". Each delivery
+        writes a file of its own, so a duplicate that loses the race removes just its own.
         """
         token = uuid.uuid4().hex[:12]
         path = self.pieces_path(bid, token)
         args: list[str] = []
         offset = 0
         for piece, data in groups.items():
-            args += [piece, f"{token}:{offset}:{len(data)}"]
+            count = records[piece] if records is not None else data.count(b"\n")
+            args += [piece, f"{token}:{offset}:{len(data)}:{count}"]
             offset += len(data)
         _write_durably(path, groups.values())
         try:
@@ -233,23 +235,24 @@ class Ledger:
     def pending_pieces(self, bid: str) -> list[str]:
         return sorted(p.decode() for p in self.r.smembers(pending_key(bid)))
 
-    def pieces_data(self, bid: str, pieces: list[str]) -> list[bytes | None]:
-        """Data of each piece; None for a piece already appended."""
+    def pieces_data(self, bid: str, pieces: list[str]) -> list[tuple[bytes, int] | None]:
+        """Data and record count of each piece; None for a piece already appended."""
         refs = self.r.hmget(groups_key(bid), pieces) if pieces else []
-        out: list[bytes | None] = []
+        out: list[tuple[bytes, int] | None] = []
         files: dict[str, int] = {}
         try:
             for ref in refs:
                 if ref is None:
                     out.append(None)
                     continue
-                token, offset, length = ref.decode().split(":")
+                token, offset, length, *count = ref.decode().split(":")
                 if token not in files:
                     files[token] = os.open(self.pieces_path(bid, token), os.O_RDONLY)
                 data = os.pread(files[token], int(length), int(offset))
                 if len(data) != int(length):
                     raise IOError(f"pieces file of {bid} is shorter than its index says")
-                out.append(data)
+                # A ref written before counts were kept has none: count the lines.
+                out.append((data, int(count[0]) if count else data.count(b"\n")))
         finally:
             for fd in files.values():
                 os.close(fd)
@@ -259,7 +262,7 @@ class Ledger:
         """Pending pieces of a batch and their sizes in bytes."""
         pieces = self.pending_pieces(bid)
         refs = self.r.hmget(groups_key(bid), pieces) if pieces else []
-        return {piece: int(ref.decode().rsplit(":", 1)[1]) for piece, ref in zip(pieces, refs) if ref}
+        return {piece: int(ref.decode().split(":")[2]) for piece, ref in zip(pieces, refs) if ref}
 
     def drop_orphan_pieces(self, older_than: float) -> int:
         """Pieces files of batches no longer in flight (a worker died between the last commit

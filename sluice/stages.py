@@ -20,7 +20,8 @@ def split_batch(ledger: Ledger, router: Router, bid: str) -> None:
     topic, partition, first, last = parse_batch_id(bid)
     groups = router.group(records(ledger.load_payload(bid), first, last), topic, partition)
     # An empty last line makes join end each piece with a newline, without copying it again.
-    ledger.commit_split(bid, {piece_name(a, h): b"\n".join(lines + [b""]) for (a, h), lines in groups.items()})
+    ledger.commit_split(bid, {piece_name(a, h): b"\n".join(lines + [b""]) for (a, h), lines in groups.items()},
+                        {piece_name(a, h): len(lines) for (a, h), lines in groups.items()})
 
 
 def compress_pieces(ledger: Ledger, slots: Slots, cctx: zstandard.ZstdCompressor,
@@ -28,10 +29,11 @@ def compress_pieces(ledger: Ledger, slots: Slots, cctx: zstandard.ZstdCompressor
     """One frame per piece still pending, announced with the piece's id (sluice.frames) and
     appended exactly once; how many this call appended."""
     frames = []
-    for piece, data in zip(pieces, ledger.pieces_data(bid, pieces)):
-        if data is None:  # appended by an earlier delivery
+    for piece, found in zip(pieces, ledger.pieces_data(bid, pieces)):
+        if found is None:  # appended by an earlier delivery
             continue
+        data, records = found
         app, hour = split_piece(piece)
         frame = announce(f"{bid}|{piece}", cctx.compress(data))
-        frames.append(Frame(app, hour, frame, data.count(b"\n")))
+        frames.append(Frame(app, hour, frame, records))
     return slots.append_many(bid, frames) if frames else 0
