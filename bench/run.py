@@ -42,8 +42,10 @@ from sluice.store import FileStore  # noqa: E402
 from sluice.uploader import upload_sealed  # noqa: E402
 
 
-# Files are sealed once idle this long in the end-to-end run (the default is 300 s).
+# Files are sealed once idle this long in the end-to-end run (the default is 300 s), and Beat
+# sweeps this often (the default is 30 s): short, so the run ends with every object uploaded.
 SEAL_AGE_SECONDS = 5.0
+UPLOAD_INTERVAL_SECONDS = 5.0
 
 
 def timed(fn, *args):
@@ -151,6 +153,8 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=200)
     parser.add_argument("--seal-age", type=float, default=SEAL_AGE_SECONDS,
                         help="SLUICE_SEAL_AGE_SECONDS of the end-to-end run")
+    parser.add_argument("--upload-interval", type=float, default=UPLOAD_INTERVAL_SECONDS,
+                        help="SLUICE_UPLOAD_INTERVAL_SECONDS of the end-to-end run (Beat's sweep)")
     parser.add_argument("--e2e-only", action="store_true", help="skip the stage-by-stage part")
     parser.add_argument("--runs", type=int, default=1,
                         help="end-to-end runs; with more than one, the median of each figure is printed too "
@@ -168,7 +172,8 @@ def main() -> None:
     if not args.e2e_only:
         stages(work / "stages", lines, nbytes, zstd_s)
 
-    runs = [end_to_end(work / f"e2e-{i}", lines, nbytes, args.seal_age) for i in range(args.runs)]
+    runs = [end_to_end(work / f"e2e-{i}", lines, nbytes, args.seal_age, args.upload_interval)
+            for i in range(args.runs)]
     if args.runs > 1:
         print(f"\n{'over ' + str(args.runs) + ' end-to-end runs':<56}{'median':>9}{'min':>9}{'max':>9}")
         for key in runs[0][1]:
@@ -196,11 +201,12 @@ def bare_consumer(bootstrap: str, records: int, group: str | None) -> dict[str, 
     return {"wall": result["done"] - start, "cpu": result["cpu"]}
 
 
-def end_to_end(workdir: Path, lines: list[bytes], nbytes: int,
-               seal_age: float = SEAL_AGE_SECONDS) -> tuple[Path, dict[str, float]]:
+def end_to_end(workdir: Path, lines: list[bytes], nbytes: int, seal_age: float = SEAL_AGE_SECONDS,
+               upload_interval: float = UPLOAD_INTERVAL_SECONDS) -> tuple[Path, dict[str, float]]:
     """Data waits in Kafka; clock from bridge start to every record compressed, then uploaded.
     Prints the run's figures; returns the archive and the headline figures."""
-    stack = LocalStack(workdir, {"SLUICE_SEAL_AGE_SECONDS": str(seal_age), "SLUICE_UPLOAD_INTERVAL_SECONDS": "1",
+    stack = LocalStack(workdir, {"SLUICE_SEAL_AGE_SECONDS": str(seal_age),
+                                 "SLUICE_UPLOAD_INTERVAL_SECONDS": str(upload_interval),
                                  "SLUICE_KAFKA_SESSION_TIMEOUT_MS": "6000",
                                  "SLUICE_KAFKA_HEARTBEAT_INTERVAL_MS": "500"})
     mb = nbytes / 1e6
