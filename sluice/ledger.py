@@ -245,14 +245,13 @@ class Ledger:
                 if ref is None:
                     out.append(None)
                     continue
-                token, offset, length, *count = ref.decode().split(":")
+                token, offset, length, count = _piece_ref(ref)
                 if token not in files:
                     files[token] = os.open(self.pieces_path(bid, token), os.O_RDONLY)
-                data = os.pread(files[token], int(length), int(offset))
-                if len(data) != int(length):
+                data = os.pread(files[token], length, offset)
+                if len(data) != length:
                     raise IOError(f"pieces file of {bid} is shorter than its index says")
-                # A ref written before counts were kept has none: count the lines.
-                out.append((data, int(count[0]) if count else data.count(b"\n")))
+                out.append((data, count if count is not None else data.count(b"\n")))
         finally:
             for fd in files.values():
                 os.close(fd)
@@ -262,7 +261,7 @@ class Ledger:
         """Pending pieces of a batch and their sizes in bytes."""
         pieces = self.pending_pieces(bid)
         refs = self.r.hmget(groups_key(bid), pieces) if pieces else []
-        return {piece: int(ref.decode().split(":")[2]) for piece, ref in zip(pieces, refs) if ref}
+        return {piece: _piece_ref(ref)[2] for piece, ref in zip(pieces, refs) if ref}
 
     def drop_orphan_pieces(self, older_than: float) -> int:
         """Pieces files of batches no longer in flight (a worker died between the last commit
@@ -315,6 +314,13 @@ class Ledger:
         """Bytes of the handed-over batches not yet all appended: payloads and pieces in Redis
         or the spool (the backpressure bound)."""
         return int(self.r.get(INFLIGHT_BYTES_KEY) or 0)
+
+
+def _piece_ref(ref: bytes) -> tuple[str, int, int, int | None]:
+    """(pieces file token, offset, length, records) from a piece's ref as commit_split writes it;
+    records is None in a ref written before counts were kept."""
+    token, offset, length, *count = ref.decode().split(":")
+    return token, int(offset), int(length), int(count[0]) if count else None
 
 
 def drop_pieces(spool_dir: Path, bid: str) -> None:

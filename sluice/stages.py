@@ -19,9 +19,10 @@ def split_batch(ledger: Ledger, router: Router, bid: str) -> None:
         return
     topic, partition, first, last = parse_batch_id(bid)
     groups = router.group(records(ledger.load_payload(bid), first, last), topic, partition)
+    pieces = {piece_name(app, hour): lines for (app, hour), lines in groups.items()}
     # An empty last line makes join end each piece with a newline, without copying it again.
-    ledger.commit_split(bid, {piece_name(a, h): b"\n".join(lines + [b""]) for (a, h), lines in groups.items()},
-                        {piece_name(a, h): len(lines) for (a, h), lines in groups.items()})
+    ledger.commit_split(bid, {piece: b"\n".join(lines + [b""]) for piece, lines in pieces.items()},
+                        {piece: len(lines) for piece, lines in pieces.items()})
 
 
 def compress_pieces(ledger: Ledger, slots: Slots, cctx: zstandard.ZstdCompressor,
