@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sluice import sample
-from sluice.local import PROJECT_ROOT
+from devstack import sample
+from devstack.local import PROJECT_ROOT
 
 APPS = 200
 START = 1_767_225_600.0  # 2026-01-01T00:00:00Z

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.dataset import dataset  # noqa: E402
 from sluice.frames import announce  # noqa: E402
-from sluice.local import LocalStack, wait_until  # noqa: E402
+from devstack.local import FAST_GROUP_JOIN, start_pipeline, wait_until  # noqa: E402
 from sluice.store import object_key  # noqa: E402
 
 APP, HOUR = "big", "2026010100"
@@ -101,15 +101,8 @@ def freshness(seconds: int) -> None:
     from kafka import KafkaProducer
 
     with tempfile.TemporaryDirectory(prefix="sluice-fresh-bench-") as tmp:
-        stack = LocalStack(Path(tmp))
+        stack = start_pipeline(Path(tmp), base_env=FAST_GROUP_JOIN)
         try:
-            stack.start_redis()
-            stack.start_kafka()
-            stack.create_topic("logs", 4)
-            stack.start_io_worker()
-            stack.start_cpu_worker()
-            stack.start_beat()
-            stack.start_bridge()
             follower = subprocess.Popen([sys.executable, "-m", "sluice.cli", "fetch", "--app", "fresh",
                                          "--since=-1m", "--follow"], env=stack.env(), stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL)

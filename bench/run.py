@@ -31,15 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cpu import group_cpu_seconds  # noqa: E402
 from bench.dataset import dataset, read_lines  # noqa: E402
 from bridge.consumer import Bridge  # noqa: E402
-from sluice import progress  # noqa: E402
-from sluice.ledger import INFLIGHT_KEY, Ledger, bundle_pieces  # noqa: E402
-from sluice.local import LocalStack, wait_until  # noqa: E402
+from devstack import progress  # noqa: E402
+from sluice import schema  # noqa: E402
+from sluice.appends import Appender  # noqa: E402
+from sluice.batches import Batches  # noqa: E402
+from devstack.local import FAST_GROUP_JOIN, LocalStack, fast_settings, start_pipeline, wait_until  # noqa: E402
 from sluice.records import Router  # noqa: E402
 from sluice.settings import Settings  # noqa: E402
-from sluice.slots import Slots  # noqa: E402
-from sluice.stages import compress_pieces, split_batch  # noqa: E402
+from sluice.sealing import Sealer  # noqa: E402
+from sluice.stages import bundle_pieces, compress_pieces, split_batch  # noqa: E402
 from sluice.store import FileStore  # noqa: E402
-from sluice.uploader import upload_sealed  # noqa: E402
+from sluice.uploader import Uploader  # noqa: E402
+from devstack.serial_upload import upload_sealed  # noqa: E402
 
 
 # Files are sealed once idle this long in the end-to-end run (the default is 300 s), and Beat
@@ -85,7 +88,7 @@ def load_topic(bootstrap: str, lines: list[bytes]) -> None:
 def bench_bridge(stack: LocalStack, settings: Settings, r: redis.Redis, total: int) -> float:
     """Seconds per record stream: first to last hand-over, so the group join is not counted."""
     times: list[float] = []
-    bridge = Bridge(settings, Ledger(r, settings), send_split=lambda bid: times.append(time.perf_counter()))
+    bridge = Bridge(settings, r, send_split=lambda bid: times.append(time.perf_counter()))
     stop = threading.Event()
     thread = threading.Thread(target=bridge.run, args=(stop,))
     thread.start()
@@ -103,27 +106,24 @@ def stages(workdir: Path, lines: list[bytes], nbytes: int, zstd_s: float) -> Non
     rows: list[tuple[str, float]] = [("zstd -3 CLI, 1 core (reference)", zstd_s)]
     stack = LocalStack(workdir)
     try:
-        stack.start_redis()
-        stack.start_kafka()
-        stack.create_topic("logs", 4)
-        settings = Settings(redis_url=stack.redis_url, kafka_bootstrap=stack.bootstrap,
-                            spool_dir=workdir / "spool", store_url=f"file://{workdir / 'archive'}",
-                            kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=500,
-                            # the bridge runs alone here, nothing drains what it hands over
-                            max_inflight_bytes=nbytes * 2)
+        stack.start_services()
+        settings = fast_settings(redis_url=stack.redis_url, kafka_bootstrap=stack.bootstrap,
+                                 spool_dir=workdir / "spool", store_url=f"file://{workdir / 'archive'}",
+                                 # the bridge runs alone here, nothing drains what it hands over
+                                 max_inflight_bytes=nbytes * 2)
         r = redis.Redis.from_url(stack.redis_url)
-        ledger, slots = Ledger(r, settings), Slots(r, settings)
+        batches, appender = Batches(r, settings), Appender(r, settings)
 
         load_topic(stack.bootstrap, lines)
         rows.append(("bridge: consume + hand-over", bench_bridge(stack, settings, r, nrec)))
 
         # split: what the split task does with each handed-over batch (payloads are in Redis).
         router = Router(settings.app_id_source, settings.timestamp_field, settings.record_max_bytes)
-        bids = [k.decode() for k in r.zrange(INFLIGHT_KEY, 0, -1)]
+        bids = [k.decode() for k in r.zrange(schema.INFLIGHT, 0, -1)]
 
         def split_all() -> None:
             for bid in bids:
-                split_batch(ledger, router, bid)
+                split_batch(batches, router, bid)
         rows.append(("split: group by app-hour", timed(split_all)[0]))
 
         import zstandard
@@ -131,14 +131,14 @@ def stages(workdir: Path, lines: list[bytes], nbytes: int, zstd_s: float) -> Non
 
         def compress_all() -> int:
             """What the compress tasks do, one bundle after the other."""
-            return sum(compress_pieces(ledger, slots, cctx, bid, bundle) for bid in bids
-                       for bundle in bundle_pieces(ledger.pending_sizes(bid), settings.compress_bundle_bytes))
+            return sum(compress_pieces(batches, appender, cctx, bid, bundle) for bid in bids
+                       for bundle in bundle_pieces(batches.pending_sizes(bid), settings.compress_bundle_bytes))
         compress_s, pieces = timed(compress_all)
         rows.append((f"compress + append ({pieces:,} pieces)", compress_s))
 
         def upload_all() -> int:
-            slots.seal_due(now=time.time() + settings.seal_age_seconds + 1)
-            return upload_sealed(slots, FileStore(workdir / "archive"))
+            Sealer(r, settings).seal_due(now=time.time() + settings.seal_age_seconds + 1)
+            return upload_sealed(Uploader(r, settings, FileStore(workdir / "archive")))
         rows.append(("upload to file store", timed(upload_all)[0]))
     finally:
         stack.close()
@@ -205,25 +205,25 @@ def end_to_end(workdir: Path, lines: list[bytes], nbytes: int, seal_age: float =
                upload_interval: float = UPLOAD_INTERVAL_SECONDS) -> tuple[Path, dict[str, float]]:
     """Data waits in Kafka; clock from bridge start to every record compressed, then uploaded.
     Prints the run's figures; returns the archive and the headline figures."""
-    stack = LocalStack(workdir, {"SLUICE_SEAL_AGE_SECONDS": str(seal_age),
-                                 "SLUICE_UPLOAD_INTERVAL_SECONDS": str(upload_interval),
-                                 "SLUICE_KAFKA_SESSION_TIMEOUT_MS": "6000",
-                                 "SLUICE_KAFKA_HEARTBEAT_INTERVAL_MS": "500"})
     mb = nbytes / 1e6
-    try:
-        stack.start_redis()
-        stack.start_kafka()
-        stack.create_topic("logs", 4)
+    bare: dict[str, float] = {}
+    unjoined: dict[str, float] = {}
+
+    def fill_and_read_bare(stack: LocalStack) -> None:
+        """Data waits in Kafka; the bare consumer reads it all before any sluice process starts."""
         load_topic(stack.bootstrap, lines)
-        bare = bare_consumer(stack.bootstrap, len(lines), "bench-bare")
-        unjoined = bare_consumer(stack.bootstrap, len(lines), None)
-        stack.start_io_worker(concurrency=8)
-        stack.start_cpu_worker(concurrency=2)
-        stack.start_beat()
+        bare.update(bare_consumer(stack.bootstrap, len(lines), "bench-bare"))
+        unjoined.update(bare_consumer(stack.bootstrap, len(lines), None))
+
+    # Defaults but for the sweep (so the run ends with every object uploaded) and the group join.
+    stack = start_pipeline(workdir, bridge=False, base_env=FAST_GROUP_JOIN, before_workers=fill_and_read_bare,
+                           SLUICE_SEAL_AGE_SECONDS=str(seal_age),
+                           SLUICE_UPLOAD_INTERVAL_SECONDS=str(upload_interval))
+    try:
         r = redis.Redis.from_url(stack.redis_url)
         services = [s for s in stack.services if s.name != "tansu"]
         # Start-up is not per MB: the workers' and Beat's CPU counts from when they are ready.
-        for name, line in (("io", "ready."), ("cpu", "ready."), ("beat", "beat: Starting")):
+        for name, line in (("io", "ready."), ("cpu0", "ready."), ("beat", "beat: Starting")):
             log = stack.service(name).log
             wait_until(lambda: line in log.read_text(), 120, f"{name} to be ready")
         cpu_before = {s.name: group_cpu_seconds(s.proc.pid) for s in services}
@@ -244,7 +244,7 @@ def end_to_end(workdir: Path, lines: list[bytes], nbytes: int, seal_age: float =
             handed = progress.handed_over(r)
             mark("first batch handed over", handed > 0)
             mark("all handed over", handed >= len(lines))
-            if mark("all compressed", progress.compressed(r) >= len(lines) and r.zcard(INFLIGHT_KEY) == 0) \
+            if mark("all compressed", progress.compressed(r) >= len(lines) and r.zcard(schema.INFLIGHT) == 0) \
                     and not cpu_at:
                 cpu_at.update({s.name: group_cpu_seconds(s.proc.pid) - cpu_before[s.name] for s in services})
             return mark("all uploaded", progress.settled(r, len(lines)))

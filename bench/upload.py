@@ -25,31 +25,34 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sluice.ledger import Ledger, piece_name  # noqa: E402
-from sluice.local import LocalStack, free_port, port_open, wait_until  # noqa: E402
+from sluice import schema  # noqa: E402
+from sluice.appends import Appender  # noqa: E402
+from sluice.batches import Batches  # noqa: E402
+from devstack.local import LocalStack, free_port, port_open, wait_until  # noqa: E402
 from sluice.settings import Settings  # noqa: E402
-from sluice.slots import SEALED_KEY, Slots  # noqa: E402
+from sluice.sealing import Sealer  # noqa: E402
 from sluice.stages import compress_pieces  # noqa: E402
 from sluice.store import open_store  # noqa: E402
-from sluice.uploader import upload_sealed  # noqa: E402
+from sluice.uploader import Uploader  # noqa: E402
+from devstack.serial_upload import upload_sealed  # noqa: E402
 
 BUCKET, KEY_ID, SECRET = "bench", "bench-key-id", "bench-key-secret"
 
 
 def seal_files(settings: Settings, r: redis.Redis, count: int, first_hour: int) -> int:
     """`count` sealed files, one per app-hour; returns their bytes."""
-    ledger, slots = Ledger(r, settings), Slots(r, settings)
+    batches, appender = Batches(r, settings), Appender(r, settings)
     cctx = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True)
     for i in range(count):
         app, hour = f"app-{i % 100:03d}", time.strftime("%Y%m%d%H", time.gmtime((first_hour + i // 100) * 3600))
-        piece, bid = piece_name(app, hour), f"bench:{first_hour}:{i}-{i}"
+        piece, bid = schema.app_hour(app, hour), f"bench:{first_hour}:{i}-{i}"
         data = b"".join(b'{"app":"%s","n":%d,"pad":"%s"}\n' % (app.encode(), n, os.urandom(24).hex().encode())
                         for n in range(100))
-        r.set(f"sluice:b:{bid}:state", "handed")
-        ledger.commit_split(bid, {piece: data})
-        compress_pieces(ledger, slots, cctx, bid, [piece])
-    slots.seal_due(now=4_000_000_000.0)
-    return sum(int(size) for size in r.hgetall(SEALED_KEY).values())
+        r.set(schema.batch_state(bid), schema.BatchState.HANDED.value)
+        batches.commit_split(bid, {piece: data})
+        compress_pieces(batches, appender, cctx, bid, [piece])
+    Sealer(r, settings).seal_due(now=4_000_000_000.0)
+    return sum(int(size) for size in r.hgetall(schema.SEALED).values())
 
 
 def main() -> None:
@@ -79,7 +82,7 @@ def main() -> None:
 
         nbytes = seal_files(settings, r, args.files, first_hour=480_000)
         start = time.perf_counter()
-        upload_sealed(Slots(r, settings), open_store(settings))
+        upload_sealed(Uploader(r, settings, open_store(settings)))
         rows.append(("serial sweep (one task, one file after another)", time.perf_counter() - start, nbytes))
 
         nbytes = seal_files(settings, r, args.files, first_hour=490_000)
@@ -87,7 +90,7 @@ def main() -> None:
         wait_until(lambda: "ready." in stack.service("io").log.read_text(), 120, "the io worker")
         start = time.perf_counter()
         stack.start_beat()  # its first tick sweeps: one upload_app_hour task per sealed file
-        wait_until(lambda: r.hlen(SEALED_KEY) == 0, 1800, "every file archived", interval=0.05)
+        wait_until(lambda: r.hlen(schema.SEALED) == 0, 1800, "every file archived", interval=0.05)
         rows.append((f"fan-out, one task per file, {args.threads} io threads", time.perf_counter() - start, nbytes))
     finally:
         stack.close()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what sluice needs on a fresh Debian/Ubuntu machine: the system tools it starts or
 # calls (redis-server, zstd, kcat; docker-compose with --test), and a virtualenv in .venv with
-# the pinned Python packages and sluice itself. Safe to run again: it only adds what is missing.
+# sluice, its pinned runtime packages and the pinned development ones (pyproject.toml, extra
+# "dev": the local broker, the tests, the lint gate). Safe to run again: it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,5 +23,4 @@ if ((${#packages[@]})); then
 fi
 
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'

@@ -11,7 +11,8 @@ import threading
 
 import redis
 
-from sluice.fetch import Fetch, Query, SpoolReader, parse_when
+from sluice.fetch import Fetch, Query, SpoolReader
+from sluice.timewindow import parse_when
 from sluice.settings import Settings, get_settings
 from sluice.store import open_store
 

@@ -12,81 +12,26 @@ and changes nothing in the spool.
 from __future__ import annotations
 
 import os
-import heapq
-import queue
 import re
-import struct
-import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from operator import itemgetter
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable
 
-import orjson
 import redis
 
-from sluice.frames import Damaged, read_frames
-from sluice.records import QUARANTINE_APP, hour_start, looks_like_json_object, parse_timestamp, valid_app_id
-from sluice.slots import committed_files
+from sluice.external_sort import HourSorter
+from sluice.frames import read_frames
+from sluice.read_ahead import Frames, read_ahead
+from sluice.records import QUARANTINE_APP, event_time, hour_start, valid_app_id
+from sluice.sealed import committed_files
 from sluice.spool import Spool
-from sluice.store import Store, hour_prefix, lineage, live_keys
+from sluice.store import Store, hour_prefix, live_keys, open_newest
+from sluice.timewindow import hours_between
 
-# Objects read (and decompressed: zstd lets go of the GIL) at once; store reads are network-bound.
-READ_THREADS = 8
-# Decompressed frames a reader may hold ahead of the printer, per object.
-READ_AHEAD = 1
 # How often --follow looks for new records.
 FOLLOW_SECONDS = 0.5
-# --sort keeps at most about this many bytes of lines in memory; more go to sorted runs on disk.
-SORT_BUFFER_BYTES = 64 * 1024 * 1024
-_RUN_ENTRY = struct.Struct("<dI")  # event time, line length
-
-_RELATIVE = re.compile(r"-?(\d+)([smhd])")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-Frames = Iterator[tuple[str | None, bytes]]
-
-
-def parse_when(text: str, now: datetime | None = None) -> datetime:
-    """ISO 8601 (UTC if no zone), epoch seconds, 'now', or a relative '-15m' / '2h' / '1d' ago."""
-    now = now or datetime.now(timezone.utc)
-    text = text.strip()
-    if text == "now":
-        return now
-    if match := _RELATIVE.fullmatch(text):
-        try:
-            return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-        except OverflowError:
-            raise ValueError(f"{text!r} reaches back before year 1") from None
-    seconds = parse_timestamp(text)
-    if seconds is None:
-        raise ValueError(f"cannot read {text!r} as a time: use ISO 8601, epoch seconds, 'now' or '-2h'")
-    return datetime.fromtimestamp(seconds, timezone.utc)
-
-
-def hours_between(since: datetime, until: datetime) -> list[str]:
-    """Every YYYYMMDDHH hour that overlaps [since, until)."""
-    if until <= since:
-        return []
-    hour = since.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
-    hours = []
-    while hour < until:
-        hours.append(hour.strftime("%Y%m%d%H"))
-        hour += timedelta(hours=1)
-    return hours
-
-
-def _event_time(line: bytes, field_name: str) -> float | None:
-    if not field_name or not looks_like_json_object(line):
-        return None
-    try:
-        doc = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
-    return parse_timestamp(doc.get(field_name)) if isinstance(doc, dict) else None
 
 
 @dataclass
@@ -149,55 +94,16 @@ class _Enough(Exception):
     """--limit reached."""
 
 
-class _HourSorter:
-    """The lines of one hour in event-time order: sorted in memory up to SORT_BUFFER_BYTES, in
-    sorted runs on disk beyond that, merged at the end. Lines with no event time come first."""
-
-    def __init__(self, field_name: str) -> None:
-        self.field, self.lines, self.size = field_name, [], 0
-        self.runs: list[BinaryIO] = []
-
-    def add(self, line: bytes) -> None:
-        ts = _event_time(line, self.field)
-        self.lines.append((-1.0 if ts is None else ts, line))
-        self.size += len(line) + 64
-        if self.size >= SORT_BUFFER_BYTES:
-            self._spill()
-
-    def _spill(self) -> None:
-        self.lines.sort(key=itemgetter(0))
-        run = tempfile.TemporaryFile()
-        for ts, line in self.lines:
-            run.write(_RUN_ENTRY.pack(ts, len(line)) + line)
-        run.seek(0)
-        self.runs.append(run)
-        self.lines, self.size = [], 0
-
-    @staticmethod
-    def _read_run(run: BinaryIO) -> Iterator[tuple[float, bytes]]:
-        with run:
-            while head := run.read(_RUN_ENTRY.size):
-                ts, length = _RUN_ENTRY.unpack(head)
-                yield ts, run.read(length)
-
-    def drain(self) -> Iterator[bytes]:
-        self.lines.sort(key=itemgetter(0))
-        runs = [self._read_run(run) for run in self.runs]
-        for _, line in heapq.merge(*runs, iter(self.lines), key=itemgetter(0)):
-            yield line
-        self.lines, self.size, self.runs = [], 0, []
-
-
 @dataclass
 class _Printer:
     out: BinaryIO
     query: Query
     count: int = 0
-    sorter: _HourSorter | None = None
+    sorter: HourSorter | None = None
 
     def __post_init__(self) -> None:
         if self.query.sort and not self.query.count_only:
-            self.sorter = _HourSorter(self.query.timestamp_field)
+            self.sorter = HourSorter(self.query.timestamp_field)
 
     def block(self, data: bytes, hour: str) -> None:
         """Print the matching lines of newline-terminated `data`, all filed under one event hour.
@@ -217,7 +123,7 @@ class _Printer:
             if q.grep is not None and not q.grep.search(line):
                 continue
             if not whole:
-                ts = _event_time(line, q.timestamp_field)
+                ts = event_time(line, q.timestamp_field)
                 if ts is not None and not lo <= ts < hi:
                     continue
             if self.sorter is not None:
@@ -314,7 +220,7 @@ class Fetch:
                 if key not in state.keys:
                     state.keys.add(key)
                     sources.append((key, lambda key=key: self._object_frames(hour, key)))
-            for name, ident, data in _read_ahead(sources):
+            for name, ident, data in read_ahead(sources):
                 if isinstance(data, Exception):
                     self.damaged = True
                     self.warn(f"{name}: {data}; everything else is printed")
@@ -337,63 +243,8 @@ class Fetch:
             return []
 
     def _object_frames(self, hour: str, key: str) -> Frames:
-        with _open_newest(self.store, hour_prefix(self.query.app, hour), key) as stream:
+        with open_newest(self.store, hour_prefix(self.query.app, hour), key) as stream:
             yield from read_frames(stream)
-
-
-def _read_ahead(sources: list[tuple[str, Callable[[], Frames]]],
-                ) -> Iterator[tuple[str, str | None, bytes | Exception]]:
-    """(source name, piece id, data) of every source in order. READ_THREADS threads read and
-    decompress the sources at once, each at most READ_AHEAD frames ahead of the caller; a
-    source that fails ends with the exception as its data."""
-    if not sources:
-        return
-    stop = threading.Event()
-    queues: list[queue.Queue] = [queue.Queue(maxsize=READ_AHEAD) for _ in sources]
-    end = object()
-
-    def put(q: queue.Queue, item: object) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def pump(frames: Callable[[], Frames], q: queue.Queue) -> None:
-        try:
-            for item in frames():
-                if not put(q, item):
-                    return
-        except (Damaged, OSError) as exc:
-            put(q, (None, exc))
-        put(q, end)
-
-    pool = ThreadPoolExecutor(max_workers=min(READ_THREADS, len(sources)), thread_name_prefix="fetch")
-    try:
-        for (_, frames), q in zip(sources, queues):
-            pool.submit(pump, frames, q)
-        for (name, _), q in zip(sources, queues):
-            while (item := q.get()) is not end:
-                ident, data = item
-                yield name, ident, data
-    finally:
-        stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _open_newest(store: Store, prefix: str, key: str) -> BinaryIO:
-    """Open an object, or the generation that replaced it after it was listed (a merge of late
-    records), which holds all of it."""
-    try:
-        return store.open(key)
-    except FileNotFoundError:
-        base = lineage(key)[0]
-        successors = [k for k in live_keys(store.list(prefix)) if lineage(k)[0] == base and k != key]
-        if not successors:
-            raise
-        return store.open(successors[0])
 
 
 def fetch(store: Store, app: str, since: datetime, until: datetime, out: BinaryIO,

@@ -15,14 +15,14 @@ from typing import BinaryIO, Iterator
 
 import zstandard
 
+from sluice.errors import Damaged
+
+__all__ = ["Damaged", "announce", "read_frames"]
+
 MAGIC = 0x184D2A53  # one of the 16 skippable-frame magics of the zstd format
 _SKIPPABLE = range(0x184D2A50, 0x184D2A60)
 _HEAD = struct.Struct("<II")  # magic, payload size (every zstd skippable frame)
 _LENGTH = struct.Struct("<I")  # sluice's payload: the length of the frame that follows, then its id
-
-
-class Damaged(Exception):
-    """The stream ends inside a frame, or holds something that is not zstd."""
 
 
 def announce(piece_id: str, frame: bytes) -> bytes:

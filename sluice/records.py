@@ -122,6 +122,17 @@ def looks_like_json_object(value: bytes) -> bool:
     return value.lstrip()[:1] == b"{"
 
 
+def event_time(line: bytes, field_name: str) -> float | None:
+    """The event time of an archived line: its JSON field `field_name`, None if it has none."""
+    if not field_name or not looks_like_json_object(line):
+        return None
+    try:
+        doc = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return parse_timestamp(doc.get(field_name)) if isinstance(doc, dict) else None
+
+
 @lru_cache(maxsize=65536)
 def valid_app_id(app: str) -> bool:
     return APP_ID_PATTERN.fullmatch(app) is not None

@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import sys
 import time
@@ -26,6 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from sluice import schema
+from sluice.errors import FileBusy, SpoolDamaged
+
+log = logging.getLogger(__name__)
 # A live writer holds a file lock for the writes of one bundle, one flush to disk and a few Redis
 # round trips; anyone who waits longer than this is waiting for a frozen or dying process.
 FILE_LOCK_WAIT_SECONDS = 1.0
@@ -45,14 +50,6 @@ def _syncfs_reports_errors() -> bool:
 _libc = ctypes.CDLL(None, use_errno=True) if _syncfs_reports_errors() else None
 
 
-class SpoolDamaged(Exception):
-    """A slot file is shorter than its committed size: the spool lost data outside sluice."""
-
-
-class FileBusy(Exception):
-    """Another process holds the file lock past FILE_LOCK_WAIT_SECONDS (frozen, most likely)."""
-
-
 @dataclass(frozen=True)
 class SealedFile:
     """A slot file that takes no more appends; `size` bytes of it are committed."""
@@ -64,12 +61,11 @@ class SealedFile:
 
     @property
     def entry(self) -> str:
-        return f"{self.app}|{self.hour}|{self.fid}"
+        return schema.sealed_entry(self.app, self.hour, self.fid)
 
     @classmethod
     def from_entry(cls, entry: str, size: int) -> "SealedFile":
-        app, hour, fid = entry.split("|")
-        return cls(app, hour, fid, size)
+        return cls(*schema.parse_sealed_entry(entry), size)
 
 
 @contextlib.contextmanager
@@ -170,11 +166,10 @@ def write_at(fd: int, data: bytes, at: int) -> int:
 def make_durable(fds: list[int]) -> None:
     """What was written to these files survives a power loss once this returns.
 
-    A bundle appends to dozens of slot files: an fsync of each cost a journal commit each, most
-    of the cost of an append (75-140 us of CPU per file against 6-18 us, measured). So where the
-    kernel reports writeback errors from it, one syncfs(2) per filesystem flushes them all, and
-    the names of files and directories `locked_file` created with them; elsewhere each file is
-    fsynced (and `locked_file` fsynced the new names already).
+    A bundle appends to dozens of slot files, and an fsync of each costs a journal commit each
+    (BENCHMARKS.md). So where the kernel reports writeback errors from it, one syncfs(2) per
+    filesystem flushes them all, and the names of files and directories `locked_file` created
+    with them; elsewhere each file is fsynced (and `locked_file` fsynced the new names already).
     """
     if _libc is None:
         for fd in fds:
@@ -190,9 +185,16 @@ def make_durable(fds: list[int]) -> None:
 
 
 def cut_back(fd: int, size: int) -> None:
-    """Take uncommitted bytes back off a file we hold the lock of; shrinking needs no space."""
-    with contextlib.suppress(OSError):
+    """Take uncommitted bytes back off a file we hold the lock of; shrinking needs no space.
+
+    Best effort: what lies past the committed size is never read and is cut again before the
+    next append or at the seal, so a failure here (a dying disk) is logged, not raised over the
+    error that led here."""
+    try:
         os.ftruncate(fd, size)
+    except OSError as exc:
+        log.warning("could not cut a slot file back to its committed %d bytes (%s); the next "
+                    "append or the seal cuts it", size, exc)
 
 
 class Spool:
@@ -237,5 +239,7 @@ def remove_empty_dirs(path: Path, levels: int) -> None:
     for parent in list(path.parents)[:levels]:
         try:
             parent.rmdir()
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                log.warning("could not remove the empty directory %s: %s", parent, exc)
             return

@@ -5,36 +5,58 @@ from __future__ import annotations
 
 import zstandard
 
-from sluice.batch import parse_batch_id
+from sluice import schema
+from sluice.appends import Appender, Frame
+from sluice.batches import Batches
 from sluice.frames import announce
 from sluice.kafka_batches import records
-from sluice.ledger import Ledger, piece_name, split_piece
 from sluice.records import Router
-from sluice.slots import Frame, Slots
+from sluice.schema import BatchState
 
 
-def split_batch(ledger: Ledger, router: Router, bid: str) -> None:
-    """Group a handed-over batch into (app, hour) pieces and record them; no-op once split."""
-    if ledger.state(bid) != "handed":
+def split_batch(batches: Batches, router: Router, bid: str) -> None:
+    """Group a handed-over batch into app-hour pieces and record them; no-op once split."""
+    if batches.state(bid) != BatchState.HANDED:
         return
-    topic, partition, first, last = parse_batch_id(bid)
-    groups = router.group(records(ledger.load_payload(bid), first, last), topic, partition)
-    pieces = {piece_name(app, hour): lines for (app, hour), lines in groups.items()}
+    topic, partition, first, last = schema.parse_batch_id(bid)
+    groups = router.group(records(batches.load_payload(bid), first, last), topic, partition)
+    pieces = {schema.app_hour(app, hour): lines for (app, hour), lines in groups.items()}
     # An empty last line makes join end each piece with a newline, without copying it again.
-    ledger.commit_split(bid, {piece: b"\n".join(lines + [b""]) for piece, lines in pieces.items()},
-                        {piece: len(lines) for piece, lines in pieces.items()})
+    batches.commit_split(bid, {piece: b"\n".join(lines + [b""]) for piece, lines in pieces.items()},
+                         {piece: len(lines) for piece, lines in pieces.items()})
 
 
-def compress_pieces(ledger: Ledger, slots: Slots, cctx: zstandard.ZstdCompressor,
+def bundle_pieces(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Group pieces into compress tasks of about max_bytes each.
+
+    A batch of a Zipf mix splits into hundreds of pieces, mostly tiny; one task per piece would
+    spend more on task and lock overhead than on compressing. A piece larger than max_bytes
+    gets a task of its own.
+    """
+    bundles: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for piece in sorted(sizes):
+        if current and size + sizes[piece] > max_bytes:
+            bundles.append(current)
+            current, size = [], 0
+        current.append(piece)
+        size += sizes[piece]
+    if current:
+        bundles.append(current)
+    return bundles
+
+
+def compress_pieces(batches: Batches, appender: Appender, cctx: zstandard.ZstdCompressor,
                     bid: str, pieces: list[str]) -> int:
     """One frame per piece still pending, announced with the piece's id (sluice.frames) and
     appended exactly once; how many this call appended."""
     frames = []
-    for piece, found in zip(pieces, ledger.pieces_data(bid, pieces)):
+    for piece, found in zip(pieces, batches.pieces_data(bid, pieces)):
         if found is None:  # appended by an earlier delivery
             continue
-        data, records = found
-        app, hour = split_piece(piece)
-        frame = announce(f"{bid}|{piece}", cctx.compress(data))
-        frames.append(Frame(app, hour, frame, records))
-    return slots.append_many(bid, frames) if frames else 0
+        data, nrecords = found
+        app, hour = schema.parse_app_hour(piece)
+        frame = announce(schema.piece_id(bid, piece), cctx.compress(data))
+        frames.append(Frame(app, hour, frame, nrecords))
+    return appender.append_many(bid, frames) if frames else 0

@@ -57,6 +57,19 @@ def live_keys(keys: list[str]) -> list[str]:
     return sorted(key for _, key in newest.values())
 
 
+def open_newest(store: "Store", prefix: str, key: str) -> BinaryIO:
+    """Open an object, or the generation that replaced it after it was listed (a merge of late
+    records), which holds all of it."""
+    try:
+        return store.open(key)
+    except FileNotFoundError:
+        base = lineage(key)[0]
+        successors = [k for k in live_keys(store.list(prefix)) if lineage(k)[0] == base and k != key]
+        if not successors:
+            raise
+        return store.open(successors[0])
+
+
 class Store(Protocol):
     """What the uploader and `sluice fetch` need from an object store."""
 

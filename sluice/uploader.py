@@ -7,7 +7,8 @@ An app-hour keeps at most `slots_per_app` objects however late its records come:
 of an app-hour that has them all is merged into the smallest (zstd frames concatenate), written
 as that object's next generation, and only then is the old generation deleted (see
 sluice.store.live_keys). How each file is archived is recorded in Redis before anything is
-written, so a repeat after a crash finishes the same plan instead of deciding anew.
+written (sluice.sealed), so a repeat after a crash finishes the same plan instead of deciding
+anew.
 """
 
 from __future__ import annotations
@@ -17,49 +18,22 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Callable
 
+import redis
 from redis.exceptions import LockError, RedisError
 
-from sluice.slots import SealedFile, Slots
-from sluice.spool import remove_empty_dirs
+from sluice import schema
+from sluice.errors import UploadFailed
+from sluice.sealed import SealedRegistry
+from sluice.settings import Settings
+from sluice.spool import SealedFile, Spool, remove_empty_dirs
 from sluice.store import Store, hour_prefix, live_keys, next_generation, object_key
 
 log = logging.getLogger(__name__)
 
-
-class UploadFailed(IOError):
-    """Some sealed files could not be archived; they stay sealed for the next sweep."""
-
-
 # An upload holds its app-hour's lock with this lease, renewed while it works: a worker killed
 # mid-upload holds the app-hour up for this long at most.
 APP_HOUR_LEASE_SECONDS = 30.0
-
-
-def app_hour_lock_key(app: str, hour: str) -> str:
-    return f"sluice:lock:upload:{app}|{hour}"
-
-
-def upload_sealed(slots: Slots, store: Store, on_progress: Callable[[], object] = lambda: None) -> int:
-    """Archive every sealed file, one app-hour after the other; returns how many this call
-    uploaded.
-
-    The workers fan the same work out as one `archive_app_hour` task per app-hour (tasks.upload);
-    this serial form is for one process (tests, the bench's reference). A failure (store down, a
-    damaged file) is logged and the others go on; UploadFailed at the end makes it visible.
-    """
-    archived, failed = 0, 0
-    for files in by_app_hour(slots.sealed_files()).values():
-        try:
-            archived += archive_app_hour(slots, store, files)
-        except UploadFailed as exc:
-            failed += 1
-            log.error("%s", exc)
-        on_progress()
-    if failed:
-        raise UploadFailed(f"{failed} app-hours not wholly archived yet")
-    return archived
 
 
 def by_app_hour(files: list[SealedFile]) -> dict[tuple[str, str], list[SealedFile]]:
@@ -70,105 +44,111 @@ def by_app_hour(files: list[SealedFile]) -> dict[tuple[str, str], list[SealedFil
     return groups
 
 
-def archive_app_hour(slots: Slots, store: Store, files: list[SealedFile]) -> int:
-    """Archive these sealed files of one app-hour, except those archived already, unless the
-    app-hour is being uploaded right now; how many this call uploaded.
+class Uploader:
+    """Archives sealed files into one store."""
 
-    One upload per app-hour at a time (a Redis lock whose lease a thread renews while the upload
-    runs): so never two uploads of one file at once, and two late files of an app-hour never pick
-    the same object to merge into. The files of an app-hour go one after the other under one
-    lock anyway, so they are one task: a task per file cost Celery's per-task work (and a
-    second task found the lock taken and waited for the next sweep). A file that fails is
-    logged and the others go on; UploadFailed at the end names it.
-    """
-    app, hour = files[0].app, files[0].hour
-    lock = slots.r.lock(app_hour_lock_key(app, hour), timeout=APP_HOUR_LEASE_SECONDS, blocking=False)
-    if not lock.acquire():
-        return 0  # the next sweep sends it again
-    done = threading.Event()
+    def __init__(self, client: redis.Redis, settings: Settings, store: Store) -> None:
+        self.r = client
+        self.registry = SealedRegistry(client)
+        self.spool = Spool(settings.spool_dir)
+        self.store = store
+        self.slots_per_app = settings.slots_per_app
 
-    def renew() -> None:
-        while not done.wait(APP_HOUR_LEASE_SECONDS / 3):
-            try:
-                lock.reacquire()
-            except (LockError, RedisError):
-                return
+    def archive_app_hour(self, files: list[SealedFile]) -> int:
+        """Archive these sealed files of one app-hour, except those archived already, unless
+        the app-hour is being uploaded right now; how many this call uploaded.
 
-    renewer = threading.Thread(target=renew, name="upload-lease", daemon=True)
-    renewer.start()
-    archived, failed = 0, []
-    try:
-        for sealed in files:
-            if not slots.is_sealed(sealed):
-                continue  # archived by an earlier delivery
-            try:
-                archived += _archive(slots, store, sealed)
-            except RedisError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - one failure must not hold back the rest
-                log.error("archiving %s failed, will retry: %s", sealed.entry, exc)
-                failed.append(sealed.entry)
-    finally:
-        done.set()
-        renewer.join()
+        One upload per app-hour at a time (a Redis lock whose lease a thread renews while the
+        upload runs): so never two uploads of one file at once, and two late files of an
+        app-hour never pick the same object to merge into. A file that fails is logged and the
+        others go on; UploadFailed at the end names it.
+        """
+        app, hour = files[0].app, files[0].hour
+        lock = self.r.lock(schema.upload_lock(app, hour), timeout=APP_HOUR_LEASE_SECONDS, blocking=False)
+        if not lock.acquire():
+            return 0  # the next sweep sends it again
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(APP_HOUR_LEASE_SECONDS / 3):
+                try:
+                    lock.reacquire()
+                except (LockError, RedisError) as exc:
+                    log.warning("upload of %s %s: its app-hour lease could not be renewed (%s); another "
+                                "upload may start once it lapses (uploads are idempotent)", app, hour, exc)
+                    return
+
+        renewer = threading.Thread(target=renew, name="upload-lease", daemon=True)
+        renewer.start()
+        archived, failed = 0, []
         try:
-            lock.release()
-        except LockError:
-            log.warning("upload of %s %s outlived its app-hour lease; uploads are idempotent", app, hour)
-    if failed:
-        raise UploadFailed(f"{len(failed)} of {len(files)} sealed files of {app} {hour} not archived "
-                           f"yet, e.g. {failed[0]}")
-    return archived
+            for sealed in files:
+                if not self.registry.is_sealed(sealed):
+                    continue  # archived by an earlier delivery
+                try:
+                    archived += self._archive(sealed)
+                except RedisError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one failure must not hold back the rest
+                    log.error("archiving %s failed, will retry: %s", sealed.entry, exc)
+                    failed.append(sealed.entry)
+        finally:
+            done.set()
+            renewer.join()
+            try:
+                lock.release()
+            except LockError:
+                log.warning("upload of %s %s outlived its app-hour lease; uploads are idempotent", app, hour)
+        if failed:
+            raise UploadFailed(f"{len(failed)} of {len(files)} sealed files of {app} {hour} not archived "
+                               f"yet, e.g. {failed[0]}")
+        return archived
 
-
-NEW = "new"  # the plan of a file archived as an object of its own
-
-
-def _archive(slots: Slots, store: Store, sealed: SealedFile) -> int:
-    path = slots.spool.finish_seal(sealed)  # completes a seal interrupted before its rename
-    plan = slots.upload_plan(sealed) or slots.plan_upload(sealed, _choose(slots, store, sealed))
-    if plan == NEW:
-        source, source_size, key = None, 0, object_key(sealed.app, sealed.hour, sealed.fid)
-    else:
-        source, size = plan.rsplit("|", 1)
-        source_size, key = int(size), next_generation(source)
-    uploaded = 0
-    if store.size(key) != source_size + sealed.size:
-        if not path.exists():
-            raise IOError(f"{key} is neither in the spool nor complete in the store")
-        on_disk = path.stat().st_size
-        if on_disk != sealed.size:
-            raise IOError(f"{path} has {on_disk} bytes, {sealed.size} were committed")
-        if source is None:
-            store.put(path, key)
+    def _archive(self, sealed: SealedFile) -> int:
+        path = self.spool.finish_seal(sealed)  # completes a seal interrupted before its rename
+        plan = self.registry.upload_plan(sealed) or self.registry.plan_upload(sealed, self._choose(sealed))
+        merge = schema.parse_plan(plan)
+        if merge is None:
+            source, source_size, key = None, 0, object_key(sealed.app, sealed.hour, sealed.fid)
         else:
-            _merge(store, slots.spool.root / "merge", source, source_size, path, key)
-        uploaded = 1
-    if source is not None:
-        store.delete(source)  # after its successor is complete: readers switch to that
-    path.unlink(missing_ok=True)
-    remove_empty_dirs(path, levels=2)
-    slots.forget_sealed(sealed)  # last: until here a crash just repeats the plan
-    log.info("archived %s (%d bytes)%s", key, sealed.size, f", merged into {source}" if source else "")
-    return uploaded
+            source, source_size = merge
+            key = next_generation(source)
+        uploaded = 0
+        if self.store.size(key) != source_size + sealed.size:
+            if not path.exists():
+                raise IOError(f"{key} is neither in the spool nor complete in the store")
+            on_disk = path.stat().st_size
+            if on_disk != sealed.size:
+                raise IOError(f"{path} has {on_disk} bytes, {sealed.size} were committed")
+            if source is None:
+                self.store.put(path, key)
+            else:
+                _merge(self.store, self.spool.root / "merge", source, source_size, path, key)
+            uploaded = 1
+        if source is not None:
+            self.store.delete(source)  # after its successor is complete: readers switch to that
+        path.unlink(missing_ok=True)
+        remove_empty_dirs(path, levels=2)
+        self.registry.forget(sealed)  # last: until here a crash just repeats the plan
+        log.info("archived %s (%d bytes)%s", key, sealed.size, f", merged into {source}" if source else "")
+        return uploaded
 
-
-def _choose(slots: Slots, store: Store, sealed: SealedFile) -> str:
-    """NEW while the app-hour has fewer than N objects, else "<smallest object>|<its size>"."""
-    keys = store.list(hour_prefix(sealed.app, sealed.hour))
-    if object_key(sealed.app, sealed.hour, sealed.fid) in keys:
-        return NEW  # uploaded already, before plans were recorded
-    live = live_keys(keys)
-    for superseded in set(keys) - set(live):
-        store.delete(superseded)  # left by a merge cut short after writing its successor
-    if len(live) < slots.settings.slots_per_app:
-        return NEW
-    busy = {plan.rsplit("|", 1)[0] for plan in slots.planned() if plan != NEW}
-    sizes = {key: store.size(key) for key in live if key not in busy}
-    if not sizes:
-        raise IOError(f"every object of {sealed.app} {sealed.hour} is being merged; next sweep")
-    smallest = min(sizes, key=lambda key: sizes[key] or 0)
-    return f"{smallest}|{sizes[smallest]}"
+    def _choose(self, sealed: SealedFile) -> str:
+        """A new object while the app-hour has fewer than N, else a merge into the smallest."""
+        keys = self.store.list(hour_prefix(sealed.app, sealed.hour))
+        if object_key(sealed.app, sealed.hour, sealed.fid) in keys:
+            return schema.NEW_OBJECT  # uploaded already, before plans were recorded
+        live = live_keys(keys)
+        for superseded in set(keys) - set(live):
+            self.store.delete(superseded)  # left by a merge cut short after writing its successor
+        if len(live) < self.slots_per_app:
+            return schema.NEW_OBJECT
+        busy = {merge[0] for plan in self.registry.planned() if (merge := schema.parse_plan(plan))}
+        sizes = {key: self.store.size(key) for key in live if key not in busy}
+        if not sizes:
+            raise IOError(f"every object of {sealed.app} {sealed.hour} is being merged; next sweep")
+        smallest = min(sizes, key=lambda key: sizes[key] or 0)
+        return schema.merge_plan(smallest, sizes[smallest] or 0)
 
 
 def _merge(store: Store, workdir: Path, source: str, source_size: int, path: Path, key: str) -> None:

@@ -15,8 +15,9 @@ from celery import Celery, signals
 from kombu import Queue
 
 from beat_schedule import beat_schedule
-from sluice.ledger import QUEUED_TTL_SECONDS, Ledger
+from sluice.schema import QUEUED_TTL_SECONDS
 from sluice.settings import get_settings
+from tasks.deps import queued_tasks
 
 settings = get_settings()
 settings.spool_dir.mkdir(parents=True, exist_ok=True)  # Beat keeps its schedule file there
@@ -55,14 +56,14 @@ def _freeze_start_up_objects(**_: object) -> None:
     gc.freeze()
 
 
-def enqueue(ledger: Ledger, task: str, bid: str, *args: object) -> None:
+def enqueue(task: str, bid: str, *args: object) -> None:
     """Send a task about batch `bid`, noted as queued first, so the redrive leaves it alone."""
     task_id = uuid.uuid4().hex
-    ledger.will_queue(bid, task_id)
+    queued_tasks().will_queue(bid, task_id)
     try:
         app.send_task(task, args=[bid, *args], task_id=task_id)
     except BaseException:
-        ledger.started(bid, task_id)
+        queued_tasks().started(bid, task_id)
         raise
 
 

@@ -1,15 +1,15 @@
-"""compress [queue cpu]: one zstd frame per (app, hour) piece, each appended exactly once."""
+"""compress [queue cpu]: one zstd frame per app-hour piece, each appended exactly once."""
 
 from __future__ import annotations
 
 import redis
 from celery import Task
 
+from sluice.errors import LockLost, SlotsBusy
 from sluice.settings import get_settings
-from sluice.slots import LockLost, SlotsBusy
 from sluice.stages import compress_pieces
 from tasks.app import app
-from tasks.deps import compressor, ledger, slots
+from tasks.deps import appender, batches, compressor, queued_tasks
 
 _limit = get_settings().compress_time_limit
 
@@ -21,6 +21,5 @@ _limit = get_settings().compress_time_limit
 def compress(self: Task, bid: str, pieces: list[str]) -> int:
     """Returns how many pieces this call appended; pieces appended by an earlier delivery of
     the same task (or by a redriven copy) are skipped."""
-    led = ledger()
-    led.started(bid, self.request.id)
-    return compress_pieces(led, slots(), compressor(), bid, pieces)
+    queued_tasks().started(bid, self.request.id)
+    return compress_pieces(batches(), appender(), compressor(), bid, pieces)

@@ -7,33 +7,46 @@ from functools import lru_cache
 
 import zstandard
 
-from sluice.ledger import Ledger
+from sluice.appends import Appender
+from sluice.batches import Batches
+from sluice.queued import QueuedTasks
 from sluice.records import Router
 from sluice.redis_client import get_redis
+from sluice.sealing import Sealer
 from sluice.settings import get_settings
-from sluice.slots import Slots
-from sluice.store import Store, open_store
+from sluice.store import open_store
+from sluice.uploader import Uploader
 
 
 @lru_cache(maxsize=1)
-def ledger() -> Ledger:
-    return Ledger(get_redis(), get_settings())
+def batches() -> Batches:
+    return Batches(get_redis(), get_settings())
 
 
 @lru_cache(maxsize=1)
-def slots() -> Slots:
-    return Slots(get_redis(), get_settings())
+def queued_tasks() -> QueuedTasks:
+    return QueuedTasks(get_redis())
+
+
+@lru_cache(maxsize=1)
+def appender() -> Appender:
+    return Appender(get_redis(), get_settings())
+
+
+@lru_cache(maxsize=1)
+def sealer() -> Sealer:
+    return Sealer(get_redis(), get_settings())
+
+
+@lru_cache(maxsize=1)
+def uploader() -> Uploader:
+    return Uploader(get_redis(), get_settings(), open_store(get_settings()))
 
 
 @lru_cache(maxsize=1)
 def router() -> Router:
     s = get_settings()
     return Router(s.app_id_source, s.timestamp_field, s.record_max_bytes)
-
-
-@lru_cache(maxsize=1)
-def store() -> Store:
-    return open_store(get_settings())
 
 
 _local = threading.local()

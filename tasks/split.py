@@ -1,4 +1,5 @@
-"""split [queue io]: turn one handed-over batch into (app, hour) pieces, one compress task each."""
+"""split [queue io]: turn one handed-over batch into app-hour pieces, one compress task per
+bundle of them; and the redrive of batches whose tasks were lost."""
 
 from __future__ import annotations
 
@@ -6,11 +7,10 @@ import redis
 from celery import Task
 from celery.utils.log import get_task_logger
 
-from sluice.ledger import bundle_pieces
 from sluice.settings import get_settings
-from sluice.stages import split_batch
+from sluice.stages import bundle_pieces, split_batch
 from tasks.app import app, enqueue, waiting_task_ids
-from tasks.deps import ledger, router
+from tasks.deps import batches, queued_tasks, router
 
 log = get_task_logger(__name__)
 
@@ -22,12 +22,11 @@ def split(self: Task, bid: str) -> int:
     """Idempotent: a repeat finds the batch already split and only re-enqueues what is pending.
 
     Returns the number of compress tasks enqueued."""
-    led = ledger()
-    led.started(bid, self.request.id)
-    split_batch(led, router(), bid)
-    bundles = bundle_pieces(led.pending_sizes(bid), get_settings().compress_bundle_bytes)
+    queued_tasks().started(bid, self.request.id)
+    split_batch(batches(), router(), bid)
+    bundles = bundle_pieces(batches().pending_sizes(bid), get_settings().compress_bundle_bytes)
     for bundle in bundles:
-        enqueue(led, "sluice.compress", bid, bundle)
+        enqueue("sluice.compress", bid, bundle)
     return len(bundles)
 
 
@@ -35,15 +34,14 @@ def split(self: Task, bid: str) -> int:
 def redrive() -> int:
     """Finish batches whose tasks were lost (a worker killed mid-task, a broker restart without
     persistence); a batch with a task still waiting in the broker is left to it."""
-    led = ledger()
     redriven = 0
-    stale = led.stale_batches(get_settings().redrive_after_seconds)
-    waiting = waiting_task_ids(led.r) if stale else set()
+    stale = batches().stale(get_settings().redrive_after_seconds)
+    waiting = waiting_task_ids(batches().r) if stale else set()
     for bid in stale:
-        led.touch(bid)
-        if led.queued(bid, waiting):
+        batches().touch(bid)
+        if queued_tasks().queued(bid, waiting):
             continue
         log.warning("redriving batch %s, in flight for too long", bid)
-        enqueue(led, "sluice.split", bid)
+        enqueue("sluice.split", bid)
         redriven += 1
     return redriven

@@ -12,22 +12,16 @@ import uuid
 import redis
 from celery.utils.log import get_task_logger
 
+from sluice import schema
 from sluice.redis_client import get_redis
+from sluice.sealed import SealedRegistry
 from sluice.settings import get_settings
-from sluice.slots import SealedFile
-from sluice.ledger import QUEUED_TTL_SECONDS
-from sluice.uploader import app_hour_lock_key, archive_app_hour, by_app_hour
+from sluice.spool import SealedFile
+from sluice.uploader import by_app_hour
 from tasks.app import app, waiting_task_ids
-from tasks.deps import ledger, slots, store
+from tasks.deps import batches, sealer, uploader
 
 log = get_task_logger(__name__)
-
-SWEEP_LOCK = "sluice:lock:sweep"
-
-
-def _queued_key(app: str, hour: str) -> str:
-    """The id of the last upload task sent for this app-hour."""
-    return f"sluice:upload-queued:{app}|{hour}"
 
 
 @app.task(name="sluice.upload", autoretry_for=(redis.RedisError,), max_retries=3)
@@ -36,17 +30,17 @@ def upload() -> int:
     none queued; returns how many were sent. One sweep at a time: a second Beat tick just returns."""
     settings = get_settings()
     r = get_redis()
-    lock = r.lock(SWEEP_LOCK, timeout=max(30.0, settings.upload_interval_seconds * 4), blocking=False)
+    lock = r.lock(schema.SWEEP_LOCK, timeout=max(30.0, settings.upload_interval_seconds * 4), blocking=False)
     if not lock.acquire():
         return 0
     try:
-        ledger().drop_orphan_pieces(older_than=settings.redrive_after_seconds)
-        sealed = slots().seal_due()
-        groups = by_app_hour(slots().sealed_files())
+        batches().drop_orphan_pieces(older_than=settings.redrive_after_seconds)
+        sealed = sealer().seal_due()
+        groups = by_app_hour(SealedRegistry(r).sealed_files())
         with r.pipeline(transaction=False) as pipe:  # one round trip, however many files wait
             for app_name, hour in groups:
-                pipe.get(_queued_key(app_name, hour))
-                pipe.exists(app_hour_lock_key(app_name, hour))
+                pipe.get(schema.upload_queued(app_name, hour))
+                pipe.exists(schema.upload_lock(app_name, hour))
             replies = pipe.execute() if groups else []
         queued, busy = replies[0::2], replies[1::2]
         waiting = waiting_task_ids(r, ("io",)) if any(q is not None for q in queued) else set()
@@ -58,7 +52,7 @@ def upload() -> int:
         task_ids = [uuid.uuid4().hex for _ in due]
         with r.pipeline(transaction=False) as pipe:
             for files, task_id in zip(due, task_ids):
-                pipe.set(_queued_key(files[0].app, files[0].hour), task_id, ex=QUEUED_TTL_SECONDS)
+                pipe.set(schema.upload_queued(files[0].app, files[0].hour), task_id, ex=schema.QUEUED_TTL_SECONDS)
             pipe.execute()
         for files, task_id in zip(due, task_ids):
             app.send_task("sluice.upload_app_hour", queue="io", task_id=task_id,
@@ -78,6 +72,6 @@ def upload_app_hour(app_name: str, hour: str, files: list[list]) -> int:
     """Archive the sealed files (fid, size) of one app-hour (idempotent); a failure is logged,
     the task shows as failed in Flower, and the next sweep sends what is left again."""
     try:
-        return archive_app_hour(slots(), store(), [SealedFile(app_name, hour, fid, size) for fid, size in files])
+        return uploader().archive_app_hour([SealedFile(app_name, hour, fid, size) for fid, size in files])
     finally:
-        get_redis().delete(_queued_key(app_name, hour))
+        get_redis().delete(schema.upload_queued(app_name, hour))

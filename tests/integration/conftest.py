@@ -13,22 +13,9 @@ from typing import Iterator
 import pytest
 import redis
 
-from sluice import progress, sample
-from sluice.local import LocalStack, wait_until
+from devstack import progress, sample
+from devstack.local import LocalStack, start_pipeline, wait_until
 from sluice.settings import Settings
-
-# Fast group joins and quick recovery, so the tests spend their time on the pipeline.
-FAST = {
-    "SLUICE_KAFKA_SESSION_TIMEOUT_MS": "6000",
-    "SLUICE_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
-    "SLUICE_SEAL_AGE_SECONDS": "2",
-    "SLUICE_SEAL_OPEN_HOUR_AGE_SECONDS": "2",
-    "SLUICE_UPLOAD_INTERVAL_SECONDS": "1",
-    "SLUICE_REDRIVE_AFTER_SECONDS": "15",
-    "SLUICE_COMPRESS_TIME_LIMIT": "15",
-    "SLUICE_LOCK_LEASE_SECONDS": "20",
-    "SLUICE_INCARNATION_CHECK_SECONDS": "3",
-}
 
 
 @pytest.fixture
@@ -53,25 +40,6 @@ def settings(redis_only: LocalStack, tmp_path: Path) -> Settings:
                     lock_wait_seconds=5)
 
 
-def start_pipeline(workdir: Path, topic_partitions: int = 4, cpu_workers: int = 1,
-                   **env: str) -> LocalStack:
-    """Redis, Tansu, one io worker, `cpu_workers` cpu workers, Beat and the bridge."""
-    stack = LocalStack(workdir, {**FAST, **env})
-    try:
-        stack.start_redis()
-        stack.start_kafka()
-        stack.create_topic("logs", topic_partitions)
-        stack.start_io_worker()
-        for i in range(cpu_workers):
-            stack.start_cpu_worker(name=f"cpu{i}")
-        stack.start_beat()
-        stack.start_bridge()
-    except BaseException:
-        stack.close()
-        raise
-    return stack
-
-
 class Traffic:
     """Produce sample records in the background while the test injects its fault."""
 
@@ -94,8 +62,8 @@ class Traffic:
 def stack_factory(tmp_path):
     stacks: list[LocalStack] = []
 
-    def make(**env: str) -> LocalStack:
-        stack = start_pipeline(tmp_path / f"stack{len(stacks)}", **env)
+    def make(cpu_workers: int = 1, **env: str) -> LocalStack:
+        stack = start_pipeline(tmp_path / f"stack{len(stacks)}", cpu_workers=cpu_workers, **env)
         stacks.append(stack)
         return stack
 

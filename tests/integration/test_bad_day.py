@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from sluice import sample
-from sluice.local import wait_until
-from sluice.ledger import INFLIGHT_KEY, state_key
-from sluice.progress import compressed, handed_over
+from devstack import sample
+from devstack.local import wait_until
+from sluice import schema
+from devstack.progress import compressed, handed_over
 from tests.integration.conftest import Traffic, assert_exactly_once, read_archive, wait_archived
 from tests.integration.kcat import kcat
 
@@ -47,9 +47,9 @@ def fill(disk: Path, leave: int) -> Path:
 
 def committed_within_files(r: redis.Redis, spool: Path) -> bool:
     """No slot's committed size is larger than its file: nothing short was committed."""
-    for key in r.scan_iter("sluice:slot:*"):
+    for key in r.scan_iter(schema.SLOT_STATE_PREFIX + "*"):
         state = r.hgetall(key)
-        app, hour, _ = key.decode().split(":", 2)[2].split("|")
+        app, hour, _ = schema.parse_slot_id(key.decode().removeprefix(schema.SLOT_STATE_PREFIX))
         path = spool / "open" / app / hour / f"{state[b'fid'].decode()}.jsonl.zst"
         size = path.stat().st_size if path.exists() else 0
         if int(state[b"size"]) > size:
@@ -162,9 +162,9 @@ def test_redrive_leaves_work_alone_while_it_waits_in_the_queue(stack_factory):
     def all_split() -> bool:
         # A split task marks its batch split before it sends the compress tasks; it holds its
         # message in kombu's "unacked" hash until it returns (acks_late).
-        batches = r.zrange(INFLIGHT_KEY, 0, -1)
+        batches = r.zrange(schema.INFLIGHT, 0, -1)
         return handed_over(r) >= 20_000 and r.llen("io") == 0 and r.hlen("unacked") == 0 and all(
-            r.get(state_key(b.decode())) == b"split" for b in batches)
+            r.get(schema.batch_state(b.decode())) == b"split" for b in batches)
 
     wait_until(all_split, 120, "every batch split, its compress tasks queued")
     queued = r.llen("cpu")
@@ -192,12 +192,12 @@ def test_backpressure_keeps_redis_and_the_spool_under_the_bound(stack_factory):
     wait_until(lambda: "pausing consumption" in bridge_log.read_text(), 120, "the bridge to pause")
 
     def settled_while_paused() -> bool:
-        batches = r.zrange(INFLIGHT_KEY, 0, -1)
-        return r.llen("io") == 0 and all(r.get(state_key(b.decode())) == b"split" for b in batches)
+        batches = r.zrange(schema.INFLIGHT, 0, -1)
+        return r.llen("io") == 0 and all(r.get(schema.batch_state(b.decode())) == b"split" for b in batches)
 
     wait_until(settled_while_paused, 60, "every handed-over batch split")
     assert handed_over(r) < 80_000 / 2, "most records still wait in Kafka"
-    inflight = int(r.get("sluice:inflight:bytes"))
+    inflight = int(r.get(schema.INFLIGHT_BYTES))
     assert 0 < inflight <= bound
     assert int(r.info("memory")["used_memory"]) - baseline < bound + 2 * 1024 * 1024
     spool = stack.workdir / "spool"
@@ -206,4 +206,4 @@ def test_backpressure_keeps_redis_and_the_spool_under_the_bound(stack_factory):
     wait_archived(stack, 80_000)
     assert_exactly_once(stack.workdir / "archive", traffic.seqs)
     assert "resuming consumption" in bridge_log.read_text()
-    assert int(r.get("sluice:inflight:bytes")) == 0
+    assert int(r.get(schema.INFLIGHT_BYTES)) == 0

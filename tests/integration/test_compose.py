@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from sluice.local import PROJECT_ROOT
+from devstack.local import PROJECT_ROOT
 
 SLUICE_SERVICES = {"io-worker", "cpu-worker", "beat", "bridge", "flower"}
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from sluice.progress import compressed, handed_over
-from sluice.ledger import INFLIGHT_KEY
-from sluice.local import wait_until
-from sluice.slots import SEALED_KEY
+from devstack.progress import compressed, handed_over
+from sluice import schema
+from devstack.local import wait_until
 from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
 
 pytestmark = pytest.mark.integration
@@ -46,7 +45,7 @@ def test_io_worker_sigkill_mid_split(stack_factory):
     r = redis.Redis.from_url(stack.redis_url)
     traffic = Traffic(stack)
     wait_until(lambda: compressed(r) > RECORDS * 0.05 and r.hlen("unacked") > 0
-               and r.zcard(INFLIGHT_KEY) > 0, 120, "split tasks under way")
+               and r.zcard(schema.INFLIGHT) > 0, 120, "split tasks under way")
     stack.kill("io")
     traffic.finish()
     stack.start_io_worker(name="io2")
@@ -115,13 +114,13 @@ def test_store_unavailable_for_60_seconds(stack_factory):
     down_since = time.monotonic()
     traffic = Traffic(stack)
     traffic.finish()
-    wait_until(lambda: compressed(r) >= RECORDS and r.hlen(SEALED_KEY) > 0, 120,
+    wait_until(lambda: compressed(r) >= RECORDS and r.hlen(schema.SEALED) > 0, 120,
                "sealed files waiting for the store")
     io_log = stack.service("io").log
     wait_until(lambda: "archiving" in io_log.read_text() and "failed, will retry" in io_log.read_text(),
                60, "a failed upload attempt")
     wait_until(lambda: time.monotonic() - down_since >= 60, 70, "the outage to last 60 s", interval=1)
-    assert r.hlen(SEALED_KEY) > 0 and not any(Path(stack.workdir).rglob("*.jsonl.zst.part"))
+    assert r.hlen(schema.SEALED) > 0 and not any(Path(stack.workdir).rglob("*.jsonl.zst.part"))
     archive.unlink()  # the store is back
     wait_archived(stack, RECORDS)
     assert_exactly_once(archive, traffic.seqs)

@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from tests.integration.conftest import read_archive, start_pipeline, wait_archived
+from devstack.local import start_pipeline
+from tests.integration.conftest import read_archive, wait_archived
 from tests.integration.kcat import kcat_env
 
 pytestmark = pytest.mark.integration
@@ -23,7 +24,7 @@ def kcat_lines(stack, lines: list[bytes], *headers: str) -> None:
 
 
 def test_header_app_ids_and_spool_claim_check(tmp_path):
-    stack = start_pipeline(tmp_path / "stack", topic_partitions=3,
+    stack = start_pipeline(tmp_path / "stack", partitions=3,
                            SLUICE_APP_ID_SOURCE="header:app", SLUICE_CLAIM_CHECK="spool")
     try:
         web = [f"GET /item/{i} 200 {i}ms".encode() for i in range(500)]

@@ -13,7 +13,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from bridge.incarnation import ProbeInconclusive, Prober, fingerprint
 from sluice.kafka_batches import records, use_raw_batches
-from sluice.local import LocalStack
+from devstack.local import LocalStack
 from sluice.records import Record
 
 pytestmark = pytest.mark.integration

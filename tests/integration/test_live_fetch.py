@@ -19,12 +19,15 @@ import zstandard
 from kafka import KafkaProducer
 
 from sluice.fetch import Fetch, Query, SpoolReader
-from sluice.ledger import Ledger, piece_name
-from sluice.local import wait_until
-from sluice.slots import Slots
+from sluice import schema
+from sluice.appends import Appender
+from sluice.batches import Batches
+from devstack.local import wait_until
+from sluice.sealing import Sealer
 from sluice.stages import compress_pieces
 from sluice.store import FileStore
-from sluice.uploader import upload_sealed
+from devstack.serial_upload import upload_sealed
+from sluice.uploader import Uploader
 from tests.integration.test_slots import FAR_FUTURE, open_files, split_batch
 
 pytestmark = pytest.mark.integration
@@ -37,16 +40,24 @@ class Spooled:
     """Batches of one app-hour appended as the compress task appends them."""
 
     def __init__(self, rds: redis.Redis, settings, hour: str) -> None:
-        self.ledger, self.slots, self.hour, self.n = Ledger(rds, settings), Slots(rds, settings), hour, 0
+        self.rds, self.settings, self.hour, self.n = rds, settings, hour, 0
+        self.batches, self.appender = Batches(rds, settings), Appender(rds, settings)
+        self.sealer = Sealer(rds, settings)
         self.lines: list[bytes] = []
 
     def batch(self, count: int = 3) -> None:
         lines = [b'{"app":"%s","n":%d}' % (APP.encode(), self.n + i) for i in range(count)]
-        bid, piece = f"logs:0:{self.n}-{self.n + count - 1}", piece_name(APP, self.hour)
-        split_batch(self.ledger, bid, {piece: b"\n".join(lines) + b"\n"})
-        assert compress_pieces(self.ledger, self.slots, CCTX, bid, [piece]) == 1
+        bid, piece = f"logs:0:{self.n}-{self.n + count - 1}", schema.app_hour(APP, self.hour)
+        split_batch(self.batches, bid, {piece: b"\n".join(lines) + b"\n"})
+        assert compress_pieces(self.batches, self.appender, CCTX, bid, [piece]) == 1
         self.n += count
         self.lines += lines
+
+    def upload(self, store: FileStore, expect_some: bool = False) -> None:
+        """Seal every file and upload it, as Beat's sweep and the upload tasks do."""
+        self.sealer.seal_due(now=FAR_FUTURE)
+        uploaded = upload_sealed(Uploader(self.rds, self.settings, store))
+        assert uploaded >= 1 or not expect_some
 
 
 def window(hour: str) -> tuple[datetime, datetime]:
@@ -66,7 +77,7 @@ def test_open_and_sealed_files_are_read_up_to_their_committed_size(rds, settings
     spooled = Spooled(rds, settings, hour)
     store = FileStore(settings.spool_dir.parent / "archive")
     spooled.batch()
-    spooled.slots.seal_due(now=FAR_FUTURE)  # one sealed, not uploaded
+    spooled.sealer.seal_due(now=FAR_FUTURE)  # one sealed, not uploaded
     spooled.batch()
     [path] = open_files(settings)
     with open(path, "ab") as torn:  # a writer died after writing, before committing
@@ -80,17 +91,16 @@ class RacingStore(FileStore):
     """Seals and uploads the spool the moment fetch lists the store: after fetch has read the
     committed sizes, before it reads any file. The worst moment for a seal and an upload."""
 
-    def __init__(self, root, slots: Slots, spooled: Spooled) -> None:
+    def __init__(self, root, spooled: Spooled) -> None:
         super().__init__(root)
-        self.slots, self.spooled, self.raced = slots, spooled, 0
+        self.spooled, self.raced = spooled, 0
 
     def list(self, prefix: str) -> list[str]:
         if not self.raced:
             self.raced += 1
             self.spooled.batch()  # appended after the snapshot: the next fetch prints it
-            self.slots.seal_due(now=FAR_FUTURE)
-            assert upload_sealed(self.slots, FileStore(self.root)) >= 1
-            assert not list((self.slots.settings.spool_dir / "sealed").rglob("*.zst"))
+            self.spooled.upload(FileStore(self.root), expect_some=True)
+            assert not list((self.spooled.settings.spool_dir / "sealed").rglob("*.zst"))
         return super().list(prefix)
 
 
@@ -99,10 +109,10 @@ def test_a_seal_and_an_upload_during_a_fetch_print_every_record_once(rds, settin
     spooled = Spooled(rds, settings, hour)
     for _ in range(3):
         spooled.batch()
-    spooled.slots.seal_due(now=FAR_FUTURE)
+    spooled.sealer.seal_due(now=FAR_FUTURE)
     spooled.batch()  # one sealed file and one open
     before = list(spooled.lines)
-    store = RacingStore(settings.spool_dir.parent / "archive", spooled.slots, spooled)
+    store = RacingStore(settings.spool_dir.parent / "archive", spooled)
     lines, job = fetch_all(store, settings, rds, hour)
     assert store.raced == 1 and not job.damaged
     assert sorted(lines) == sorted(before) or sorted(lines) == sorted(spooled.lines)
@@ -127,8 +137,7 @@ def test_follow_goes_on_across_a_seal_an_upload_and_the_hour_boundary(rds, setti
     try:
         a.batch()
         wait_until(lambda: job.count == 6, 10, "the new records of the open file")
-        a.slots.seal_due(now=FAR_FUTURE)
-        upload_sealed(a.slots, store)
+        a.upload(store)
         a.batch()  # a new open file of the same hour
         now[0] = datetime(2026, 1, 1, 12, 0, 1, tzinfo=timezone.utc)  # the next hour begins
         b.batch()
@@ -144,8 +153,7 @@ def test_without_redis_fetch_says_so_and_prints_the_store(tmp_path, rds, setting
     hour = "2026010113"
     spooled = Spooled(rds, settings, hour)
     spooled.batch()
-    spooled.slots.seal_due(now=FAR_FUTURE)
-    upload_sealed(spooled.slots, FileStore(tmp_path / "archive"))
+    spooled.upload(FileStore(tmp_path / "archive"))
     env = {**os.environ, "SLUICE_REDIS_URL": "redis://127.0.0.1:1/0", "SLUICE_SPOOL_DIR": str(settings.spool_dir),
            "SLUICE_STORE_URL": f"file://{tmp_path / 'archive'}"}
     start, end = window(hour)

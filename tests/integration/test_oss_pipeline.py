@@ -14,7 +14,7 @@ import oss2
 import pytest
 import redis
 
-from sluice.local import wait_until
+from devstack.local import wait_until
 from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
 from tests.oss_server import OssServer
 
@@ -46,7 +46,7 @@ def test_the_pipeline_archives_to_oss_exactly_once_through_a_store_outage(stack_
         r = redis.Redis.from_url(stack.redis_url)
         traffic = Traffic(stack, records=30_000)
         uploaded = lambda: next(oss2.ObjectIterator(server.bucket(bucket), prefix=PREFIX + "/"), None)  # noqa: E731
-        wait_until(lambda: r.hlen("sluice:sealed") > 0 or uploaded() is not None, 120, "the first sealed files")
+        wait_until(lambda: r.hlen(schema.SEALED) > 0 or uploaded() is not None, 120, "the first sealed files")
         server.stop()  # the store is gone for a minute while records keep coming
         traffic.finish()
         time.sleep(60)  # the outage's length is what is tested; there is nothing to poll for

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from sluice import sample
-from sluice.local import free_port, wait_until
-from tests.integration.conftest import assert_exactly_once, start_pipeline, wait_archived
+from devstack import sample
+from devstack.local import free_port, wait_until
+from devstack.local import start_pipeline
+from tests.integration.conftest import assert_exactly_once, wait_archived
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.kcat import kcat
-from tests.integration.conftest import read_archive, start_pipeline, wait_archived
+from devstack.local import start_pipeline
+from tests.integration.conftest import read_archive, wait_archived
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +46,7 @@ def kcat_produce(workdir: Path, bootstrap: str, files: list[Path], key: str) -> 
 @pytest.fixture(scope="module")
 def archived(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("quarantine")
-    stack = start_pipeline(workdir, topic_partitions=2, SLUICE_RECORD_MAX_BYTES=str(MAX_BYTES))
+    stack = start_pipeline(workdir, partitions=2, SLUICE_RECORD_MAX_BYTES=str(MAX_BYTES))
     try:
         inputs = workdir / "inputs"
         inputs.mkdir()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-import sluice.slots
+import sluice.appends
 
 from bridge.consumer import Bridge, Reread
 from bridge.incarnation import fingerprint
@@ -21,14 +21,22 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from kafka import TopicPartition
 from sluice.fetch import fetch
 from sluice.kafka_batches import Chunk
-from sluice.ledger import Ledger, piece_name
-from sluice.local import wait_until
-from sluice.progress import handed_over
+from sluice import schema
+from sluice.appends import Appender, Frame
+from sluice.batches import Batches
+from sluice.errors import LockLost
+from sluice.marks import Marks
+from sluice.schema import BatchState
+from sluice.sealed import SealedRegistry
+from sluice.sealing import Sealer
+from sluice.spool import Spool
+from sluice.uploader import Uploader
+from devstack.local import wait_until
+from devstack.progress import handed_over
 from sluice.records import Record, hour_of
 from sluice.settings import Settings
-from sluice.slots import SEALED_KEY, SLOTS_KEY, Frame, LockLost, Slots
 from sluice.store import FileStore, object_key
-from sluice.uploader import upload_sealed
+from devstack.serial_upload import upload_sealed
 
 pytestmark = pytest.mark.integration
 
@@ -44,10 +52,10 @@ def zstd_cli(path: Path) -> bytes:
     return subprocess.run(["zstd", "-dcq", str(path)], check=True, capture_output=True).stdout
 
 
-def split_batch(ledger: Ledger, bid: str, pieces: dict[str, bytes]) -> None:
+def split_batch(batches: Batches, bid: str, pieces: dict[str, bytes]) -> None:
     """Put a batch in the 'split' state with these pieces pending, as the split task does."""
-    ledger.r.set(f"sluice:b:{bid}:state", "handed")
-    assert ledger.commit_split(bid, pieces)
+    batches.r.set(schema.batch_state(bid), BatchState.HANDED.value)
+    assert batches.commit_split(bid, pieces)
 
 
 def open_files(settings: Settings) -> list[Path]:
@@ -55,80 +63,80 @@ def open_files(settings: Settings) -> list[Path]:
 
 
 def test_a_piece_is_appended_once_however_often_it_is_delivered(rds, settings):
-    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
-    piece = piece_name(APP, HOUR)
-    split_batch(ledger, "logs:0:0-1", {piece: b"a\nb\n"})
-    assert slots.append("logs:0:0-1", APP, HOUR, frame(b"a\nb\n"), 2) is True
-    assert slots.append("logs:0:0-1", APP, HOUR, frame(b"a\nb\n"), 2) is False
+    batches, appender = Batches(rds, settings), Appender(rds, settings)
+    piece = schema.app_hour(APP, HOUR)
+    split_batch(batches, "logs:0:0-1", {piece: b"a\nb\n"})
+    assert appender.append("logs:0:0-1", APP, HOUR, frame(b"a\nb\n"), 2) is True
+    assert appender.append("logs:0:0-1", APP, HOUR, frame(b"a\nb\n"), 2) is False
     [path] = open_files(settings)
     assert zstd_cli(path) == b"a\nb\n"
     # The batch is finished: its keys are gone and it is no longer in flight.
-    assert ledger.inflight_count() == 0 and not rds.keys("sluice:b:*")
-    assert int(rds.hget("sluice:stats:records", APP)) == 2
+    assert batches.inflight_count() == 0 and not rds.keys(f"{schema.PREFIX}b:*")
+    assert int(rds.hget(schema.STATS, APP)) == 2
 
 
 def test_a_torn_tail_is_cut_before_the_next_append(rds, settings):
-    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
-    piece = piece_name(APP, HOUR)
-    split_batch(ledger, "logs:0:0-0", {piece: b"first\n"})
-    split_batch(ledger, "logs:0:1-1", {piece: b"second\n"})
-    slots.append("logs:0:0-0", APP, HOUR, frame(b"first\n"), 1)
+    batches, appender = Batches(rds, settings), Appender(rds, settings)
+    piece = schema.app_hour(APP, HOUR)
+    split_batch(batches, "logs:0:0-0", {piece: b"first\n"})
+    split_batch(batches, "logs:0:1-1", {piece: b"second\n"})
+    appender.append("logs:0:0-0", APP, HOUR, frame(b"first\n"), 1)
     [path] = open_files(settings)
     with open(path, "ab") as fh:  # a writer killed halfway through its frame
         fh.write(frame(b"torn write that was never committed\n")[:17])
-    slots.append("logs:0:1-1", APP, HOUR, frame(b"second\n"), 1)
+    appender.append("logs:0:1-1", APP, HOUR, frame(b"second\n"), 1)
     assert zstd_cli(path) == b"first\nsecond\n"
 
 
 def test_a_duplicate_that_loses_the_race_takes_its_bytes_back(rds, settings):
-    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
-    piece = piece_name(APP, HOUR)
-    split_batch(ledger, "logs:0:0-0", {piece: b"once\n"})
+    batches, appender = Batches(rds, settings), Appender(rds, settings)
+    piece = schema.app_hour(APP, HOUR)
+    split_batch(batches, "logs:0:0-0", {piece: b"once\n"})
     # Another delivery of the same piece holds slot 0, so this one appends in slot 1 ...
-    rds.set(f"sluice:lock:{APP}|{HOUR}|0", "someone-else")
-    assert slots.append("logs:0:0-0", APP, HOUR, frame(b"once\n"), 1)
+    rds.set(schema.slot_lock(schema.slot_id(APP, HOUR, 0)), "someone-else")
+    assert appender.append("logs:0:0-0", APP, HOUR, frame(b"once\n"), 1)
     # ... and when that delivery gets to commit in slot 0, the piece is no longer pending.
-    rds.delete(f"sluice:lock:{APP}|{HOUR}|0")
-    assert not slots.append("logs:0:0-0", APP, HOUR, frame(b"once\n"), 1)
+    rds.delete(schema.slot_lock(schema.slot_id(APP, HOUR, 0)))
+    assert not appender.append("logs:0:0-0", APP, HOUR, frame(b"once\n"), 1)
     contents = sorted(zstd_cli(p) if p.stat().st_size else b"" for p in open_files(settings))
     assert contents == [b"", b"once\n"]
 
 
 def test_a_writer_whose_lease_ran_out_commits_nothing(rds, settings, monkeypatch):
-    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
-    piece = piece_name(APP, HOUR)
-    split_batch(ledger, "logs:0:0-0", {piece: b"late\n"})
+    batches, appender = Batches(rds, settings), Appender(rds, settings)
+    piece = schema.app_hour(APP, HOUR)
+    split_batch(batches, "logs:0:0-0", {piece: b"late\n"})
     real_pwrite = os.pwrite
 
     def stalled_pwrite(fd, data, offset):  # the lease expires and another writer takes the slot
-        rds.set(f"sluice:lock:{APP}|{HOUR}|0", "new-owner")
+        rds.set(schema.slot_lock(schema.slot_id(APP, HOUR, 0)), "new-owner")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr("sluice.slots.os.pwrite", stalled_pwrite)
+    monkeypatch.setattr("sluice.appends.os.pwrite", stalled_pwrite)
     with pytest.raises(LockLost):
-        slots.append("logs:0:0-0", APP, HOUR, frame(b"late\n"), 1)
-    assert ledger.pending_pieces("logs:0:0-0") == [piece]
-    assert rds.hget(f"sluice:slot:{APP}|{HOUR}|0", "size") == b"0"
-    assert rds.get(f"sluice:lock:{APP}|{HOUR}|0") == b"new-owner"
+        appender.append("logs:0:0-0", APP, HOUR, frame(b"late\n"), 1)
+    assert batches.pending_pieces("logs:0:0-0") == [piece]
+    assert rds.hget(schema.slot_state(schema.slot_id(APP, HOUR, 0)), "size") == b"0"
+    assert rds.get(schema.slot_lock(schema.slot_id(APP, HOUR, 0))) == b"new-owner"
 
 
 def test_concurrent_appenders_use_at_most_n_files_and_lose_nothing(rds, settings, tmp_path):
     settings = settings.model_copy(update={"slots_per_app": 3})
-    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
-    batches = {f"logs:0:{i}-{i}": f"line {i}\n".encode() for i in range(30)}
-    for bid, data in batches.items():
-        split_batch(ledger, bid, {piece_name(APP, HOUR): data})
-    barrier = threading.Barrier(len(batches))
+    batches, appender = Batches(rds, settings), Appender(rds, settings)
+    written = {f"logs:0:{i}-{i}": f"line {i}\n".encode() for i in range(30)}
+    for bid, data in written.items():
+        split_batch(batches, bid, {schema.app_hour(APP, HOUR): data})
+    barrier = threading.Barrier(len(written))
     errors: list[BaseException] = []
 
     def work(bid: str, data: bytes) -> None:
         try:
             barrier.wait()
-            Slots(rds, settings).append(bid, APP, HOUR, frame(data), 1)
+            Appender(rds, settings).append(bid, APP, HOUR, frame(data), 1)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=item) for item in batches.items()]
+    threads = [threading.Thread(target=work, args=item) for item in written.items()]
     for t in threads:
         t.start()
     for t in threads:
@@ -137,45 +145,45 @@ def test_concurrent_appenders_use_at_most_n_files_and_lose_nothing(rds, settings
     files = len(open_files(settings))
     assert 1 <= files <= 3
     store = FileStore(tmp_path / "archive")
-    assert slots.seal_due(now=FAR_FUTURE) == files
-    upload_sealed(slots, store)
+    assert Sealer(rds, settings).seal_due(now=FAR_FUTURE) == files
+    upload_sealed(Uploader(rds, settings, store))
     lines = b"".join(zstd_cli(p) for p in (tmp_path / "archive").rglob("*.zst")).splitlines(keepends=True)
-    assert sorted(lines) == sorted(batches.values())
+    assert sorted(lines) == sorted(written.values())
 
 
 def test_seal_and_upload_lay_out_objects_and_empty_the_spool(rds, settings, tmp_path):
-    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    batches, appender = Batches(rds, settings), Appender(rds, settings)
     other_hour = "2026010110"
-    split_batch(ledger, "logs:0:0-1", {piece_name(APP, HOUR): b"x\n", piece_name(APP, other_hour): b"y\n"})
-    slots.append("logs:0:0-1", APP, HOUR, frame(b"x\n"), 1)
-    slots.append("logs:0:0-1", APP, other_hour, frame(b"y\n"), 1)
-    assert slots.seal_due() == 0, "freshly written slots are not idle yet"
-    assert slots.seal_due(now=FAR_FUTURE) == 2
+    split_batch(batches, "logs:0:0-1", {schema.app_hour(APP, HOUR): b"x\n", schema.app_hour(APP, other_hour): b"y\n"})
+    appender.append("logs:0:0-1", APP, HOUR, frame(b"x\n"), 1)
+    appender.append("logs:0:0-1", APP, other_hour, frame(b"y\n"), 1)
+    assert Sealer(rds, settings).seal_due() == 0, "freshly written slots are not idle yet"
+    assert Sealer(rds, settings).seal_due(now=FAR_FUTURE) == 2
     store = FileStore(tmp_path / "archive")
-    assert upload_sealed(slots, store) == 2
+    assert upload_sealed(Uploader(rds, settings, store)) == 2
     keys = store.list(f"app={APP}/")
     assert [k.rsplit("/", 1)[0] for k in keys] == [f"app={APP}/dt=2026-01-01/hour=09",
                                                     f"app={APP}/dt=2026-01-01/hour=10"]
     assert [zstd_cli(tmp_path / "archive" / k) for k in keys] == [b"x\n", b"y\n"]
     assert not list(settings.spool_dir.rglob("*.zst"))
-    assert rds.hlen(SEALED_KEY) == 0 and rds.scard(SLOTS_KEY) == 0
+    assert rds.hlen(schema.SEALED) == 0 and rds.scard(schema.SLOTS) == 0
 
 
 def test_a_seal_cut_short_before_its_rename_is_finished_by_the_uploader(rds, settings, tmp_path):
-    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
-    split_batch(ledger, "logs:0:0-0", {piece_name(APP, HOUR): b"kept\n"})
-    slots.append("logs:0:0-0", APP, HOUR, frame(b"kept\n"), 1)
+    batches, appender = Batches(rds, settings), Appender(rds, settings)
+    split_batch(batches, "logs:0:0-0", {schema.app_hour(APP, HOUR): b"kept\n"})
+    appender.append("logs:0:0-0", APP, HOUR, frame(b"kept\n"), 1)
     [open_path] = open_files(settings)
-    slots.seal_due(now=FAR_FUTURE)
-    [sealed] = slots.sealed_files()
+    Sealer(rds, settings).seal_due(now=FAR_FUTURE)
+    [sealed] = SealedRegistry(rds).sealed_files()
     # Undo the rename and leave a torn tail, as if the sealer died right after its script.
-    sealed_path = slots.spool.sealed_path(APP, HOUR, sealed.fid)
+    sealed_path = Spool(settings.spool_dir).sealed_path(APP, HOUR, sealed.fid)
     open_path.parent.mkdir(parents=True, exist_ok=True)
     sealed_path.replace(open_path)
     with open(open_path, "ab") as fh:
         fh.write(b"\x28\xb5\x2f\xfd garbage")
     store = FileStore(tmp_path / "archive")
-    assert upload_sealed(slots, store) == 1
+    assert upload_sealed(Uploader(rds, settings, store)) == 1
     assert zstd_cli(tmp_path / "archive" / object_key(APP, HOUR, sealed.fid)) == b"kept\n"
 
 
@@ -192,18 +200,18 @@ class CrashAfterPut(FileStore):
 
 
 def test_an_upload_repeated_after_a_crash_overwrites_instead_of_duplicating(rds, settings, tmp_path):
-    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
-    split_batch(ledger, "logs:0:0-0", {piece_name(APP, HOUR): b"one\n"})
-    slots.append("logs:0:0-0", APP, HOUR, frame(b"one\n"), 1)
-    slots.seal_due(now=FAR_FUTURE)
+    batches, appender = Batches(rds, settings), Appender(rds, settings)
+    split_batch(batches, "logs:0:0-0", {schema.app_hour(APP, HOUR): b"one\n"})
+    appender.append("logs:0:0-0", APP, HOUR, frame(b"one\n"), 1)
+    Sealer(rds, settings).seal_due(now=FAR_FUTURE)
     store = CrashAfterPut(tmp_path / "archive")
     with pytest.raises(KeyboardInterrupt):
-        upload_sealed(slots, store)
-    assert rds.hlen(SEALED_KEY) == 1
-    upload_sealed(slots, store)
+        upload_sealed(Uploader(rds, settings, store))
+    assert rds.hlen(schema.SEALED) == 1
+    upload_sealed(Uploader(rds, settings, store))
     objects = list((tmp_path / "archive").rglob("*.zst"))
     assert len(objects) == 1 and zstd_cli(objects[0]) == b"one\n"
-    assert rds.hlen(SEALED_KEY) == 0
+    assert rds.hlen(schema.SEALED) == 0
 
 
 def records(first: int, last: int) -> list[Record]:
@@ -226,19 +234,19 @@ def chunks(recs: list[Record], per: int = 1) -> list[Chunk]:
 
 def test_bridge_replays_are_trimmed_by_the_ledger(rds, settings):
     sent: list[str] = []
-    bridge = Bridge(settings, Ledger(rds, settings), send_split=sent.append)
+    bridge = Bridge(settings, rds, send_split=sent.append)
     tp = TopicPartition("logs", 3)
     bridge.hand_over(tp, chunks(records(0, 99), per=10))
     bridge.hand_over(tp, chunks(records(50, 149), per=10))  # redelivered after a crash before the commit
     bridge.hand_over(tp, chunks(records(0, 149), per=10))
     assert sent == ["logs:3:0-99", "logs:3:100-149"]
-    assert Ledger(rds, settings).high_water_mark("logs", 3) == 149
+    assert Marks(rds).high_water_mark("logs", 3) == 149
 
 
 def test_bridge_batches_within_count_and_byte_limits(rds, settings):
     settings = settings.model_copy(update={"batch_max_records": 20, "batch_max_bytes": 10_000})
     sent: list[str] = []
-    bridge = Bridge(settings, Ledger(rds, settings), send_split=sent.append)
+    bridge = Bridge(settings, rds, send_split=sent.append)
     bridge.hand_over(TopicPartition("logs", 0), chunks(records(0, 44)))
     assert sent == ["logs:0:0-19", "logs:0:20-39", "logs:0:40-44"]
     big = [Record(100 + i, 0, None, b"x" * 4000, []) for i in range(5)]
@@ -247,50 +255,50 @@ def test_bridge_batches_within_count_and_byte_limits(rds, settings):
 
 
 def test_a_batch_is_split_once(rds, settings):
-    ledger = Ledger(rds, settings)
-    split_batch(ledger, "logs:0:0-9", {"a|2026112409": b"1\n"})
-    assert not ledger.commit_split("logs:0:0-9", {"a|2026112409": b"1\n", "b|2026112409": b"2\n"})
-    assert ledger.pending_pieces("logs:0:0-9") == ["a|2026112409"]
+    batches = Batches(rds, settings)
+    split_batch(batches, "logs:0:0-9", {"a|2026112409": b"1\n"})
+    assert not batches.commit_split("logs:0:0-9", {"a|2026112409": b"1\n", "b|2026112409": b"2\n"})
+    assert batches.pending_pieces("logs:0:0-9") == ["a|2026112409"]
 
 
 def test_a_bundle_of_pieces_is_appended_once(rds, settings):
-    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    batches, appender = Batches(rds, settings), Appender(rds, settings)
     data = {("web", HOUR): b"w\n", ("db", HOUR): b"d1\nd2\n", ("web", "2026010110"): b"w2\n"}
-    split_batch(ledger, "logs:1:0-3", {piece_name(a, h): d for (a, h), d in data.items()})
+    split_batch(batches, "logs:1:0-3", {schema.app_hour(a, h): d for (a, h), d in data.items()})
     frames = [Frame(a, h, frame(d), d.count(b"\n")) for (a, h), d in data.items()]
-    assert slots.append_many("logs:1:0-3", frames) == 3
-    assert slots.append_many("logs:1:0-3", frames) == 0
+    assert appender.append_many("logs:1:0-3", frames) == 3
+    assert appender.append_many("logs:1:0-3", frames) == 0
     contents = sorted(zstd_cli(p) for p in open_files(settings))
     assert contents == sorted(data.values())
-    assert ledger.inflight_count() == 0 and not rds.keys("sluice:b:*")
-    assert not rds.keys("sluice:lock:*"), "every lock is released"
+    assert batches.inflight_count() == 0 and not rds.keys(f"{schema.PREFIX}b:*")
+    assert not rds.keys(schema.SLOT_LOCK_PREFIX + "*"), "every lock is released"
 
 
 def test_a_slot_past_the_seal_size_is_sealed_by_its_append(rds, settings):
     settings = settings.model_copy(update={"seal_size_bytes": 64})
-    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    batches, appender = Batches(rds, settings), Appender(rds, settings)
     small, big = b"s\n", b"".join(b"line %d\n" % i for i in range(200))
-    split_batch(ledger, "logs:0:0-0", {piece_name(APP, HOUR): small})
-    split_batch(ledger, "logs:0:1-1", {piece_name(APP, HOUR): big})
-    slots.append("logs:0:0-0", APP, HOUR, frame(small), 1)
-    assert not slots.sealed_files()
-    slots.append("logs:0:1-1", APP, HOUR, frame(big), 200)
-    [sealed] = slots.sealed_files()
-    assert zstd_cli(slots.spool.sealed_path(APP, HOUR, sealed.fid)) == small + big
-    assert not open_files(settings) and rds.scard(SLOTS_KEY) == 0
+    split_batch(batches, "logs:0:0-0", {schema.app_hour(APP, HOUR): small})
+    split_batch(batches, "logs:0:1-1", {schema.app_hour(APP, HOUR): big})
+    appender.append("logs:0:0-0", APP, HOUR, frame(small), 1)
+    assert not SealedRegistry(rds).sealed_files()
+    appender.append("logs:0:1-1", APP, HOUR, frame(big), 200)
+    [sealed] = SealedRegistry(rds).sealed_files()
+    assert zstd_cli(Spool(settings.spool_dir).sealed_path(APP, HOUR, sealed.fid)) == small + big
+    assert not open_files(settings) and rds.scard(schema.SLOTS) == 0
 
 
 def test_a_running_hour_is_sealed_only_after_the_longer_open_hour_age(rds, settings):
     settings = settings.model_copy(update={"seal_age_seconds": 1, "seal_open_hour_age_seconds": 100})
-    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
+    batches, appender = Batches(rds, settings), Appender(rds, settings)
     running = hour_of(time.time() + 7200)  # an hour that is not over yet
-    split_batch(ledger, "logs:0:0-0", {piece_name(APP, running): b"now\n", piece_name(APP, HOUR): b"old\n"})
-    slots.append("logs:0:0-0", APP, running, frame(b"now\n"), 1)
-    slots.append("logs:0:0-0", APP, HOUR, frame(b"old\n"), 1)
-    assert slots.seal_due(now=time.time() + 5) == 1  # the past hour only
-    assert [s.hour for s in slots.sealed_files()] == [HOUR]
-    assert slots.seal_due(now=time.time() + 150) == 1
-    assert sorted(s.hour for s in slots.sealed_files()) == sorted([HOUR, running])
+    split_batch(batches, "logs:0:0-0", {schema.app_hour(APP, running): b"now\n", schema.app_hour(APP, HOUR): b"old\n"})
+    appender.append("logs:0:0-0", APP, running, frame(b"now\n"), 1)
+    appender.append("logs:0:0-0", APP, HOUR, frame(b"old\n"), 1)
+    assert Sealer(rds, settings).seal_due(now=time.time() + 5) == 1  # the past hour only
+    assert [s.hour for s in SealedRegistry(rds).sealed_files()] == [HOUR]
+    assert Sealer(rds, settings).seal_due(now=time.time() + 150) == 1
+    assert sorted(s.hour for s in SealedRegistry(rds).sealed_files()) == sorted([HOUR, running])
 
 
 class Freezer:
@@ -310,14 +318,14 @@ class Freezer:
         """Start a writer of batch 1-1 ("stale"), wait until it is frozen and its lease lapsed."""
         def stale_writer() -> None:
             try:
-                Slots(rds, settings).append("logs:0:1-1", APP, HOUR, frame(b"stale\n"), 1)
+                Appender(rds, settings).append("logs:0:1-1", APP, HOUR, frame(b"stale\n"), 1)
             except BaseException as exc:  # noqa: BLE001 - inspected by the test
                 self.errors.append(exc)
 
         self.victim = threading.Thread(target=stale_writer)
         self.victim.start()
         assert self.frozen.wait(10)
-        wait_until(lambda: rds.get(f"sluice:lock:{APP}|{HOUR}|0") is None, 5, "the lease to lapse")
+        wait_until(lambda: rds.get(schema.slot_lock(schema.slot_id(APP, HOUR, 0))) is None, 5, "the lease to lapse")
 
     def resume(self) -> list[BaseException]:
         self.thaw.set()
@@ -325,64 +333,64 @@ class Freezer:
         return self.errors
 
 
-def three_batches_one_appended(rds, settings: Settings) -> tuple[Settings, Ledger, str]:
+def three_batches_one_appended(rds, settings: Settings) -> tuple[Settings, Batches, str]:
     """Lease 1 s, so a frozen writer's slot is handed on while it sleeps; batches 0-0 ("first",
     appended), 1-1 ("stale") and 2-2 ("second") of one app-hour."""
     settings = settings.model_copy(update={"compress_time_limit": 0.5, "lock_lease_seconds": 1.0})
-    ledger = Ledger(rds, settings)
-    piece = piece_name(APP, HOUR)
-    split_batch(ledger, "logs:0:0-0", {piece: b"first\n"})
-    split_batch(ledger, "logs:0:1-1", {piece: b"stale\n"})
-    split_batch(ledger, "logs:0:2-2", {piece: b"second\n"})
-    Slots(rds, settings).append("logs:0:0-0", APP, HOUR, frame(b"first\n"), 1)
-    return settings, ledger, piece
+    batches = Batches(rds, settings)
+    piece = schema.app_hour(APP, HOUR)
+    split_batch(batches, "logs:0:0-0", {piece: b"first\n"})
+    split_batch(batches, "logs:0:1-1", {piece: b"stale\n"})
+    split_batch(batches, "logs:0:2-2", {piece: b"second\n"})
+    Appender(rds, settings).append("logs:0:0-0", APP, HOUR, frame(b"first\n"), 1)
+    return settings, batches, piece
 
 
 def test_a_writer_frozen_before_its_file_lock_leaves_later_commits_alone(rds, settings, monkeypatch):
-    settings, ledger, piece = three_batches_one_appended(rds, settings)
+    settings, batches, piece = three_batches_one_appended(rds, settings)
     freezer = Freezer()
-    real_locked_file = sluice.slots.locked_file
+    real_locked_file = sluice.appends.locked_file
 
     def freezing_locked_file(path, create=False):
         freezer.maybe_freeze()  # frozen after taking the Redis lock, before the file lock
         return real_locked_file(path, create)
 
-    monkeypatch.setattr("sluice.slots.locked_file", freezing_locked_file)
+    monkeypatch.setattr("sluice.appends.locked_file", freezing_locked_file)
     freezer.freeze_stale_writer(rds, settings)
     # Another writer takes the same slot and commits after "first".
-    assert Slots(rds, settings).append("logs:0:2-2", APP, HOUR, frame(b"second\n"), 1)
+    assert Appender(rds, settings).append("logs:0:2-2", APP, HOUR, frame(b"second\n"), 1)
     errors = freezer.resume()
     assert errors and isinstance(errors[0], LockLost)
     [path] = open_files(settings)
     assert zstd_cli(path) == b"first\nsecond\n"
-    assert int(rds.hget(f"sluice:slot:{APP}|{HOUR}|0", "size")) == path.stat().st_size
-    assert ledger.pending_pieces("logs:0:1-1") == [piece], "the stale piece is still to do"
-    Slots(rds, settings).append("logs:0:1-1", APP, HOUR, frame(b"stale\n"), 1)
+    assert int(rds.hget(schema.slot_state(schema.slot_id(APP, HOUR, 0)), "size")) == path.stat().st_size
+    assert batches.pending_pieces("logs:0:1-1") == [piece], "the stale piece is still to do"
+    Appender(rds, settings).append("logs:0:1-1", APP, HOUR, frame(b"stale\n"), 1)
     assert zstd_cli(path) == b"first\nsecond\nstale\n"
 
 
 def test_a_writer_frozen_holding_its_file_lock_is_passed_over(rds, settings, monkeypatch):
     settings, _, _ = three_batches_one_appended(rds, settings)
     freezer = Freezer()
-    real_write_at = sluice.slots.write_at
+    real_write_at = sluice.appends.write_at
 
     def freezing_write_at(fd, data, at):
         end = real_write_at(fd, data, at)
         freezer.maybe_freeze()  # frozen after writing, holding the file lock, before the commit
         return end
 
-    monkeypatch.setattr("sluice.slots.write_at", freezing_write_at)
+    monkeypatch.setattr("sluice.appends.write_at", freezing_write_at)
     freezer.freeze_stale_writer(rds, settings)
-    slots = Slots(rds, settings)
-    assert slots.append("logs:0:2-2", APP, HOUR, frame(b"second\n"), 1)  # goes to slot 1
-    assert slots.seal_due(now=FAR_FUTURE) == 1, "the frozen writer's file cannot be sealed"
+    appender = Appender(rds, settings)
+    assert appender.append("logs:0:2-2", APP, HOUR, frame(b"second\n"), 1)  # goes to slot 1
+    assert Sealer(rds, settings).seal_due(now=FAR_FUTURE) == 1, "the frozen writer's file cannot be sealed"
     errors = freezer.resume()
     assert errors and isinstance(errors[0], LockLost)
     [path] = open_files(settings)
     assert zstd_cli(path) == b"first\n", "the frozen writer took its own bytes back"
-    assert rds.hget(f"sluice:slot:{APP}|{HOUR}|1", "fid") is None, "slot 1 was sealed"
-    [sealed] = slots.sealed_files()
-    assert zstd_cli(slots.spool.sealed_path(APP, HOUR, sealed.fid)) == b"second\n"
+    assert rds.hget(schema.slot_state(schema.slot_id(APP, HOUR, 1)), "fid") is None, "slot 1 was sealed"
+    [sealed] = SealedRegistry(rds).sealed_files()
+    assert zstd_cli(Spool(settings.spool_dir).sealed_path(APP, HOUR, sealed.fid)) == b"second\n"
 
 
 def test_a_recreated_topic_is_archived_again_and_a_replay_is_not(rds, settings, caplog):
@@ -395,7 +403,7 @@ def test_a_recreated_topic_is_archived_again_and_a_replay_is_not(rds, settings, 
         found = sorted(o for o in log_now if o >= offset)
         return (found[0], fingerprint(log_now[found[0]])) if found else None
 
-    bridge = Bridge(settings, Ledger(rds, settings), send_split=sent.append, probe=probe)
+    bridge = Bridge(settings, rds, send_split=sent.append, probe=probe)
     tp = TopicPartition("logs", 3)
     old = records(0, 99)
     log_now.update((r.offset, r) for r in old)
@@ -416,22 +424,21 @@ def test_a_recreated_topic_is_archived_again_and_a_replay_is_not(rds, settings, 
     assert sent == ["logs:3:0-99", "logs:3:0-49@1"]
 
 
-def archive_wave(ledger: Ledger, slots: Slots, store: FileStore, n: int, data: bytes) -> None:
+def archive_wave(rds, settings: Settings, store: FileStore, n: int, data: bytes) -> None:
     """One wave of late records for APP/HOUR: split, appended, sealed, uploaded."""
-    split_batch(ledger, f"logs:0:{n}-{n}", {piece_name(APP, HOUR): data})
-    slots.append(f"logs:0:{n}-{n}", APP, HOUR, frame(data), data.count(b"\n"))
-    assert slots.seal_due(now=FAR_FUTURE) == 1
-    upload_sealed(slots, store)
+    split_batch(Batches(rds, settings), f"logs:0:{n}-{n}", {schema.app_hour(APP, HOUR): data})
+    Appender(rds, settings).append(f"logs:0:{n}-{n}", APP, HOUR, frame(data), data.count(b"\n"))
+    assert Sealer(rds, settings).seal_due(now=FAR_FUTURE) == 1
+    upload_sealed(Uploader(rds, settings, store))
 
 
 def test_late_waves_are_merged_so_an_app_hour_keeps_at_most_n_objects(rds, settings, tmp_path):
     settings = settings.model_copy(update={"slots_per_app": 2})
-    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
     store = FileStore(tmp_path / "archive")
     expected = b""
     for n in range(6):
         data = b"".join(b"wave %d line %d\n" % (n, i) for i in range(n + 1))
-        archive_wave(ledger, slots, store, n, data)
+        archive_wave(rds, settings, store, n, data)
         expected += data
         objects = list((tmp_path / "archive").rglob("*.zst"))
         assert len(objects) == min(n + 1, 2), objects
@@ -441,7 +448,7 @@ def test_late_waves_are_merged_so_an_app_hour_keeps_at_most_n_objects(rds, setti
     fetch(store, APP, datetime(2026, 1, 1, 9, tzinfo=timezone.utc), datetime(2026, 1, 1, 10, tzinfo=timezone.utc),
           out, timestamp_field="")
     assert sorted(out.getvalue().splitlines()) == sorted(expected.splitlines())
-    assert rds.hlen(SEALED_KEY) == 0 and not rds.hlen("sluice:upload-plan")
+    assert rds.hlen(schema.SEALED) == 0 and not rds.hlen(schema.UPLOAD_PLAN)
 
 
 class CrashAfterMerge(FileStore):
@@ -458,17 +465,16 @@ class CrashAfterMerge(FileStore):
 
 def test_a_merge_cut_short_is_finished_once_and_readers_see_each_record_once(rds, settings, tmp_path):
     settings = settings.model_copy(update={"slots_per_app": 1})
-    ledger, slots = Ledger(rds, settings), Slots(rds, settings)
     store = CrashAfterMerge(tmp_path / "archive")
-    archive_wave(ledger, slots, store, 0, b"first\n")
+    archive_wave(rds, settings, store, 0, b"first\n")
     with pytest.raises(KeyboardInterrupt):
-        archive_wave(ledger, slots, store, 1, b"late\n")
+        archive_wave(rds, settings, store, 1, b"late\n")
     assert len(list((tmp_path / "archive").rglob("*.zst"))) == 2, "old and new generation side by side"
     window = (datetime(2026, 1, 1, 9, tzinfo=timezone.utc), datetime(2026, 1, 1, 10, tzinfo=timezone.utc))
     out = io.BytesIO()
     fetch(store, APP, *window, out, timestamp_field="")
     assert sorted(out.getvalue().splitlines()) == [b"first", b"late"], "no record twice in the window"
-    upload_sealed(slots, store)  # the next sweep finishes the same plan
+    upload_sealed(Uploader(rds, settings, store))  # the next sweep finishes the same plan
     [merged] = list((tmp_path / "archive").rglob("*.zst"))
     assert zstd_cli(merged) == b"first\nlate\n"
-    assert rds.hlen(SEALED_KEY) == 0
+    assert rds.hlen(schema.SEALED) == 0

@@ -1,4 +1,4 @@
-"""Unit tests for sluice.batch and sluice.kafka_batches: the claim-check payload (Kafka record
+"""Unit tests for sluice.schema's batch ids and sluice.kafka_batches: the claim-check payload (Kafka record
 batches as fetched) read back record for record, and the deterministic batch id."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.record.legacy_records import LegacyRecordBatchBuilder
 
-from sluice.batch import batch_id, parse_batch_id
+from sluice.schema import batch_id, parse_batch_id
 from sluice.kafka_batches import Chunk, last_record, record_at, records
 from sluice.records import Record
 

@@ -11,8 +11,9 @@ import orjson
 import pytest
 import zstandard
 
-import sluice.fetch as fetch_module
-from sluice.fetch import Fetch, Query, fetch, hours_between, parse_when
+import sluice.external_sort as external_sort
+from sluice.fetch import Fetch, Query, fetch
+from sluice.timewindow import hours_between, parse_when
 from sluice.frames import Damaged, announce, read_frames
 from sluice.records import QUARANTINE_APP, Record, Router
 from sluice.store import FileStore, object_key
@@ -395,7 +396,7 @@ def event_time(record: bytes) -> int:
 
 @pytest.mark.parametrize("buffer", [1 << 30, 2000])  # in memory; spilled to many sorted runs
 def test_sort_prints_in_event_time_order(shuffled, monkeypatch, buffer):
-    monkeypatch.setattr(fetch_module, "SORT_BUFFER_BYTES", buffer)
+    monkeypatch.setattr(external_sort, "SORT_BUFFER_BYTES", buffer)
     store, records = shuffled
     out = io.BytesIO()
     assert Fetch(store, Query("gamma", t(1, 10), t(1, 11), sort=True), out).run() == 300

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import redis
 
-from sluice import progress, sample
-from sluice.local import PROJECT_ROOT, LocalStack, free_port, port_open, wait_until
+from devstack import progress, sample
+from devstack.local import PROJECT_ROOT, LocalStack, free_port, port_open, start_pipeline, wait_until
 
 BAD_RECORDS = [b'{"msg": "no app id"}', b'{"app": "../../etc", "msg": "path escape"}', b"not json at all"]
 
@@ -33,27 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     shutil.rmtree(args.workdir, ignore_errors=True)
-    stack = LocalStack(args.workdir, {
-        "SLUICE_SEAL_AGE_SECONDS": "3", "SLUICE_SEAL_OPEN_HOUR_AGE_SECONDS": "3",
-        "SLUICE_UPLOAD_INTERVAL_SECONDS": "2",
-        "SLUICE_KAFKA_SESSION_TIMEOUT_MS": "6000", "SLUICE_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
-    })
+    stack = start_pipeline(args.workdir, cpu_concurrency=os.cpu_count() or 2)
     try:
         return _run(stack, args)
     finally:
         stack.close()
 
 
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
 def _run(stack: LocalStack, args: argparse.Namespace) -> int:
-    say = lambda text: print(text, flush=True)  # noqa: E731
-    stack.start_redis()
-    stack.start_kafka()
-    stack.create_topic("logs", 4)
     say(f"redis  {stack.redis_url}\nkafka  {stack.bootstrap} (Tansu)")
-    stack.start_io_worker()
-    stack.start_cpu_worker(concurrency=os.cpu_count() or 2)
-    stack.start_beat()
-    stack.start_bridge()
     flower_port = 5555 if not port_open(5555) else free_port()
     stack.start_flower(flower_port)
     say(f"flower http://127.0.0.1:{flower_port}\nlogs   {stack.workdir / 'logs'}")

@@ -1,0 +1,32 @@
+"""Archive every sealed file from one process, one app-hour after the other.
+
+The workers fan the same work out as one `upload_app_hour` task per app-hour (tasks.upload);
+this serial form is for tests and the benchmark's reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from sluice.errors import UploadFailed
+from sluice.sealed import SealedRegistry
+from sluice.uploader import Uploader, by_app_hour
+
+log = logging.getLogger(__name__)
+
+
+def upload_sealed(uploader: Uploader, on_progress: Callable[[], object] = lambda: None) -> int:
+    """Archive every sealed file; returns how many this call uploaded. A failure (store down, a
+    damaged file) is logged and the others go on; UploadFailed at the end makes it visible."""
+    archived, failed = 0, 0
+    for files in by_app_hour(SealedRegistry(uploader.r).sealed_files()).values():
+        try:
+            archived += uploader.archive_app_hour(files)
+        except UploadFailed as exc:
+            failed += 1
+            log.error("%s", exc)
+        on_progress()
+    if failed:
+        raise UploadFailed(f"{failed} app-hours not wholly archived yet")
+    return archived

@@ -1,0 +1,194 @@
+"""Every Lua script sluice runs in Redis: each state change that must be atomic is one of these.
+
+Each script's header names its KEYS and ARGV. Key names come from sluice.schema: passed in KEYS,
+or, where one script touches the slots of many app-hours (passing 2N key names per frame was most
+of the compress stage's Redis cost), built inside the script from the prefixes
+`schema.SLOT_LOCK_PREFIX` and `schema.SLOT_STATE_PREFIX`, passed in ARGV, and the slot id format
+`schema.slot_id` ("app|hour|k"). Fine on one Redis server, which is what sluice runs on; Redis
+Cluster would need every key declared in KEYS.
+"""
+
+from __future__ import annotations
+
+from string import Template
+
+from sluice.schema import BatchState
+
+# The batch states the scripts write and test, as sluice.schema names them.
+_STATES = {"handed": BatchState.HANDED.value, "split": BatchState.SPLIT.value}
+
+# Hand a batch over: advance the partition's mark from ARGV[2] to ARGV[3], record the batch as
+# handed and in flight. {0, current mark} if the mark moved since it was read, else {1, ''}.
+# KEYS: 1 HWM, 2 INFLIGHT, 3 batch_state(bid), 4 batch_payload(bid), 5 FINGERPRINT,
+#       6 INFLIGHT_BYTES, 7 BATCH_BYTES
+# ARGV: 1 partition field, 2 expected mark ('' for none), 3 new mark, 4 batch id, 5 now,
+#       6 '1' to store the payload in Redis, 7 payload, 8 fingerprint, 9 payload size
+HAND_OVER = Template("""
+local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if cur ~= ARGV[2] then return {0, cur} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[8])
+if ARGV[6] == '1' then redis.call('SET', KEYS[4], ARGV[7]) end
+redis.call('SET', KEYS[3], '$handed')
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
+redis.call('HSET', KEYS[7], ARGV[4], ARGV[9])
+redis.call('INCRBY', KEYS[6], ARGV[9])
+return {1, ''}
+""").substitute(_STATES)
+
+# Start a new incarnation of a partition whose mark is still ARGV[2]; its new number, or -1.
+# KEYS: 1 HWM, 2 FINGERPRINT, 3 EARLIER, 4 INCARNATION
+# ARGV: 1 partition field, 2 expected mark ('' for none)
+NEW_INCARNATION = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if cur ~= ARGV[2] then return -1 end
+if cur ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[1], tonumber(cur) + 1) end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
+"""
+
+# Record the pieces of a handed-over batch and mark it split; 0 if it was split already.
+# KEYS: 1 batch_state(bid), 2 batch_groups(bid), 3 batch_pending(bid), 4 batch_payload(bid)
+# ARGV: per piece its app-hour name and its piece ref
+SPLIT_COMMIT = Template("""
+if redis.call('GET', KEYS[1]) ~= '$handed' then return 0 end
+for i = 1, #ARGV, 2 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  redis.call('SADD', KEYS[3], ARGV[i])
+end
+redis.call('SET', KEYS[1], '$split')
+redis.call('DEL', KEYS[4])
+return 1
+""").substitute(_STATES)
+
+# Release those of these slot locks that still hold our token.
+# KEYS: slot_lock(sid) of each slot
+# ARGV: 1 token
+RELEASE = """
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
+end
+return 0
+"""
+
+# For each app-hour of a bundle, take its lowest free slot and return that slot's state,
+# creating the state if the slot has none: {k, fid, size}, or {-1} for an app-hour whose N slots
+# are all taken. A slot whose mark in the skip mask is '1' is passed over (its file is held by a
+# frozen writer).
+# KEYS: 1 SLOTS
+# ARGV: 1 token, 2 lease ms, 3 now, 4 N, 5 SLOT_LOCK_PREFIX, 6 SLOT_STATE_PREFIX, then per
+#       app-hour: its app_hour name (the slot id stem), a new fid, a skip mask ('' for none)
+ACQUIRE = """
+local token, lease, now, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local lockp, slotp = ARGV[5], ARGV[6]
+local out = {}
+for p = 0, (#ARGV - 6) / 3 - 1 do
+  local stem, fid, skip = ARGV[7 + 3 * p], ARGV[8 + 3 * p], ARGV[9 + 3 * p]
+  local got = {-1}
+  for k = 1, n do
+    local sid = stem .. '|' .. (k - 1)
+    if string.sub(skip, k, k) ~= '1' and redis.call('SET', lockp .. sid, token, 'NX', 'PX', lease) then
+      local slot = slotp .. sid
+      local state = redis.call('HMGET', slot, 'fid', 'size')
+      if state[1] then
+        got = {k - 1, state[1], tonumber(state[2])}
+      else
+        redis.call('HSET', slot, 'fid', fid, 'size', 0, 'created', now, 'updated', now)
+        redis.call('SADD', KEYS[1], sid)
+        got = {k - 1, fid, 0}
+      end
+      break
+    end
+  end
+  out[p + 1] = got
+end
+return out
+"""
+
+# Under the file locks, for each slot: its committed size if the lock is still ours and the
+# slot still has the file we locked, -1 if the lease was lost, -2 if the slot moved on to
+# another file (sealed meanwhile).
+# KEYS: none (built from the prefixes)
+# ARGV: 1 token, 2 SLOT_LOCK_PREFIX, 3 SLOT_STATE_PREFIX, then per slot its id and fid
+VERIFY = """
+local token, lockp, slotp = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+for p = 0, (#ARGV - 3) / 2 - 1 do
+  local sid, fid = ARGV[4 + 2 * p], ARGV[5 + 2 * p]
+  local state = redis.call('HMGET', slotp .. sid, 'fid', 'size')
+  if state[1] ~= fid then
+    out[p + 1] = -2
+  elseif redis.call('GET', lockp .. sid) ~= token then
+    out[p + 1] = -1
+  else
+    out[p + 1] = tonumber(state[2])
+  end
+end
+return out
+"""
+
+# Commit the appends of a bundle: for each piece still pending, retire it, move the slot's
+# committed size and release the lock, sealing the slot in the same step when it has grown past
+# the seal size (2). A piece no longer pending (0: a duplicate delivery) keeps its lock, so its
+# writer can cut its bytes off before anyone appends after them; -1: the lease was lost. The
+# last piece of a batch takes the batch's bytes off the in-flight total, once; the last element
+# of the reply says so (1), and the caller removes the batch's pieces files. The piece name
+# ("app|hour") and the sealed entry ("app|hour|fid") are built from the slot id.
+# KEYS: 1 batch_pending(bid), 2 batch_groups(bid), 3 batch_state(bid), 4 INFLIGHT, 5 STATS,
+#       6 SEALED, 7 SLOTS, 8 INFLIGHT_BYTES, 9 BATCH_BYTES
+# ARGV: 1 token, 2 now, 3 batch id, 4 seal size, 5 SLOT_LOCK_PREFIX, 6 SLOT_STATE_PREFIX, then
+#       per piece: slot id, fid, new size, records
+COMMIT = """
+local lockp, slotp = ARGV[5], ARGV[6]
+local out = {}
+for p = 0, (#ARGV - 6) / 4 - 1 do
+  local a = 6 + 4 * p
+  local sid, fid, size = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local lock, slot = lockp .. sid, slotp .. sid
+  local app, hour = string.match(sid, '^([^|]*)|([^|]*)|')
+  local piece = app .. '|' .. hour
+  local r = 1
+  if redis.call('GET', lock) ~= ARGV[1] then
+    r = -1
+  elseif redis.call('SREM', KEYS[1], piece) == 0 then
+    r = 0
+  else
+    redis.call('HSET', slot, 'size', size, 'updated', ARGV[2])
+    redis.call('HDEL', KEYS[2], piece)
+    redis.call('HINCRBY', KEYS[5], app, ARGV[a + 4])
+    if tonumber(size) >= tonumber(ARGV[4]) then
+      redis.call('HSET', KEYS[6], piece .. '|' .. fid, size)
+      redis.call('DEL', slot)
+      redis.call('SREM', KEYS[7], sid)
+      r = 2
+    end
+    redis.call('DEL', lock)
+  end
+  out[p + 1] = r
+end
+local finished = 0
+if redis.call('SCARD', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  if redis.call('ZREM', KEYS[4], ARGV[3]) == 1 then
+    local bytes = redis.call('HGET', KEYS[9], ARGV[3])
+    if bytes then redis.call('DECRBY', KEYS[8], bytes) end
+    redis.call('HDEL', KEYS[9], ARGV[3])
+    finished = 1
+  end
+end
+out[#out + 1] = finished
+return out
+"""
+
+# Seal a slot we hold the lock of: its file becomes a sealed entry (unless it is empty), the slot
+# loses its state. -1 if the lease was lost.
+# KEYS: 1 slot_lock(sid), 2 slot_state(sid), 3 SEALED, 4 SLOTS
+# ARGV: 1 token, 2 sealed entry, 3 committed size, 4 slot id
+SEAL = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if tonumber(ARGV[3]) > 0 then redis.call('HSET', KEYS[3], ARGV[2], ARGV[3]) end
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[4], ARGV[4])
+return 1
+"""

@@ -1,0 +1,63 @@
+"""The sealed-file registry: slot files that take no more appends and wait for upload, and the
+upload plan recorded for each (see sluice.uploader).
+
+A sealed file enters `schema.SEALED` in the script that seals its slot (sluice.sealing or the
+commit that fills it, sluice.appends) and leaves it, with its plan, once its object is archived.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from sluice import schema
+from sluice.spool import SealedFile
+
+
+class SealedRegistry:
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+
+    def sealed_files(self) -> list[SealedFile]:
+        return [SealedFile.from_entry(entry.decode(), int(size))
+                for entry, size in self.r.hgetall(schema.SEALED).items()]
+
+    def is_sealed(self, sealed: SealedFile) -> bool:
+        """Still awaiting upload (not archived and forgotten since it was listed)."""
+        return bool(self.r.hexists(schema.SEALED, sealed.entry))
+
+    def upload_plan(self, sealed: SealedFile) -> str | None:
+        plan = self.r.hget(schema.UPLOAD_PLAN, sealed.entry)
+        return plan.decode() if plan is not None else None
+
+    def plan_upload(self, sealed: SealedFile, plan: str) -> str:
+        """Record how a sealed file is archived, unless a plan is recorded already; the plan in
+        force. Decided once, so a repeated upload never decides differently."""
+        self.r.hsetnx(schema.UPLOAD_PLAN, sealed.entry, plan)
+        return self.upload_plan(sealed) or plan
+
+    def planned(self) -> list[str]:
+        """Every plan in force."""
+        return [plan.decode() for plan in self.r.hvals(schema.UPLOAD_PLAN)]
+
+    def forget(self, sealed: SealedFile) -> None:
+        """The file is archived: drop it and its plan, at once."""
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.hdel(schema.SEALED, sealed.entry)
+            pipe.hdel(schema.UPLOAD_PLAN, sealed.entry)
+            pipe.execute()
+
+
+def committed_files(client: redis.Redis, app: str, hour: str, n: int) -> list[tuple[str, int]]:
+    """(fid, committed size) of every open and every sealed, not yet uploaded, file of an
+    app-hour, read in one transaction: what a reader may read of the spool, without a lock."""
+    with client.pipeline(transaction=True) as pipe:
+        for k in range(n):
+            pipe.hmget(schema.slot_state(schema.slot_id(app, hour, k)), "fid", "size")
+        pipe.hgetall(schema.SEALED)
+        *open_slots, sealed = pipe.execute()
+    found = [(fid.decode(), int(size)) for fid, size in open_slots if fid is not None]
+    for entry, size in sealed.items():
+        entry_app, entry_hour, fid = schema.parse_sealed_entry(entry.decode())
+        if (entry_app, entry_hour) == (app, hour):
+            found.append((fid, int(size)))
+    return found
