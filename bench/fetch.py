@@ -30,8 +30,8 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.dataset import dataset  # noqa: E402
-from sluice.frames import announce  # noqa: E402
 from devstack.local import FAST_GROUP_JOIN, start_pipeline, wait_until  # noqa: E402
+from sluice.frames import announce  # noqa: E402
 from sluice.store import object_key  # noqa: E402
 
 APP, HOUR = "big", "2026010100"

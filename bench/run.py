@@ -32,18 +32,17 @@ from bench.cpu import group_cpu_seconds  # noqa: E402
 from bench.dataset import dataset, read_lines  # noqa: E402
 from bridge.consumer import Bridge  # noqa: E402
 from devstack import progress  # noqa: E402
+from devstack.local import FAST_GROUP_JOIN, LocalStack, fast_settings, start_pipeline, wait_until  # noqa: E402
+from devstack.serial_upload import upload_sealed  # noqa: E402
 from sluice import schema  # noqa: E402
 from sluice.appends import Appender  # noqa: E402
 from sluice.batches import Batches  # noqa: E402
-from devstack.local import FAST_GROUP_JOIN, LocalStack, fast_settings, start_pipeline, wait_until  # noqa: E402
 from sluice.records import Router  # noqa: E402
-from sluice.settings import Settings  # noqa: E402
 from sluice.sealing import Sealer  # noqa: E402
+from sluice.settings import Settings  # noqa: E402
 from sluice.stages import bundle_pieces, compress_pieces, split_batch  # noqa: E402
 from sluice.store import FileStore  # noqa: E402
 from sluice.uploader import Uploader  # noqa: E402
-from devstack.serial_upload import upload_sealed  # noqa: E402
-
 
 # Files are sealed once idle this long in the end-to-end run (the default is 300 s), and Beat
 # sweeps this often (the default is 30 s): short, so the run ends with every object uploaded.
@@ -225,7 +224,7 @@ def end_to_end(workdir: Path, lines: list[bytes], nbytes: int, seal_age: float =
         # Start-up is not per MB: the workers' and Beat's CPU counts from when they are ready.
         for name, line in (("io", "ready."), ("cpu0", "ready."), ("beat", "beat: Starting")):
             log = stack.service(name).log
-            wait_until(lambda: line in log.read_text(), 120, f"{name} to be ready")
+            wait_until(lambda line=line, log=log: line in log.read_text(), 120, f"{name} to be ready")
         cpu_before = {s.name: group_cpu_seconds(s.proc.pid) for s in services}
         start = time.perf_counter()
         services.append(stack.start_bridge())

@@ -12,9 +12,9 @@ import threading
 import redis
 
 from sluice.fetch import Fetch, Query, SpoolReader
-from sluice.timewindow import parse_when
 from sluice.settings import Settings, get_settings
 from sluice.store import open_store
+from sluice.timewindow import parse_when
 
 
 def _warn(message: str) -> None:
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                        description="Prints one app's records in a time window, in archive order: "
                                    "uploaded objects and the spool (records not yet uploaded) alike.")
     f.add_argument("--app", required=True, help="app id (or _quarantine)")
-    f.add_argument("--since", required=True, help="ISO 8601, epoch seconds, 'now', or an age such as 2h or --since=-90m")
+    f.add_argument("--since", required=True,
+                   help="ISO 8601, epoch seconds, 'now', or an age such as 2h or --since=-90m")
     f.add_argument("--until", help="same formats; default now")
     f.add_argument("--grep", help="only lines matching this regular expression")
     f.add_argument("--follow", "-f", action="store_true",

@@ -11,6 +11,7 @@ and changes nothing in the spool.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -214,12 +215,11 @@ class Fetch:
                 start = state.local.get(fid, 0)
                 if size > start:
                     state.local[fid] = size
-                    sources.append((f"spool file {fid}",
-                                    lambda fd=fd, a=start, b=size: read_frames(_Range(fd, a, b))))
+                    sources.append((f"spool file {fid}", functools.partial(read_frames, _Range(fd, start, size))))
             for key in listed:
                 if key not in state.keys:
                     state.keys.add(key)
-                    sources.append((key, lambda key=key: self._object_frames(hour, key)))
+                    sources.append((key, functools.partial(self._object_frames, hour, key)))
             for name, ident, data in read_ahead(sources):
                 if isinstance(data, Exception):
                     self.damaged = True

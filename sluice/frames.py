@@ -11,7 +11,7 @@ memory is bounded by a frame, not by the object.
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO, Iterator
+from typing import IO, Iterator, Protocol, cast
 
 import zstandard
 
@@ -25,13 +25,19 @@ _HEAD = struct.Struct("<II")  # magic, payload size (every zstd skippable frame)
 _LENGTH = struct.Struct("<I")  # sluice's payload: the length of the frame that follows, then its id
 
 
+class Readable(Protocol):
+    """What frames are read from: a file, an object being downloaded, a range of a file."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 def announce(piece_id: str, frame: bytes) -> bytes:
     """`frame` preceded by its announcement."""
     ident = piece_id.encode()
     return _HEAD.pack(MAGIC, _LENGTH.size + len(ident)) + _LENGTH.pack(len(frame)) + ident + frame
 
 
-def read_frames(stream: BinaryIO) -> Iterator[tuple[str | None, bytes]]:
+def read_frames(stream: Readable) -> Iterator[tuple[str | None, bytes]]:
     """(piece id, decompressed piece) of each frame in order.
 
     A frame sluice did not announce (a file written before announcements) is decompressed with
@@ -59,7 +65,7 @@ def read_frames(stream: BinaryIO) -> Iterator[tuple[str | None, bytes]]:
             return
 
 
-def _read_exactly(stream: BinaryIO, n: int) -> bytes:
+def _read_exactly(stream: Readable, n: int) -> bytes:
     data = stream.read(n)
     while data and len(data) < n:
         more = stream.read(n - len(data))
@@ -72,7 +78,7 @@ def _read_exactly(stream: BinaryIO, n: int) -> bytes:
 
 
 class _Prefixed:
-    def __init__(self, first: bytes, rest: BinaryIO) -> None:
+    def __init__(self, first: bytes, rest: Readable) -> None:
         self.first, self.rest = first, rest
 
     def read(self, n: int = -1) -> bytes:
@@ -82,9 +88,9 @@ class _Prefixed:
         return self.rest.read(n)
 
 
-def _stream_rest(dctx: zstandard.ZstdDecompressor, head: bytes, stream: BinaryIO) -> Iterator[bytes]:
+def _stream_rest(dctx: zstandard.ZstdDecompressor, head: bytes, stream: Readable) -> Iterator[bytes]:
     """Whole lines, about a MiB at a time."""
-    reader = dctx.stream_reader(_Prefixed(head, stream), read_across_frames=True)
+    reader = dctx.stream_reader(cast(IO[bytes], _Prefixed(head, stream)), read_across_frames=True)
     rest = b""
     try:
         while chunk := reader.read(1024 * 1024):

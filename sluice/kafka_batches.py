@@ -13,6 +13,7 @@ records still reach the quarantine with their flaw (see `sluice.undecodable`).
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -73,10 +74,13 @@ class _RawPartitionRecords(Fetcher.PartitionRecords):
     """kafka-python's fetched-partition reader, yielding one Chunk per record batch instead of
     one ConsumerRecord per record; positions advance batch by batch as before."""
 
+    next_fetch_offset: int  # kafka-python's own attribute, set by its constructor
+
     def _maybe_skip_record(self, chunk: Chunk) -> bool:
         return chunk.last < self.fetch_offset
 
-    def _unpack_records(self, tp, records, key_deserializer, value_deserializer):  # noqa: ANN001
+    def _unpack_records(self, tp: Any, records: Any, key_deserializer: Any,
+                        value_deserializer: Any) -> Iterator[Chunk]:
         buffer = memoryview(records._buffer)
         for start, end, magic in _spans(buffer):
             data = buffer[start:end]  # a view: kafka-python never changes the bytes it fetched
@@ -108,7 +112,7 @@ def use_raw_batches(consumer: Any) -> None:
     consumer._fetcher.PartitionRecords = _RawPartitionRecords
 
 
-def records(payload: bytes, first: int, last: int) -> Iterator[Any]:
+def records(payload: bytes | memoryview | mmap.mmap, first: int, last: int) -> Iterator[Any]:
     """The records with offsets first..last in a payload of whole batches, in offset order.
 
     Each has `offset`, `timestamp`, `key`, `value` and `headers`: aiokafka's own record objects
@@ -140,7 +144,7 @@ def records(payload: bytes, first: int, last: int) -> Iterator[Any]:
                     yield record
 
 
-def _records_slowly(data: bytes, first: int, last: int) -> list[Record]:
+def _records_slowly(data: bytes | memoryview, first: int, last: int) -> list[Record]:
     """kafka-python's reader with sluice's patch: records it cannot decode come back flawed."""
     undecodable.install()
     batch = MemoryRecords(data).next_batch()

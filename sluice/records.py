@@ -11,8 +11,8 @@ import calendar
 import re
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from datetime import datetime, timezone
+from functools import lru_cache
 from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
 import orjson
@@ -138,7 +138,7 @@ def valid_app_id(app: str) -> bool:
     return APP_ID_PATTERN.fullmatch(app) is not None
 
 
-def _app_id_reader(source: str) -> Callable[[Record, Any], Any]:
+def _app_id_reader(source: str) -> Callable[[KafkaRecord, Any], Any]:
     """A function (record, parsed JSON or None) -> raw app id, built from `app_id_source`."""
     kind, _, arg = source.partition(":")
     if kind == "json":
@@ -146,7 +146,7 @@ def _app_id_reader(source: str) -> Callable[[Record, Any], Any]:
     if kind == "key":
         return lambda record, doc: record.key
     if kind == "header":
-        def from_header(record: Record, doc: Any) -> Any:
+        def from_header(record: KafkaRecord, doc: Any) -> Any:
             for name, value in record.headers:
                 if name == arg:
                     return value
@@ -158,8 +158,8 @@ def _app_id_reader(source: str) -> Callable[[Record, Any], Any]:
         if pattern.groups < 1:
             raise ValueError(f"app_id_source regex {arg!r} needs a capturing group")
 
-        def from_regex(record: Record, doc: Any) -> Any:
-            match = pattern.search(record.value)
+        def from_regex(record: KafkaRecord, doc: Any) -> Any:
+            match = pattern.search(record.value or b"")  # None was rejected as empty before
             return match.group(group) if match else None
         return from_regex
     raise ValueError(f"unknown app_id_source {source!r}")

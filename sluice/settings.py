@@ -6,9 +6,9 @@ the bridge, every Celery worker, Beat and the CLI see exactly the same configura
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
-import re
 from typing import Literal
 from urllib.parse import urlsplit
 

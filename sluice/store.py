@@ -15,7 +15,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 from sluice.settings import Settings
 from sluice.spool import fsync_dir
@@ -57,7 +57,19 @@ def live_keys(keys: list[str]) -> list[str]:
     return sorted(key for _, key in newest.values())
 
 
-def open_newest(store: "Store", prefix: str, key: str) -> BinaryIO:
+class ObjectStream(Protocol):
+    """An object being read: a local file, or an OSS download checked against its CRC-64."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "ObjectStream": ...
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Any: ...
+
+
+def open_newest(store: "Store", prefix: str, key: str) -> ObjectStream:
     """Open an object, or the generation that replaced it after it was listed (a merge of late
     records), which holds all of it."""
     try:
@@ -82,7 +94,7 @@ class Store(Protocol):
     def list(self, prefix: str) -> list[str]:
         """Keys under a prefix, sorted."""
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str) -> ObjectStream:
         """A readable binary stream of an object; FileNotFoundError if there is none."""
 
     def delete(self, key: str) -> None:
@@ -126,7 +138,7 @@ class FileStore:
         root = self.root.resolve()
         return sorted(str(p.relative_to(root)) for p in base.rglob("*.jsonl.zst") if p.is_file())
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str) -> ObjectStream:
         return open(self._path(key), "rb")
 
     def delete(self, key: str) -> None:
@@ -171,7 +183,7 @@ class OssStore:
         keys = [obj.key[strip:] for obj in self._oss2.ObjectIterator(self.bucket, prefix=self._key(prefix))]
         return sorted(k for k in keys if k.endswith(".jsonl.zst"))
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str) -> ObjectStream:
         try:
             return _CrcChecked(self.bucket.get_object(self._key(key)), key)
         except self._oss2.exceptions.NoSuchKey:
@@ -204,7 +216,7 @@ class _CrcChecked:
     def __enter__(self) -> "_CrcChecked":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.close()
 
 

@@ -38,7 +38,7 @@ class RawName(str):
 
 
 # The one header of a record that could not even be framed; its value is the raw bytes.
-UNREADABLE = RawName(b"sluice:unreadable-record")
+UNREADABLE = RawName(b"<unreadable record>")
 
 _read_msg = DefaultRecordBatch._read_msg
 

@@ -18,8 +18,8 @@ import redis
 
 from devstack import sample
 from devstack.local import wait_until
-from sluice import schema
 from devstack.progress import compressed, handed_over
+from sluice import schema
 from tests.integration.conftest import Traffic, assert_exactly_once, read_archive, wait_archived
 from tests.integration.kcat import kcat
 

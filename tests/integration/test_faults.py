@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from devstack.local import wait_until
 from devstack.progress import compressed, handed_over
 from sluice import schema
-from devstack.local import wait_until
 from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
 
 pytestmark = pytest.mark.integration

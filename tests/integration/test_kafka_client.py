@@ -12,8 +12,8 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from bridge.incarnation import ProbeInconclusive, Prober, fingerprint
-from sluice.kafka_batches import records, use_raw_batches
 from devstack.local import LocalStack
+from sluice.kafka_batches import records, use_raw_batches
 from sluice.records import Record
 
 pytestmark = pytest.mark.integration

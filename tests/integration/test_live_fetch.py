@@ -18,15 +18,15 @@ import redis
 import zstandard
 from kafka import KafkaProducer
 
-from sluice.fetch import Fetch, Query, SpoolReader
+from devstack.local import wait_until
+from devstack.serial_upload import upload_sealed
 from sluice import schema
 from sluice.appends import Appender
 from sluice.batches import Batches
-from devstack.local import wait_until
+from sluice.fetch import Fetch, Query, SpoolReader
 from sluice.sealing import Sealer
 from sluice.stages import compress_pieces
 from sluice.store import FileStore
-from devstack.serial_upload import upload_sealed
 from sluice.uploader import Uploader
 from tests.integration.test_slots import FAR_FUTURE, open_files, split_batch
 

@@ -8,7 +8,6 @@ import os
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 from typing import Iterator
 
 import oss2

@@ -6,15 +6,17 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+import redis
 
 from devstack import sample
-from devstack.local import free_port, wait_until
-from devstack.local import start_pipeline
+from devstack.local import free_port, start_pipeline, wait_until
+from sluice import schema
 from tests.integration.conftest import assert_exactly_once, wait_archived
 
 pytestmark = pytest.mark.integration
@@ -24,17 +26,42 @@ APPS = sample.app_names(24)
 SPAN = 3 * 3600.0
 
 
+# Every key under sluice's prefix that Redis held at some moment of the run (sampled) or after it.
+SEEN_KEYS: set[str] = set()
+
+
+def sample_keys(r: redis.Redis, stop: threading.Event) -> None:
+    while not stop.wait(0.02):
+        SEEN_KEYS.update(k.decode() for k in r.scan_iter(f"{schema.PREFIX}*", count=1000))
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     stack = start_pipeline(tmp_path_factory.mktemp("pipeline"), cpu_workers=1)
     start = time.time() - SPAN
     generated = list(sample.lines(RECORDS, APPS, start, SPAN, seed=11))
+    r = redis.Redis.from_url(stack.redis_url)
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_keys, args=(r, stop), daemon=True)
+    sampler.start()
     try:
         sample.produce(stack.bootstrap, "logs", (value for _, value in generated))
         wait_archived(stack, RECORDS)
+        stop.set()
+        sampler.join()
+        SEEN_KEYS.update(k.decode() for k in r.scan_iter(f"{schema.PREFIX}*"))
         yield stack, [json.loads(v) for _, v in generated]
     finally:
+        stop.set()
         stack.close()
+
+
+def test_every_key_in_redis_is_one_the_schema_defines(pipeline):
+    kinds = {key.removeprefix(schema.PREFIX).split(":")[0] for key in SEEN_KEYS}
+    assert {"hwm", "inflight", "b", "slot", "lock", "sealed", "slots", "stats"} <= kinds, \
+        "the sampling saw the pipeline at work"
+    strangers = sorted(key for key in SEEN_KEYS if not schema.is_schema_key(key))
+    assert not strangers, f"keys outside sluice.schema: {strangers[:10]}"
 
 
 def test_every_record_archived_once_in_its_app_and_hour(pipeline):

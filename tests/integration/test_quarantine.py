@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.kcat import kcat
 from devstack.local import start_pipeline
 from tests.integration.conftest import read_archive, wait_archived
+from tests.integration.kcat import kcat
 
 pytestmark = pytest.mark.integration
 

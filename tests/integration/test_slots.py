@@ -12,31 +12,30 @@ from pathlib import Path
 
 import pytest
 import zstandard
-
-import sluice.appends
-
-from bridge.consumer import Bridge, Reread
-from bridge.incarnation import fingerprint
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from kafka import TopicPartition
-from sluice.fetch import fetch
-from sluice.kafka_batches import Chunk
+
+import sluice.appends
+from bridge.consumer import Bridge, Reread
+from bridge.incarnation import fingerprint
+from devstack.local import wait_until
+from devstack.progress import handed_over
+from devstack.serial_upload import upload_sealed
 from sluice import schema
 from sluice.appends import Appender, Frame
 from sluice.batches import Batches
 from sluice.errors import LockLost
+from sluice.fetch import fetch
+from sluice.kafka_batches import Chunk
 from sluice.marks import Marks
+from sluice.records import Record, hour_of
 from sluice.schema import BatchState
 from sluice.sealed import SealedRegistry
 from sluice.sealing import Sealer
-from sluice.spool import Spool
-from sluice.uploader import Uploader
-from devstack.local import wait_until
-from devstack.progress import handed_over
-from sluice.records import Record, hour_of
 from sluice.settings import Settings
+from sluice.spool import Spool
 from sluice.store import FileStore, object_key
-from devstack.serial_upload import upload_sealed
+from sluice.uploader import Uploader
 
 pytestmark = pytest.mark.integration
 
@@ -122,7 +121,7 @@ def test_a_writer_whose_lease_ran_out_commits_nothing(rds, settings, monkeypatch
 
 def test_concurrent_appenders_use_at_most_n_files_and_lose_nothing(rds, settings, tmp_path):
     settings = settings.model_copy(update={"slots_per_app": 3})
-    batches, appender = Batches(rds, settings), Appender(rds, settings)
+    batches = Batches(rds, settings)
     written = {f"logs:0:{i}-{i}": f"line {i}\n".encode() for i in range(30)}
     for bid, data in written.items():
         split_batch(batches, bid, {schema.app_hour(APP, HOUR): data})
@@ -478,3 +477,21 @@ def test_a_merge_cut_short_is_finished_once_and_readers_see_each_record_once(rds
     [merged] = list((tmp_path / "archive").rglob("*.zst"))
     assert zstd_cli(merged) == b"first\nlate\n"
     assert rds.hlen(schema.SEALED) == 0
+
+
+def test_the_scripts_name_keys_as_the_schema_builds_them(rds, settings):
+    """The append, commit and seal scripts build slot and sealed-file names themselves."""
+    settings = settings.model_copy(update={"seal_size_bytes": 64})
+    batches = Batches(rds, settings)
+    split_batch(batches, "logs:0:0-0", {schema.app_hour(APP, HOUR): b"a\n"})
+    big = os.urandom(200).hex().encode() + b"\n"  # incompressible: past the seal size
+    split_batch(batches, "logs:0:1-1", {schema.app_hour(APP, HOUR): big})
+    sid = schema.slot_id(APP, HOUR, 0)
+    Appender(rds, settings).append("logs:0:0-0", APP, HOUR, frame(b"a\n"), 1)
+    assert rds.smembers(schema.SLOTS) == {sid.encode()}
+    fid = rds.hget(schema.slot_state(sid), "fid").decode()
+    assert int(rds.hget(schema.STATS, APP)) == 1
+    Appender(rds, settings).append("logs:0:1-1", APP, HOUR, frame(big), 1)  # sealed by size
+    assert list(rds.hkeys(schema.SEALED)) == [schema.sealed_entry(APP, HOUR, fid).encode()]
+    assert not rds.exists(schema.slot_state(sid), schema.slot_lock(sid))
+    assert all(schema.is_schema_key(k.decode()) for k in rds.keys(schema.PREFIX + "*"))

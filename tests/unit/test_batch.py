@@ -9,9 +9,9 @@ import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.record.legacy_records import LegacyRecordBatchBuilder
 
-from sluice.schema import batch_id, parse_batch_id
 from sluice.kafka_batches import Chunk, last_record, record_at, records
 from sluice.records import Record
+from sluice.schema import batch_id, parse_batch_id
 
 CODECS = {"none": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
 
@@ -115,7 +115,7 @@ def test_batch_id_round_trip(topic, partition, first, last):
 
 def test_batch_id_is_deterministic_and_distinct():
     assert batch_id("t", 1, 2, 3) == batch_id("t", 1, 2, 3)
-    ids = {batch_id("t", p, f, l) for p in range(3) for f in range(3) for l in range(3, 6)}
+    ids = {batch_id("t", p, f, last) for p in range(3) for f in range(3) for last in range(3, 6)}
     assert len(ids) == 27
 
 

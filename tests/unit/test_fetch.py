@@ -13,10 +13,10 @@ import zstandard
 
 import sluice.external_sort as external_sort
 from sluice.fetch import Fetch, Query, fetch
-from sluice.timewindow import hours_between, parse_when
 from sluice.frames import Damaged, announce, read_frames
 from sluice.records import QUARANTINE_APP, Record, Router
 from sluice.store import FileStore, object_key
+from sluice.timewindow import hours_between, parse_when
 
 UTC = timezone.utc
 NOW = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)

@@ -12,8 +12,8 @@ from kafka.errors import CorruptRecordError
 from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 
 from sluice import undecodable
-from sluice.undecodable import RawName, record_of
 from sluice.records import QUARANTINE_APP, Record, Router
+from sluice.undecodable import RawName, record_of
 
 TS = 1_795_000_000_000
 
@@ -103,9 +103,9 @@ def test_a_record_whose_length_is_corrupt_goes_to_quarantine_whole():
     """The CRC holds but a record's length is wrong: aiokafka's reader raises an error of its
     own (not kafka-python's), which used to fail the split; now every byte of the batch's
     records reaches the quarantine."""
-    from sluice.kafka_batches import records
-
     import crc32c
+
+    from sluice.kafka_batches import records
     data = bytearray(batch_bytes([("x", b"1")]))
     data[61] = 0x7E  # the first record's length (a varint), now longer than the batch
     data = bytes(data)
