@@ -1,12 +1,11 @@
 """Kafka record batches, handed over as the broker sent them and decoded where they are split.
 
-kafka-python decodes every record in pure Python inside `poll()`: on the bench data that is
-about 0.010 CPU-s/MB, more than the rest of the bridge's work, and the bridge then had to pack
-the decoded records again for the split. Instead the bridge keeps kafka-python as its client
+kafka-python decodes every record in pure Python inside `poll()`, which costs more than the rest
+of the bridge's work (BENCHMARKS.md). Instead the bridge keeps kafka-python as its client
 (group membership, fetching, positions, offset commits) but takes the fetched record batches
 as they are (`use_raw_batches`), and the claim-check payload of a batch is those bytes: Kafka's
 own format, CRCs and producer compression included. The split decodes them with aiokafka's
-compiled record reader (about 0.0006 CPU-s/MB), falling back to kafka-python's reader for a
+compiled record reader, an order of magnitude cheaper, falling back to kafka-python's reader for a
 batch the compiled one refuses (a header name that is not UTF-8, a broken record), so such
 records still reach the quarantine with their flaw (see `sluice.undecodable`).
 """
@@ -107,7 +106,7 @@ def use_raw_batches(consumer: Any) -> None:
 
     Set on the consumer's own fetcher, so other consumers in the process (the incarnation
     probe) still get records. This replaces a nested class of the pinned kafka-python
-    (requirements.txt); tests/integration/test_kafka_client.py runs a real consumer through it.
+    (pyproject.toml); tests/integration/test_kafka_client.py runs a real consumer through it.
     """
     consumer._fetcher.PartitionRecords = _RawPartitionRecords
 
@@ -116,13 +115,12 @@ def records(payload: bytes | memoryview | mmap.mmap, first: int, last: int) -> I
     """The records with offsets first..last in a payload of whole batches, in offset order.
 
     Each has `offset`, `timestamp`, `key`, `value` and `headers`: aiokafka's own record objects
-    (building a Record of each cost more than decoding it), or a `Record` with its `flaw` when
-    the rest of a batch had to be read by kafka-python's reader.
+    (no Record is built of each), or a `Record` with its `flaw` when the rest of a batch had to
+    be read by kafka-python's reader.
 
-    Records are decoded one at a time as they are asked for: holding a whole batch of them
-    alive made Python's cyclic garbage collector walk them again and again, which cost the
-    split more than everything else it does. So that one reader reads all of a batch, it is
-    first read through once without keeping anything (a tenth of the cost of holding it).
+    Records are decoded one at a time as they are asked for, so a whole batch of them is never
+    alive at once for Python's cyclic garbage collector to walk again and again. So that one
+    reader reads all of a batch, it is first read through once without keeping anything.
     """
     view = memoryview(payload)
     for start, end, magic in _spans(view):

@@ -75,7 +75,7 @@ def hour_start(hour: str) -> float:
 
 @lru_cache(maxsize=4096)
 def _hour_name(hours_since_epoch: int) -> str:
-    # Cached: strftime per record was a third of the split stage's time.
+    # Cached: a strftime per record would be a large share of the split's time.
     return datetime.fromtimestamp(hours_since_epoch * 3600, timezone.utc).strftime("%Y%m%d%H")
 
 
@@ -227,7 +227,7 @@ class Router:
         """Every record lands in exactly one group; rejected ones in the quarantine app.
 
         The usual record (one line of JSON with a valid app id and a numeric event time) takes
-        a short path through the same checks as `route`, inline, which halves the split's cost;
+        a short path through the same checks as `route`, inline (the split's hot loop);
         anything else, or anything unusual about it, goes through `route` itself.
         """
         groups: dict[tuple[str, float], list[bytes]] = {}  # (app, hours since the epoch): lines

@@ -1,8 +1,8 @@
 """Every Lua script sluice runs in Redis: each state change that must be atomic is one of these.
 
 Each script's header names its KEYS and ARGV. Key names come from sluice.schema: passed in KEYS,
-or, where one script touches the slots of many app-hours (passing 2N key names per frame was most
-of the compress stage's Redis cost), built inside the script from the prefixes
+or, where one script touches the slots of many app-hours (passing 2N key names per frame would
+dominate the compress stage's Redis cost), built inside the script from the prefixes
 `schema.SLOT_LOCK_PREFIX` and `schema.SLOT_STATE_PREFIX`, passed in ARGV, and the slot id format
 `schema.slot_id` ("app|hour|k"). Fine on one Redis server, which is what sluice runs on; Redis
 Cluster would need every key declared in KEYS.

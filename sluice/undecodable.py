@@ -10,7 +10,7 @@ bytes). A record whose very framing is broken is handed on whole as raw bytes un
 name `UNREADABLE`. `record_of` turns either into a `Record` with a `flaw`, which the split sends
 to quarantine with every byte.
 
-This patches a private method of the pinned kafka-python (requirements.txt); the unit tests
+This patches a private method of the pinned kafka-python (pyproject.toml); the unit tests
 build such batches with kafka-python's own builder and fail if the patch stops applying.
 """
 

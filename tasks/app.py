@@ -1,7 +1,7 @@
 """The Celery app: Redis broker, two queues routed by name, at-least-once delivery.
 
 Tasks are acknowledged late and requeued when their worker dies, so a killed worker's task
-runs again; every task is idempotent (see sluice.ledger), which makes the repeat harmless.
+runs again; every task is idempotent (see sluice.batches), which makes the repeat harmless.
 """
 
 from __future__ import annotations

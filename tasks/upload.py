@@ -1,8 +1,8 @@
 """upload [queue io], run by Beat: seal due slot files, then one `upload_app_hour` task per app-hour
 with sealed files.
 
-Uploads are network-bound: against a store 50 ms away, thousands of app-hour files an hour took
-minutes one after the other in one task. Sent as tasks of their own they run on all io threads.
+Uploads are network-bound: against a distant store, thousands of app-hour files an hour one after
+the other in one task would take minutes. Sent as tasks of their own they run on all io threads.
 """
 
 from __future__ import annotations
