@@ -69,18 +69,25 @@ class Service:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
-        """Signal the whole process group (a prefork worker's children too) and reap it."""
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the whole process group (a prefork worker's children too)."""
         if self.alive():
             try:
                 os.killpg(self.proc.pid, sig)
             except ProcessLookupError:
                 pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+
+    def reap(self, timeout: float = 20.0) -> None:
+        """Wait for it to exit; SIGKILL its group after `timeout` seconds."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        self.signal(sig)
+        self.reap(timeout)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
@@ -218,8 +225,14 @@ class LocalStack:
                 raise RuntimeError(f"{service.name} stopped; {service.log}:\n{tail}")
 
     def close(self) -> None:
-        for service in reversed(self.services):
-            service.stop()
+        """Stop every service: the sluice processes first, all at once, then Kafka and Redis."""
+        infrastructure = {"redis", "tansu"}
+        for group in ([s for s in self.services if s.name not in infrastructure],
+                      [s for s in self.services if s.name in infrastructure]):
+            for service in group:
+                service.signal()
+            for service in group:
+                service.reap()
         self.services.clear()
 
 

@@ -18,14 +18,21 @@ from devstack.local import LocalStack, start_pipeline, wait_until
 from sluice.settings import Settings
 
 
-@pytest.fixture
-def redis_only(tmp_path: Path) -> Iterator[LocalStack]:
-    stack = LocalStack(tmp_path / "stack")
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """One redis-server for every test that needs Redis alone; each gets it empty."""
+    stack = LocalStack(tmp_path_factory.mktemp("redis"))
     try:
         stack.start_redis()
         yield stack
     finally:
         stack.close()
+
+
+@pytest.fixture
+def redis_only(redis_server: LocalStack) -> LocalStack:
+    redis.Redis.from_url(redis_server.redis_url).flushall()
+    return redis_server
 
 
 @pytest.fixture

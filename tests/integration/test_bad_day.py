@@ -82,9 +82,17 @@ def test_a_full_spool_disk_pauses_the_pipeline_until_space_is_back(stack_factory
     assert not list(small_disk.rglob("*.tmp")), "a write the full disk cut short leaves no .tmp behind"
 
 
+# The slot lease of the frozen-worker test, and how long each freeze lasts: longer than the lease,
+# which outlives the compress time limit. Small bundles keep each level-19 task well inside it.
+LEASE_SECONDS = 8.0
+FREEZE_SECONDS = LEASE_SECONDS + 3
+
+
 def test_a_worker_frozen_past_its_lease_destroys_nothing(stack_factory):
-    # Level 19 keeps both workers busy; the lease is 20 s (FAST), each freeze lasts 28 s.
-    stack = stack_factory(SLUICE_ZSTD_LEVEL="19", cpu_workers=2)
+    # Level 19 keeps both workers busy; each freeze outlasts the lease.
+    stack = stack_factory(SLUICE_ZSTD_LEVEL="19", cpu_workers=2, SLUICE_LOCK_LEASE_SECONDS=str(LEASE_SECONDS),
+                          SLUICE_COMPRESS_TIME_LIMIT=str(LEASE_SECONDS - 2),
+                          SLUICE_COMPRESS_BUNDLE_BYTES=str(1024 * 1024))
     r = redis.Redis.from_url(stack.redis_url)
     values = [v for _, v in sample.lines(60_000, sample.app_names(4), time.time() - 600, 600, seed=5)]
     waves = [values[i::5] for i in range(5)]
@@ -97,7 +105,7 @@ def test_a_worker_frozen_past_its_lease_destroys_nothing(stack_factory):
         wait_until(lambda: r.hlen("unacked") > 0, 60, "compress tasks under way")
         os.killpg(frozen.proc.pid, signal.SIGSTOP)
         try:
-            time.sleep(28)  # the fault itself: frozen for longer than the 20 s lease
+            time.sleep(FREEZE_SECONDS)  # the fault itself: frozen for longer than the lease
         finally:
             os.killpg(frozen.proc.pid, signal.SIGCONT)
     wait_archived(stack, len(produced), timeout=400)
@@ -152,8 +160,11 @@ def test_a_topic_deleted_and_recreated_is_archived_again(stack_factory):
     assert "WARNING" in bridge_log and "incarnation 1" in bridge_log
 
 
+REDRIVE_AFTER_SECONDS = 5
+
+
 def test_redrive_leaves_work_alone_while_it_waits_in_the_queue(stack_factory):
-    stack = stack_factory()
+    stack = stack_factory(SLUICE_REDRIVE_AFTER_SECONDS=str(REDRIVE_AFTER_SECONDS))
     r = redis.Redis.from_url(stack.redis_url)
     stack.kill("cpu0")  # a cpu worker outage
     traffic = Traffic(stack, records=20_000)
@@ -169,8 +180,8 @@ def test_redrive_leaves_work_alone_while_it_waits_in_the_queue(stack_factory):
     wait_until(all_split, 120, "every batch split, its compress tasks queued")
     queued = r.llen("cpu")
     assert queued > 0
-    # The outage lasts three redrive ages (SLUICE_REDRIVE_AFTER_SECONDS=15, a sweep every 7.5 s).
-    time.sleep(45)
+    # The outage lasts three redrive ages (a redrive sweep runs every half age).
+    time.sleep(3 * REDRIVE_AFTER_SECONDS)
     io_log = stack.service("io").log.read_text()
     assert io_log.count("sluice.redrive") >= 4, "the redrive sweep ran during the outage"
     assert "redriving batch" not in io_log

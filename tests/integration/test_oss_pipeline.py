@@ -36,6 +36,10 @@ def download(server: OssServer, bucket: str, into: Path) -> int:
     return count
 
 
+# Fifteen upload sweeps (SLUICE_UPLOAD_INTERVAL_SECONDS is 1 s in the tests).
+OUTAGE_SECONDS = 15
+
+
 def test_the_pipeline_archives_to_oss_exactly_once_through_a_store_outage(stack_factory, tmp_path):
     with OssServer() as server:
         bucket = f"sluice-{uuid.uuid4().hex[:12]}"
@@ -48,9 +52,9 @@ def test_the_pipeline_archives_to_oss_exactly_once_through_a_store_outage(stack_
         traffic = Traffic(stack, records=30_000)
         uploaded = lambda: next(oss2.ObjectIterator(server.bucket(bucket), prefix=PREFIX + "/"), None)  # noqa: E731
         wait_until(lambda: r.hlen(schema.SEALED) > 0 or uploaded() is not None, 120, "the first sealed files")
-        server.stop()  # the store is gone for a minute while records keep coming
+        server.stop()  # the store is gone for many upload sweeps while records keep coming
         traffic.finish()
-        time.sleep(60)  # the outage's length is what is tested; there is nothing to poll for
+        time.sleep(OUTAGE_SECONDS)  # the outage's length is what is tested; there is nothing to poll for
         server.start()
         wait_archived(stack, 30_000, timeout=300)
         archive = tmp_path / "archive"

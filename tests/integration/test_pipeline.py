@@ -19,7 +19,8 @@ from devstack.local import free_port, start_pipeline, wait_until
 from sluice import schema
 from tests.integration.conftest import assert_exactly_once, wait_archived
 
-pytestmark = pytest.mark.integration
+# One pipeline for the whole module, so its tests run in one test process.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_pipeline")]
 
 RECORDS = 50_000
 APPS = sample.app_names(24)

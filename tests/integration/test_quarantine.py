@@ -16,7 +16,8 @@ from devstack.local import start_pipeline
 from tests.integration.conftest import read_archive, wait_archived
 from tests.integration.kcat import kcat
 
-pytestmark = pytest.mark.integration
+# One pipeline for the whole module, so its tests run in one test process.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_quarantine")]
 
 MAX_BYTES = 2048
 
