@@ -69,7 +69,7 @@ class Service:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def signal(self, sig: int = signal.SIGTERM) -> None:
+    def send(self, sig: int = signal.SIGTERM) -> None:
         """Signal the whole process group (a prefork worker's children too)."""
         if self.alive():
             try:
@@ -86,7 +86,7 @@ class Service:
             self.proc.wait()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
-        self.signal(sig)
+        self.send(sig)
         self.reap(timeout)
 
     def kill(self) -> None:
@@ -230,7 +230,7 @@ class LocalStack:
         for group in ([s for s in self.services if s.name not in infrastructure],
                       [s for s in self.services if s.name in infrastructure]):
             for service in group:
-                service.signal()
+                service.send()
             for service in group:
                 service.reap()
         self.services.clear()
