@@ -19,7 +19,7 @@ from pathlib import Path
 import redis
 
 from devstack import progress, sample
-from devstack.local import PROJECT_ROOT, LocalStack, free_port, port_open, start_pipeline, wait_until
+from devstack.local import FAST_GROUP_JOIN, PROJECT_ROOT, LocalStack, free_port, port_open, start_pipeline, wait_until
 
 BAD_RECORDS = [b'{"msg": "no app id"}', b'{"app": "../../etc", "msg": "path escape"}', b"not json at all"]
 
@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     shutil.rmtree(args.workdir, ignore_errors=True)
-    stack = start_pipeline(args.workdir, cpu_concurrency=os.cpu_count() or 2)
+    # Default settings but for a quick group join and files sealed and uploaded within seconds.
+    stack = start_pipeline(args.workdir, cpu_concurrency=os.cpu_count() or 2, base_env=FAST_GROUP_JOIN,
+                           SLUICE_SEAL_AGE_SECONDS="3", SLUICE_SEAL_OPEN_HOUR_AGE_SECONDS="3",
+                           SLUICE_UPLOAD_INTERVAL_SECONDS="2")
     try:
         return _run(stack, args)
     finally:
