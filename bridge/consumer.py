@@ -21,11 +21,12 @@ from kafka.structs import OffsetAndMetadata
 
 from bridge.backpressure import Backpressure
 from bridge.batching import Buffer, cut
-from bridge.incarnation import IncarnationGuard, Probe, ProbeInconclusive, Prober, fingerprint
+from bridge.incarnation import IncarnationGuard, Probe
 from sluice import schema
 from sluice.batches import Batches
 from sluice.errors import SluiceError
 from sluice.kafka_batches import Chunk, last_record, use_raw_batches
+from sluice.kafka_probe import ProbeInconclusive, Prober, fingerprint
 from sluice.marks import Marks
 from sluice.redis_client import get_redis
 from sluice.schema import BatchState

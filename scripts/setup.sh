@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what sluice needs on a fresh Debian/Ubuntu machine: the system tools it starts or
-# calls (redis-server, zstd, kcat; docker-compose with --test), and a virtualenv in .venv with
+# calls (redis-server, zstd, kcat; docker-compose and prometheus with --test), and a virtualenv in .venv with
 # sluice, its pinned runtime packages and the pinned development ones (pyproject.toml, extra
 # "dev": the local broker, the tests, the lint gate). Safe to run again: it only adds what is missing.
 set -euo pipefail
@@ -13,6 +13,7 @@ command -v kcat >/dev/null || packages+=(kcat)
 python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 if [[ "${1:-}" == "--test" ]]; then
   command -v docker-compose >/dev/null || packages+=(docker-compose)
+  command -v promtool >/dev/null || packages+=(prometheus)
 fi
 if ((${#packages[@]})); then
   sudo=""

@@ -26,7 +26,10 @@ class Settings(BaseSettings):
 
     # Kafka
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # Topics to read: a comma-separated list, or "re:<pattern>" for every topic whose whole name
+    # matches. Topics created later that match are picked up within topic_refresh_seconds.
     topic: str = "logs"
+    topic_refresh_seconds: float = Field(30.0, gt=0)
     group: str = "sluice"
     kafka_session_timeout_ms: int = Field(10_000, gt=0)
     kafka_heartbeat_interval_ms: int = Field(3_000, gt=0)
@@ -83,6 +86,11 @@ class Settings(BaseSettings):
     # In-flight batches older than this get their remaining work enqueued again.
     redrive_after_seconds: float = Field(600.0, gt=0)
 
+    # Monitoring: the bridge serves Prometheus metrics on this port (0: not at all); per-app
+    # figures are kept for the top apps by archived volume, the rest summed as app="other".
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    metrics_top_apps: int = Field(20, ge=0, le=1000)
+
     # Aliyun OSS (only for oss:// stores).
     oss_endpoint: str = ""
     oss_access_key_id: SecretStr = SecretStr("")
@@ -105,6 +113,30 @@ class Settings(BaseSettings):
         if kind in ("json", "header", "regex") and not arg:
             raise ValueError(f"app_id_source {value!r} needs an argument after ':'")
         return value
+
+    @field_validator("topic")
+    @classmethod
+    def _topics_are_named(cls, value: str) -> str:
+        if value.startswith("re:"):
+            try:
+                re.compile(value[3:])
+            except re.error as exc:
+                raise ValueError(f"topic pattern {value[3:]!r} does not compile: {exc}") from None
+            if not value[3:]:
+                raise ValueError("topic pattern after 're:' is empty")
+        elif any(not name.strip() for name in value.split(",")):
+            raise ValueError(f"topic list {value!r} has an empty name")
+        return value
+
+    @property
+    def topic_pattern(self) -> str | None:
+        """The regular expression of a "re:" topic setting, None for a list."""
+        return self.topic[3:] if self.topic.startswith("re:") else None
+
+    @property
+    def topics(self) -> list[str]:
+        """The topics of a list setting (empty for a pattern)."""
+        return [] if self.topic_pattern is not None else [name.strip() for name in self.topic.split(",")]
 
     @field_validator("claim_check")
     @classmethod

@@ -11,9 +11,9 @@ from typing import Iterator
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from bridge.incarnation import ProbeInconclusive, Prober, fingerprint
 from devstack.local import LocalStack
 from sluice.kafka_batches import records, use_raw_batches
+from sluice.kafka_probe import ProbeInconclusive, Prober, fingerprint
 from sluice.records import Record
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,6 @@ from kafka import TopicPartition
 
 import sluice.appends
 from bridge.consumer import Bridge, Reread
-from bridge.incarnation import fingerprint
 from devstack.local import wait_until
 from devstack.progress import handed_over
 from devstack.serial_upload import upload_sealed
@@ -27,6 +26,7 @@ from sluice.batches import Batches
 from sluice.errors import LockLost
 from sluice.fetch import fetch
 from sluice.kafka_batches import Chunk
+from sluice.kafka_probe import fingerprint
 from sluice.marks import Marks
 from sluice.records import Record, hour_of
 from sluice.schema import BatchState

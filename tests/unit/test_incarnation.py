@@ -1,6 +1,7 @@
 """Telling a replay from a recreated topic, given what the broker holds at the mark now."""
 
-from bridge.incarnation import fingerprint, same_incarnation
+from bridge.incarnation import same_incarnation
+from sluice.kafka_probe import fingerprint
 from sluice.records import Record
 
 
