@@ -99,7 +99,9 @@ class Bridge:
                 raise NoRoom(bid)
             at_last = last_record(fresh[-1])
             mark_print = fingerprint(at_last) if at_last is not None and at_last.offset == last else ""
-            if self.batches.hand_over(bid, tp.topic, tp.partition, hwm, last, payload, mark_print):
+            stamps = [ts for c in fresh if (ts := c.first_timestamp_ms) is not None]
+            if self.batches.hand_over(bid, tp.topic, tp.partition, hwm, last, payload, mark_print,
+                                      min(stamps) if stamps else None):
                 try:
                     self._send_split(bid)
                 except Exception as exc:  # noqa: BLE001 - the batch is safe in the ledger

@@ -25,6 +25,7 @@ import redis
 from sluice import schema, scripts
 from sluice.batch_files import BatchFiles
 from sluice.errors import FileBusy, LockLost, SlotsBusy
+from sluice.records import hour_of
 from sluice.settings import Settings
 from sluice.slot_leases import SlotLeases
 from sluice.spool import SealedFile, Spool, cut_back, locked_file, make_durable, write_at
@@ -182,11 +183,13 @@ class Appender:
     def _commit_all(self, bid: str, token: str, files: list[tuple[_Held, int]],
                     sizes: list[int], ends: list[int], held: set[str]) -> int:
         """Commit the appended frames; the slots committed leave `held` (the script released them)."""
+        now = time.time()
         keys = [schema.batch_pending(bid), schema.batch_groups(bid), schema.batch_state(bid),
                 schema.INFLIGHT, schema.STATS, schema.SEALED, schema.SLOTS,
-                schema.INFLIGHT_BYTES, schema.BATCH_BYTES]
-        args: list[object] = [token, time.time(), bid, self.settings.seal_size_bytes,
-                              schema.SLOT_LOCK_PREFIX, schema.SLOT_STATE_PREFIX]
+                schema.INFLIGHT_BYTES, schema.BATCH_BYTES, schema.INFLIGHT_OLDEST, schema.PENDING_OLDEST,
+                schema.SEALED_RECORDS, schema.hourly_records(hour_of(now))]
+        args: list[object] = [token, now, bid, self.settings.seal_size_bytes,
+                              schema.SLOT_LOCK_PREFIX, schema.SLOT_STATE_PREFIX, schema.HOURLY_TTL_SECONDS]
         for (h, _), end in zip(files, ends):
             args += [h.sid, h.fid, end, h.frame.records]
         *results, finished = self._commit(keys=keys, args=args)

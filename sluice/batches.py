@@ -39,9 +39,11 @@ class Batches:
 
     # --- bridge side -------------------------------------------------------------------
     def hand_over(self, bid: str, topic: str, partition: int, expected_hwm: int | None,
-                  last: int, payload: Sequence[BytesLike], fingerprint: str = "") -> bool:
+                  last: int, payload: Sequence[BytesLike], fingerprint: str = "",
+                  oldest_ms: int | None = None) -> bool:
         """Store the batch (the concatenation of `payload`) once and advance the partition's
-        mark, atomically.
+        mark, atomically. `oldest_ms`: the Kafka timestamp of its first record (now if unknown),
+        from which the age of what is not yet fetchable is told.
 
         False when the mark moved since it was read (another bridge handed these offsets
         over); the caller re-reads the mark and trims its batch.
@@ -51,10 +53,11 @@ class Batches:
             self.files.write_payload(bid, payload)
         ok, _ = self._hand_over(
             keys=[schema.HWM, schema.INFLIGHT, schema.batch_state(bid), schema.batch_payload(bid),
-                  schema.FINGERPRINT, schema.INFLIGHT_BYTES, schema.BATCH_BYTES],
+                  schema.FINGERPRINT, schema.INFLIGHT_BYTES, schema.BATCH_BYTES, schema.INFLIGHT_OLDEST],
             args=[schema.partition_field(topic, partition), "" if expected_hwm is None else str(expected_hwm),
                   str(last), bid, time.time(), "1" if self._in_redis else "0",
-                  b"".join(payload) if self._in_redis else b"", fingerprint, size],
+                  b"".join(payload) if self._in_redis else b"", fingerprint, size,
+                  oldest_ms if oldest_ms is not None else int(time.time() * 1000)],
         )
         if not ok and not self._in_redis and self.state(bid) is None:
             # Nobody handed this id over (same id means same bytes), so the file is ours.
@@ -75,9 +78,10 @@ class Batches:
             return payload
         return self.files.map_payload(bid)
 
-    def commit_split(self, bid: str, groups: dict[str, bytes], records: dict[str, int] | None = None) -> bool:
-        """Record the pieces of a handed-over batch (and how many records, lines, each holds);
-        False if it was already split.
+    def commit_split(self, bid: str, groups: dict[str, bytes], records: dict[str, int] | None = None,
+                     quarantined: dict[str, int] | None = None) -> bool:
+        """Record the pieces of a handed-over batch (and how many records, lines, each holds),
+        and count its quarantined records by reason; False if it was already split.
 
         The pieces are written once, to one file of the spool (durable before Redis refers to
         it); Redis keeps only where each lies (`schema.piece_ref`). Each delivery writes a file
@@ -85,7 +89,10 @@ class Batches:
         """
         token = uuid.uuid4().hex[:12]
         path = self.files.pieces_path(bid, token)
-        args: list[str] = []
+        reasons = quarantined or {}
+        args: list[str | int] = [len(reasons)]
+        for reason, count in reasons.items():
+            args += [reason, count]
         offset = 0
         for piece, data in groups.items():
             count = records[piece] if records is not None else data.count(b"\n")
@@ -95,7 +102,7 @@ class Batches:
         try:
             done = self._split_commit(
                 keys=[schema.batch_state(bid), schema.batch_groups(bid), schema.batch_pending(bid),
-                      schema.batch_payload(bid)], args=args)
+                      schema.batch_payload(bid), schema.QUARANTINED], args=args)
         except BaseException:
             path.unlink(missing_ok=True)  # nobody refers to it; a retried split writes another
             raise

@@ -32,6 +32,9 @@ from sluice.records import Record
 _UNREADABLE = (UnicodeDecodeError, ValueError, CorruptRecordError, CorruptRecordException)
 LOG_OVERHEAD = 12  # base offset (int64) and batch length (int32) precede every batch
 MAGIC_AT = 16
+# Where a batch's first timestamp (int64) lies: v2 after base offset, length, leader epoch, magic,
+# CRC, attributes and last offset delta; v1 after offset, size, CRC, magic and attributes.
+_FIRST_TIMESTAMP_AT = {2: 27, 1: 18}
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,16 @@ class Chunk:
     def offset(self) -> int:
         """What kafka-python compares with the fetch position to skip what was consumed."""
         return self.last
+
+    @property
+    def first_timestamp_ms(self) -> int | None:
+        """The Kafka timestamp of the batch's first record, from its header; None for a v0
+        message set (no timestamps) or a batch too short to hold one."""
+        at = _FIRST_TIMESTAMP_AT.get(self.data[MAGIC_AT]) if len(self.data) > MAGIC_AT else None
+        if at is None or len(self.data) < at + 8:
+            return None
+        (ts,) = struct.unpack_from(">q", self.data, at)
+        return int(ts) if ts >= 0 else None
 
 
 def _spans(buffer: Any) -> Iterator[tuple[int, int, int]]:

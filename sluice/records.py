@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import calendar
+import collections
 import re
 import time
 from dataclasses import dataclass
@@ -222,9 +223,10 @@ class Router:
             seconds = ingest_seconds(record)
         return app, seconds // 3600, value
 
-    def group(self, records: Iterable[KafkaRecord], topic: str,
-              partition: int) -> dict[tuple[str, str], list[bytes]]:
-        """Every record lands in exactly one group; rejected ones in the quarantine app.
+    def group(self, records: Iterable[KafkaRecord], topic: str, partition: int,
+              reasons: collections.Counter[str] | None = None) -> dict[tuple[str, str], list[bytes]]:
+        """Every record lands in exactly one group; rejected ones in the quarantine app, each
+        counted by its reason in `reasons` if given.
 
         The usual record (one line of JSON with a valid app id and a numeric event time) takes
         a short path through the same checks as `route`, inline (the split's hot loop);
@@ -258,6 +260,8 @@ class Router:
             except Rejected as why:
                 app, hours = QUARANTINE_APP, ingest_seconds(record) // 3600
                 line = quarantine_line(record, str(why), topic, partition)
+                if reasons is not None:
+                    reasons[str(why)] += 1
             groups.setdefault((app, hours), []).append(line)
         return {(app, _hour_name(int(hours))): lines for (app, hours), lines in groups.items()}
 

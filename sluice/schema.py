@@ -30,6 +30,8 @@ INFLIGHT = PREFIX + "inflight"  # sorted set: batch id, scored by hand-over (or 
 INFLIGHT_BYTES = PREFIX + "inflight:bytes"  # string: bytes of all batches in flight
 BATCH_BYTES = PREFIX + "inflight:batch-bytes"  # hash: batch id -> its share of INFLIGHT_BYTES
 STATS = PREFIX + "stats:records"  # hash: app -> records appended to slot files, ever
+# sorted set: batch id, scored by the Kafka timestamp (ms) of its first record
+INFLIGHT_OLDEST = PREFIX + "inflight:oldest"
 
 # --- slot files (sluice.appends, sluice.sealing, sluice.sealed) ------------------------------
 SLOTS = PREFIX + "slots"  # set of slot ids that have a state hash
@@ -37,11 +39,39 @@ SEALED = PREFIX + "sealed"  # hash: sealed entry -> committed size, until archiv
 UPLOAD_PLAN = PREFIX + "upload-plan"  # hash: sealed entry -> upload plan
 SLOT_STATE_PREFIX = PREFIX + "slot:"  # + slot id: hash fid, size, created, updated
 SLOT_LOCK_PREFIX = PREFIX + "lock:"  # + slot id: string lease token, with a PX expiry
+SEALED_RECORDS = PREFIX + "sealed:records"  # hash: sealed entry -> records in it
+# sorted set: slot id or sealed entry, scored by the Kafka timestamp (ms) of the oldest record
+# in it (of its batch's first record): what is compressed and not yet archived
+PENDING_OLDEST = PREFIX + "pending:oldest"
 
 # --- uploads (sluice.uploader, tasks.upload) -------------------------------------------------
 SWEEP_LOCK = PREFIX + "lock:sweep"  # redis-py lock: one seal-and-upload sweep at a time
 UPLOAD_LOCK_PREFIX = PREFIX + "lock:upload:"  # + app-hour: redis-py lock of one app-hour's upload
 UPLOAD_QUEUED_PREFIX = PREFIX + "upload-queued:"  # + app-hour: id of its last upload task
+
+# --- monitoring (sluice.monitoring) ------------------------------------------------------------
+COUNTERS = PREFIX + "counters"  # hash: a Counter name -> value, pipeline-wide, ever
+QUARANTINED = PREFIX + "stats:quarantined"  # hash: reason -> records sent to quarantine
+ARCHIVED_RECORDS = PREFIX + "stats:archived-records"  # hash: app -> records archived
+ARCHIVED_BYTES = PREFIX + "stats:archived-bytes"  # hash: app -> compressed bytes archived
+HOURLY_PREFIX = PREFIX + "stats:hour:"  # + YYYYMMDDHH: hash app -> records appended that hour
+HOURLY_TTL_SECONDS = 3 * 3600
+
+
+class Counter(str, enum.Enum):
+    """The fields of COUNTERS."""
+
+    UPLOADS_OK = "uploads_ok"  # sealed files archived
+    UPLOADS_FAILED = "uploads_failed"  # attempts that failed (a file may fail several times)
+    UPLOADED_BYTES = "uploaded_bytes"
+    REDRIVES = "redrives"
+    LAST_UPLOAD = "last_upload"  # epoch seconds of the last file archived
+
+
+def hourly_records(hour: str) -> str:
+    """Hash app -> records appended in that wall-clock hour (YYYYMMDDHH); expires."""
+    return HOURLY_PREFIX + hour
+
 
 # How long a queued-task note lives: the broker's visibility timeout (tasks.app), after which
 # the broker hands a dead worker's reserved task out again anyway.
@@ -198,6 +228,9 @@ _APP_HOUR = rf"{_ID}\|\d{{10}}"
 KEY_PATTERNS: tuple[re.Pattern[str], ...] = tuple(re.compile(p) for p in (
     re.escape(HWM), re.escape(FINGERPRINT), re.escape(INCARNATION), re.escape(EARLIER),
     re.escape(INFLIGHT), re.escape(INFLIGHT_BYTES), re.escape(BATCH_BYTES), re.escape(STATS),
+    re.escape(INFLIGHT_OLDEST), re.escape(SEALED_RECORDS), re.escape(PENDING_OLDEST),
+    re.escape(COUNTERS), re.escape(QUARANTINED), re.escape(ARCHIVED_RECORDS), re.escape(ARCHIVED_BYTES),
+    rf"{re.escape(HOURLY_PREFIX)}\d{{10}}",
     re.escape(SLOTS), re.escape(SEALED), re.escape(UPLOAD_PLAN), re.escape(SWEEP_LOCK),
     rf"{re.escape(PREFIX)}b:{_BID}:(state|payload|groups|pending|queued)",
     rf"{re.escape(SLOT_STATE_PREFIX)}{_APP_HOUR}\|\d+",

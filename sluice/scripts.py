@@ -12,17 +12,19 @@ from __future__ import annotations
 
 from string import Template
 
-from sluice.schema import BatchState
+from sluice.schema import BatchState, Counter
 
-# The batch states the scripts write and test, as sluice.schema names them.
-_STATES = {"handed": BatchState.HANDED.value, "split": BatchState.SPLIT.value}
+# The batch states and counter names the scripts use, as sluice.schema names them.
+_NAMES = {"handed": BatchState.HANDED.value, "split": BatchState.SPLIT.value,
+          **{f"counter_{c.name.lower()}": c.value for c in Counter}}
 
 # Hand a batch over: advance the partition's mark from ARGV[2] to ARGV[3], record the batch as
 # handed and in flight. {0, current mark} if the mark moved since it was read, else {1, ''}.
 # KEYS: 1 HWM, 2 INFLIGHT, 3 batch_state(bid), 4 batch_payload(bid), 5 FINGERPRINT,
-#       6 INFLIGHT_BYTES, 7 BATCH_BYTES
+#       6 INFLIGHT_BYTES, 7 BATCH_BYTES, 8 INFLIGHT_OLDEST
 # ARGV: 1 partition field, 2 expected mark ('' for none), 3 new mark, 4 batch id, 5 now,
-#       6 '1' to store the payload in Redis, 7 payload, 8 fingerprint, 9 payload size
+#       6 '1' to store the payload in Redis, 7 payload, 8 fingerprint, 9 payload size,
+#       10 Kafka timestamp (ms) of the batch's first record
 HAND_OVER = Template("""
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 if cur ~= ARGV[2] then return {0, cur} end
@@ -33,8 +35,9 @@ redis.call('SET', KEYS[3], '$handed')
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
 redis.call('HSET', KEYS[7], ARGV[4], ARGV[9])
 redis.call('INCRBY', KEYS[6], ARGV[9])
+redis.call('ZADD', KEYS[8], ARGV[10], ARGV[4])
 return {1, ''}
-""").substitute(_STATES)
+""").substitute(_NAMES)
 
 # Start a new incarnation of a partition whose mark is still ARGV[2]; its new number, or -1.
 # KEYS: 1 HWM, 2 FINGERPRINT, 3 EARLIER, 4 INCARNATION
@@ -48,19 +51,26 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 return redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
 """
 
-# Record the pieces of a handed-over batch and mark it split; 0 if it was split already.
-# KEYS: 1 batch_state(bid), 2 batch_groups(bid), 3 batch_pending(bid), 4 batch_payload(bid)
-# ARGV: per piece its app-hour name and its piece ref
+# Record the pieces of a handed-over batch and mark it split, and count its quarantined records
+# by reason; 0 if it was split already.
+# KEYS: 1 batch_state(bid), 2 batch_groups(bid), 3 batch_pending(bid), 4 batch_payload(bid),
+#       5 QUARANTINED
+# ARGV: 1 R, then R pairs of a quarantine reason and its count, then per piece its app-hour name
+#       and its piece ref
 SPLIT_COMMIT = Template("""
 if redis.call('GET', KEYS[1]) ~= '$handed' then return 0 end
-for i = 1, #ARGV, 2 do
+local r = tonumber(ARGV[1])
+for i = 2, 2 * r, 2 do
+  redis.call('HINCRBY', KEYS[5], ARGV[i], ARGV[i + 1])
+end
+for i = 2 + 2 * r, #ARGV, 2 do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   redis.call('SADD', KEYS[3], ARGV[i])
 end
 redis.call('SET', KEYS[1], '$split')
 redis.call('DEL', KEYS[4])
 return 1
-""").substitute(_STATES)
+""").substitute(_NAMES)
 
 # Release those of these slot locks that still hold our token.
 # KEYS: slot_lock(sid) of each slot
@@ -134,16 +144,21 @@ return out
 # writer can cut its bytes off before anyone appends after them; -1: the lease was lost. The
 # last piece of a batch takes the batch's bytes off the in-flight total, once; the last element
 # of the reply says so (1), and the caller removes the batch's pieces files. The piece name
-# ("app|hour") and the sealed entry ("app|hour|fid") are built from the slot id.
+# ("app|hour") and the sealed entry ("app|hour|fid") are built from the slot id. A slot (then its
+# sealed entry) is scored in PENDING_OLDEST by the oldest first-record timestamp of the batches
+# appended to it, and counts its records.
 # KEYS: 1 batch_pending(bid), 2 batch_groups(bid), 3 batch_state(bid), 4 INFLIGHT, 5 STATS,
-#       6 SEALED, 7 SLOTS, 8 INFLIGHT_BYTES, 9 BATCH_BYTES
-# ARGV: 1 token, 2 now, 3 batch id, 4 seal size, 5 SLOT_LOCK_PREFIX, 6 SLOT_STATE_PREFIX, then
-#       per piece: slot id, fid, new size, records
+#       6 SEALED, 7 SLOTS, 8 INFLIGHT_BYTES, 9 BATCH_BYTES, 10 INFLIGHT_OLDEST,
+#       11 PENDING_OLDEST, 12 SEALED_RECORDS, 13 hourly_records(this hour)
+# ARGV: 1 token, 2 now, 3 batch id, 4 seal size, 5 SLOT_LOCK_PREFIX, 6 SLOT_STATE_PREFIX,
+#       7 HOURLY_TTL_SECONDS, then per piece: slot id, fid, new size, records
 COMMIT = """
 local lockp, slotp = ARGV[5], ARGV[6]
+local oldest = redis.call('ZSCORE', KEYS[10], ARGV[3])
 local out = {}
-for p = 0, (#ARGV - 6) / 4 - 1 do
-  local a = 6 + 4 * p
+local appended = false
+for p = 0, (#ARGV - 7) / 4 - 1 do
+  local a = 7 + 4 * p
   local sid, fid, size = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local lock, slot = lockp .. sid, slotp .. sid
   local app, hour = string.match(sid, '^([^|]*)|([^|]*)|')
@@ -155,10 +170,19 @@ for p = 0, (#ARGV - 6) / 4 - 1 do
     r = 0
   else
     redis.call('HSET', slot, 'size', size, 'updated', ARGV[2])
+    redis.call('HINCRBY', slot, 'records', ARGV[a + 4])
     redis.call('HDEL', KEYS[2], piece)
     redis.call('HINCRBY', KEYS[5], app, ARGV[a + 4])
+    redis.call('HINCRBY', KEYS[13], app, ARGV[a + 4])
+    appended = true
+    if oldest then redis.call('ZADD', KEYS[11], 'LT', oldest, sid) end
     if tonumber(size) >= tonumber(ARGV[4]) then
-      redis.call('HSET', KEYS[6], piece .. '|' .. fid, size)
+      local entry = piece .. '|' .. fid
+      redis.call('HSET', KEYS[6], entry, size)
+      redis.call('HSET', KEYS[12], entry, redis.call('HGET', slot, 'records'))
+      local o = redis.call('ZSCORE', KEYS[11], sid)
+      redis.call('ZREM', KEYS[11], sid)
+      if o then redis.call('ZADD', KEYS[11], o, entry) end
       redis.call('DEL', slot)
       redis.call('SREM', KEYS[7], sid)
       r = 2
@@ -167,9 +191,11 @@ for p = 0, (#ARGV - 6) / 4 - 1 do
   end
   out[p + 1] = r
 end
+if appended then redis.call('EXPIRE', KEYS[13], ARGV[7]) end
 local finished = 0
 if redis.call('SCARD', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('ZREM', KEYS[10], ARGV[3])
   if redis.call('ZREM', KEYS[4], ARGV[3]) == 1 then
     local bytes = redis.call('HGET', KEYS[9], ARGV[3])
     if bytes then redis.call('DECRBY', KEYS[8], bytes) end
@@ -181,14 +207,41 @@ out[#out + 1] = finished
 return out
 """
 
-# Seal a slot we hold the lock of: its file becomes a sealed entry (unless it is empty), the slot
-# loses its state. -1 if the lease was lost.
-# KEYS: 1 slot_lock(sid), 2 slot_state(sid), 3 SEALED, 4 SLOTS
+# Seal a slot we hold the lock of: its file becomes a sealed entry (unless it is empty), with its
+# record count and its place in PENDING_OLDEST; the slot loses its state. -1 if the lease was lost.
+# KEYS: 1 slot_lock(sid), 2 slot_state(sid), 3 SEALED, 4 SLOTS, 5 SEALED_RECORDS, 6 PENDING_OLDEST
 # ARGV: 1 token, 2 sealed entry, 3 committed size, 4 slot id
 SEAL = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-if tonumber(ARGV[3]) > 0 then redis.call('HSET', KEYS[3], ARGV[2], ARGV[3]) end
+local o = redis.call('ZSCORE', KEYS[6], ARGV[4])
+redis.call('ZREM', KEYS[6], ARGV[4])
+if tonumber(ARGV[3]) > 0 then
+  redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+  redis.call('HSET', KEYS[5], ARGV[2], redis.call('HGET', KEYS[2], 'records') or 0)
+  if o then redis.call('ZADD', KEYS[6], o, ARGV[2]) end
+end
 redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[4], ARGV[4])
 return 1
 """
+
+# A sealed file is archived: it leaves the registry with its plan, and its records and bytes are
+# counted as archived, once. 0 if it had left already.
+# KEYS: 1 SEALED, 2 UPLOAD_PLAN, 3 SEALED_RECORDS, 4 PENDING_OLDEST, 5 ARCHIVED_RECORDS,
+#       6 ARCHIVED_BYTES, 7 COUNTERS
+# ARGV: 1 sealed entry, 2 its app, 3 now
+FORGET = Template("""
+local size = redis.call('HGET', KEYS[1], ARGV[1])
+if not size then return 0 end
+local records = redis.call('HGET', KEYS[3], ARGV[1]) or 0
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('HINCRBY', KEYS[5], ARGV[2], records)
+redis.call('HINCRBY', KEYS[6], ARGV[2], size)
+redis.call('HINCRBY', KEYS[7], '$counter_uploads_ok', 1)
+redis.call('HINCRBY', KEYS[7], '$counter_uploaded_bytes', size)
+redis.call('HSET', KEYS[7], '$counter_last_upload', ARGV[3])
+return 1
+""").substitute(_NAMES)

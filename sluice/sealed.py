@@ -7,15 +7,18 @@ commit that fills it, sluice.appends) and leaves it, with its plan, once its obj
 
 from __future__ import annotations
 
+import time
+
 import redis
 
-from sluice import schema
+from sluice import schema, scripts
 from sluice.spool import SealedFile
 
 
 class SealedRegistry:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
+        self._forget = client.register_script(scripts.FORGET)
 
     def sealed_files(self) -> list[SealedFile]:
         return [SealedFile.from_entry(entry.decode(), int(size))
@@ -40,11 +43,13 @@ class SealedRegistry:
         return [plan.decode() for plan in self.r.hvals(schema.UPLOAD_PLAN)]
 
     def forget(self, sealed: SealedFile) -> None:
-        """The file is archived: drop it and its plan, at once."""
-        with self.r.pipeline(transaction=True) as pipe:
-            pipe.hdel(schema.SEALED, sealed.entry)
-            pipe.hdel(schema.UPLOAD_PLAN, sealed.entry)
-            pipe.execute()
+        """The file is archived: drop it and its plan, and count it archived, at once."""
+        self._forget(keys=[schema.SEALED, schema.UPLOAD_PLAN, schema.SEALED_RECORDS, schema.PENDING_OLDEST,
+                           schema.ARCHIVED_RECORDS, schema.ARCHIVED_BYTES, schema.COUNTERS],
+                     args=[sealed.entry, sealed.app, time.time()])
+
+    def upload_failed(self) -> None:
+        self.r.hincrby(schema.COUNTERS, schema.Counter.UPLOADS_FAILED.value, 1)
 
 
 def committed_files(client: redis.Redis, app: str, hour: str, n: int) -> list[tuple[str, int]]:

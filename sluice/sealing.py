@@ -95,7 +95,8 @@ class Sealer:
             return None
 
     def _seal_state(self, sid: str, token: str, sealed: SealedFile) -> None:
-        result = self._seal(keys=[schema.slot_lock(sid), schema.slot_state(sid), schema.SEALED, schema.SLOTS],
+        result = self._seal(keys=[schema.slot_lock(sid), schema.slot_state(sid), schema.SEALED, schema.SLOTS,
+                                  schema.SEALED_RECORDS, schema.PENDING_OLDEST],
                             args=[token, sealed.entry, sealed.size, sid])
         if result == -1:
             raise LockLost(f"lease on slot {sid} expired while sealing")

@@ -3,6 +3,8 @@ code the workers run."""
 
 from __future__ import annotations
 
+import collections
+
 import zstandard
 
 from sluice import schema
@@ -19,11 +21,12 @@ def split_batch(batches: Batches, router: Router, bid: str) -> None:
     if batches.state(bid) != BatchState.HANDED:
         return
     topic, partition, first, last = schema.parse_batch_id(bid)
-    groups = router.group(records(batches.load_payload(bid), first, last), topic, partition)
+    reasons: collections.Counter[str] = collections.Counter()
+    groups = router.group(records(batches.load_payload(bid), first, last), topic, partition, reasons)
     pieces = {schema.app_hour(app, hour): lines for (app, hour), lines in groups.items()}
     # An empty last line makes join end each piece with a newline, without copying it again.
     batches.commit_split(bid, {piece: b"\n".join(lines + [b""]) for piece, lines in pieces.items()},
-                         {piece: len(lines) for piece, lines in pieces.items()})
+                         {piece: len(lines) for piece, lines in pieces.items()}, dict(reasons))
 
 
 def bundle_pieces(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:

@@ -92,6 +92,7 @@ class Uploader:
                 except Exception as exc:  # noqa: BLE001 - one failure must not hold back the rest
                     log.error("archiving %s failed, will retry: %s", sealed.entry, exc)
                     failed.append(sealed.entry)
+                    self.registry.upload_failed()
         finally:
             done.set()
             renewer.join()

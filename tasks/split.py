@@ -7,6 +7,7 @@ import redis
 from celery import Task
 from celery.utils.log import get_task_logger
 
+from sluice import schema
 from sluice.settings import get_settings
 from sluice.stages import bundle_pieces, split_batch
 from tasks.app import app, enqueue, waiting_task_ids
@@ -43,5 +44,6 @@ def redrive() -> int:
             continue
         log.warning("redriving batch %s, in flight for too long", bid)
         enqueue("sluice.split", bid)
+        batches().r.hincrby(schema.COUNTERS, schema.Counter.REDRIVES.value, 1)
         redriven += 1
     return redriven
