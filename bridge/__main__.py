@@ -1,27 +1,44 @@
-"""`python -m bridge`: run one bridge until SIGTERM/SIGINT, then flush and commit."""
+"""`python -m bridge`: run one bridge until SIGTERM/SIGINT, then flush and commit.
+
+Wrong settings or a metrics port in use stop it at start-up with one line on stderr and exit
+status 2, before it joins the consumer group."""
 
 from __future__ import annotations
 
 import gc
 import logging
 import signal
+import sys
 import threading
 
 from bridge.consumer import Bridge
-from sluice.settings import get_settings
+from bridge.metrics import LagWatcher, MetricsPortInUse, PipelineCollector, serve
+from sluice.redis_client import get_redis
+from sluice.settings import SettingsError, get_settings
 
 
-def main() -> None:
+def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    try:
+        settings = get_settings()
+        bridge = Bridge(settings)
+        if settings.metrics_port:
+            watcher = LagWatcher(settings, get_redis(), bridge.state)
+            serve(settings, PipelineCollector(settings, get_redis(), bridge.state, lambda: watcher.lags))
+            watcher.start()
+    except (SettingsError, MetricsPortInUse) as exc:
+        print(f"sluice bridge: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     # Everything imported so far lives as long as the process: out of the cyclic collector's
     # sight, its full collections no longer walk it.
     gc.freeze()
-    Bridge(get_settings()).run(stop)
+    bridge.run(stop)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

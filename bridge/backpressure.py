@@ -19,6 +19,7 @@ class Backpressure:
         self.batches = batches
         self.max_inflight_bytes = max_inflight_bytes
         self.paused = False  # consumption paused: too much in flight
+        self.pauses = 0  # times it paused
 
     def room_for(self, nbytes: int) -> bool:
         """Whether `nbytes` more fit under the bound (one batch always fits when nothing is in
@@ -37,6 +38,7 @@ class Backpressure:
         if self.paused:
             return
         self.paused = True
+        self.pauses += 1
         log.info("pausing consumption: more than %d bytes in flight (SLUICE_MAX_INFLIGHT_BYTES)",
                  self.max_inflight_bytes)
 

@@ -22,6 +22,7 @@ from kafka.structs import OffsetAndMetadata
 from bridge.backpressure import Backpressure
 from bridge.batching import Buffer, cut
 from bridge.incarnation import IncarnationGuard, Probe
+from bridge.metrics import BridgeState, LagInput
 from sluice import schema
 from sluice.batches import Batches
 from sluice.errors import SluiceError
@@ -36,6 +37,8 @@ log = logging.getLogger("sluice.bridge")
 
 # poll() returns whole Kafka record batches (sluice.kafka_batches); at most this many per call.
 POLL_MAX_BATCHES = 1000
+# How often the loop publishes its state for the metrics (bridge.metrics).
+PUBLISH_SECONDS = 1.0
 
 
 def _celery_send_split(bid: str) -> None:
@@ -66,6 +69,8 @@ class Bridge:
         self.buffers: dict[TopicPartition, Buffer] = {}
         self.consumer: KafkaConsumer | None = None
         self.stopping = threading.Event()
+        self._state = BridgeState({})
+        self._published = 0.0
 
     # --- hand-over -----------------------------------------------------------------------
 
@@ -195,10 +200,15 @@ class Bridge:
             heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
             max_poll_records=POLL_MAX_BATCHES,
             max_partition_fetch_bytes=max(s.batch_max_bytes, 1024 * 1024),
+            # How soon a new topic (matching the pattern, or listed and created later) is seen.
+            metadata_max_age_ms=int(s.topic_refresh_seconds * 1000),
             client_id="sluice-bridge",
         )
         use_raw_batches(self.consumer)
-        self.consumer.subscribe([s.topic], listener=_Rebalance(self))
+        if s.topic_pattern is not None:
+            self.consumer.subscribe(pattern=f"^(?:{s.topic_pattern})$", listener=_Rebalance(self))
+        else:
+            self.consumer.subscribe(s.topics, listener=_Rebalance(self))
         self._resend_inflight()
         log.info("bridge consuming %s as group %s", s.topic, s.group)
         try:
@@ -210,11 +220,32 @@ class Bridge:
                 self.backpressure.resume_if_room(self.consumer, waiting)
                 self.flush(list(self.buffers))
                 self._check_quiet_partitions()
+                self._publish()
             self.flush(list(self.buffers), force=True)
         finally:
             self.consumer.close()
             if isinstance(self._prober, Prober):
                 self._prober.close()
+
+    def state(self) -> BridgeState:
+        """What the metrics need of this bridge, as of its loop's last publication."""
+        return self._state
+
+    def _publish(self) -> None:
+        """Once a second, replace the published state (read by other threads) with a new one."""
+        now = time.monotonic()
+        if self.consumer is None or now - self._published < PUBLISH_SECONDS:
+            return
+        self._published = now
+        paused = self.backpressure.paused
+        inputs = {}
+        for tp in self.consumer.assignment():
+            buf = self.buffers.get(tp)
+            first = buf.chunks[0] if buf is not None and buf.chunks else None
+            inputs[tp] = LagInput(None if paused else self.consumer.highwater(tp),
+                                  first.first if first is not None else None,
+                                  first.first_timestamp_ms if first is not None else None)
+        self._state = BridgeState(inputs, paused, self.backpressure.pauses)
 
     def _resend_inflight(self) -> None:
         """A bridge that died between hand-over and enqueue left batches with no task."""

@@ -102,6 +102,7 @@ class LocalStack:
     services: list[Service] = field(default_factory=list)
     redis_port: int = 0
     kafka_port: int = 0
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # bridge name -> its metrics port
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -215,7 +216,12 @@ class LocalStack:
                                       f"--port={port}", "--address=127.0.0.1"], env)
 
     def start_bridge(self, name: str = "bridge") -> Service:
-        return self._spawn(name, [sys.executable, "-m", "bridge"], self.env())
+        """A bridge, serving its metrics on a free port of its own unless the settings name one."""
+        env = self.env()
+        if "SLUICE_METRICS_PORT" not in self.settings_env:
+            env["SLUICE_METRICS_PORT"] = str(free_port())
+        self.metrics_ports[name] = int(env["SLUICE_METRICS_PORT"])
+        return self._spawn(name, [sys.executable, "-m", "bridge"], env)
 
     def check_alive(self) -> None:
         """Raise, with the end of its log, if any service of the stack stopped on its own."""

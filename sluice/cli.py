@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -11,8 +12,11 @@ import threading
 
 import redis
 
+from sluice import ledger_repair, status
 from sluice.fetch import Fetch, Query, SpoolReader
-from sluice.settings import Settings, get_settings
+from sluice.marks import Marks
+from sluice.settings import Settings, SettingsError, get_settings
+from sluice.status import Thresholds
 from sluice.store import open_store
 from sluice.timewindow import parse_when
 
@@ -55,9 +59,89 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--sort", action="store_true",
                    help="print in event-time order (parses every line's time; sorts an hour at a time, "
                         "spilling to temporary files beyond 64 MiB); the default is archive order")
+    st = sub.add_parser("status", help="the pipeline on one screen; exit 1 when unhealthy by the thresholds given",
+                        description="Lag per topic, ages of what is not yet fetchable and not yet archived, "
+                                    "what is in flight and sealed, quarantine, top apps, workers. Exit status: "
+                                    "0 healthy, 1 unhealthy by a threshold given, 2 Redis unreachable.")
+    st.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    st.add_argument("--max-lag-seconds", type=float, help="unhealthy when a topic's lag is older than this")
+    st.add_argument("--max-lag-records", type=int, help="unhealthy when a topic lags by more records than this")
+    st.add_argument("--max-unarchived-age", type=float,
+                    help="unhealthy when the oldest record not yet archived is older than this (seconds)")
+    st.add_argument("--min-workers", type=int, help="unhealthy when fewer Celery workers answer a ping")
+    st.add_argument("--no-workers", action="store_true", help="do not ping the Celery workers")
+    led = sub.add_parser("ledger", help="show the partition marks, or reset a topic's marks",
+                         description="The ledger is the mark of each partition: the last offset handed over, "
+                                     "below which records from Kafka are dropped as replays.")
+    led_sub = led.add_subparsers(dest="action", required=True)
+    show = led_sub.add_parser("show", help="every partition's mark")
+    show.add_argument("--topic")
+    reset = led_sub.add_parser("reset", help="start a new incarnation of a topic's marks (after the topic was "
+                                             "recreated): its records are then handed over as new")
+    reset.add_argument("--topic", required=True)
+    reset.add_argument("--partition", type=int)
+    reset.add_argument("--yes", action="store_true", help="do it; without it, only say what would be done")
     args = parser.parse_args(argv)
 
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        print(f"sluice: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "status":
+        return _status(args, settings)
+    if args.command == "ledger":
+        return _ledger(args, settings)
+    return _fetch(args, settings)
+
+
+def _redis(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_connect_timeout=2, socket_timeout=5)
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    thresholds = Thresholds(args.max_lag_seconds, args.max_lag_records, args.max_unarchived_age, args.min_workers)
+    try:
+        found = status.gather(settings, _redis(settings), thresholds, ask_workers=not args.no_workers)
+    except redis.RedisError as exc:
+        print(f"sluice status: Redis is not reachable ({type(exc).__name__})", file=sys.stderr)
+        return 2
+    print(json.dumps(found.as_json(), indent=2) if args.json else status.render(found))
+    return 0 if found.healthy else 1
+
+
+def _ledger(args: argparse.Namespace, settings: Settings) -> int:
+    marks = Marks(_redis(settings))
+    try:
+        if args.action == "show":
+            print(ledger_repair.render(ledger_repair.show(marks, args.topic)))
+            return 0
+        rows = [r for r in ledger_repair.show(marks, args.topic) if args.partition in (None, r.partition)]
+        if not rows:
+            print(f"sluice ledger: no mark of {args.topic}"
+                  + (f" partition {args.partition}" if args.partition is not None else ""), file=sys.stderr)
+            return 1
+        if not args.yes:
+            print(ledger_repair.render(rows))
+            print(f"would start incarnation N+1 of these {len(rows)} partitions: the records of their next "
+                  "incarnation are handed over as new from their first offset. Nothing changed: add --yes.")
+            return 0
+        failed = 0
+        for row, done in ledger_repair.reset(marks, rows):
+            if done:
+                print(f"{row.topic}:{row.partition}: incarnation {row.incarnation + 1} started "
+                      f"(mark {row.last} forgotten)")
+            else:
+                failed += 1
+                print(f"{row.topic}:{row.partition}: its mark moved meanwhile (a bridge is handing it over); "
+                      "not reset", file=sys.stderr)
+        return 1 if failed else 0
+    except redis.RedisError as exc:
+        print(f"sluice ledger: Redis is not reachable ({type(exc).__name__})", file=sys.stderr)
+        return 2
+
+
+def _fetch(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.follow and args.until:
             raise ValueError("--follow has no end: leave out --until")

@@ -54,6 +54,19 @@ class Marks:
             args=[schema.partition_field(topic, partition),
                   "" if expected_hwm is None else str(expected_hwm)]) >= 0)
 
+    def partitions(self, topic: str | None = None) -> list[tuple[str, int]]:
+        """Every partition with a mark or an incarnation (of one topic, if given), sorted."""
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.hkeys(schema.HWM)
+            pipe.hkeys(schema.INCARNATION)
+            names = {name.decode() for reply in pipe.execute() for name in reply}
+        found = [schema.parse_partition_field(name) for name in names]
+        return sorted(p for p in found if topic is None or p[0] == topic)
+
+    def earlier(self, topic: str, partition: int) -> int:
+        """Records handed over by the partition's earlier incarnations."""
+        return int(self.r.hget(schema.EARLIER, schema.partition_field(topic, partition)) or 0)
+
     def handed_over(self) -> int:
         """Records handed over since Redis was first used, earlier incarnations included
         (offsets start at 0 per partition)."""

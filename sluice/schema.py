@@ -137,6 +137,11 @@ def partition_field(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
 
 
+def parse_partition_field(name: str) -> tuple[str, int]:
+    topic, partition = name.rsplit(":", 1)
+    return topic, int(partition)
+
+
 def app_hour(app: str, hour: str) -> str:
     """"app|hour": the name of a batch piece (the lines of one app-hour in one batch)."""
     return f"{app}|{hour}"

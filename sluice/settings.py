@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sluice.errors import SluiceError
 
 _OSS_BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 _OSS_PREFIX_PART = re.compile(r"[A-Za-z0-9_.=-]+")
@@ -198,7 +200,16 @@ class Settings(BaseSettings):
                              "writer could still be appending when its slot is handed on")
         return value
 
+class SettingsError(SluiceError):
+    """A setting is missing or wrong; the message is one line naming each, never a value."""
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Settings of this process, read once from the environment."""
-    return Settings()
+    """Settings of this process, read once from the environment; SettingsError if one is wrong."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"SLUICE_{'_'.join(str(part) for part in error['loc']).upper() or 'SETTINGS'}: "
+                             f"{error['msg'].removeprefix('Value error, ')}" for error in exc.errors())
+        raise SettingsError(f"bad settings: {problems}") from None

@@ -16,10 +16,13 @@ from kombu import Queue
 
 from beat_schedule import beat_schedule
 from sluice.schema import QUEUED_TTL_SECONDS
-from sluice.settings import get_settings
+from sluice.settings import SettingsError, get_settings
 from tasks.deps import queued_tasks
 
-settings = get_settings()
+try:
+    settings = get_settings()
+except SettingsError as exc:  # one line, not a traceback, and no worker half-started
+    raise SystemExit(f"sluice: {exc}") from None
 settings.spool_dir.mkdir(parents=True, exist_ok=True)  # Beat keeps its schedule file there
 
 app = Celery("sluice", broker=settings.redis_url.get_secret_value(),
