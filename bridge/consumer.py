@@ -71,6 +71,9 @@ class Bridge:
         self.stopping = threading.Event()
         self._state = BridgeState({})
         self._published = 0.0
+        self._joined_topics: set[str] | None = None  # what this consumer's first assignment covered
+        self._topics_checked = 0.0
+        self._new_topics_seen: float | None = None
 
     # --- hand-over -----------------------------------------------------------------------
 
@@ -173,6 +176,8 @@ class Bridge:
     def assigned(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.incarnations.assigned(tp)
+        if self._joined_topics is None and self.consumer is not None:
+            self._joined_topics = set(self.consumer.subscription() or ())
 
     # --- consume loop --------------------------------------------------------------------
     def _add(self, tp: TopicPartition, chunks: list[Chunk]) -> None:
@@ -188,10 +193,10 @@ class Bridge:
         for tp in self.incarnations.recreated_quiet_partitions(self.consumer.assignment(), time.monotonic()):
             self._reread(tp)
 
-    def run(self, stop: threading.Event) -> None:
-        self.stopping = stop
+    def _connect(self) -> KafkaConsumer:
+        """A consumer of the group, subscribed to the topic list or pattern."""
         s = self.settings
-        self.consumer = KafkaConsumer(
+        consumer = KafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap.split(","),
             group_id=s.group,
             enable_auto_commit=False,
@@ -204,11 +209,43 @@ class Bridge:
             metadata_max_age_ms=int(s.topic_refresh_seconds * 1000),
             client_id="sluice-bridge",
         )
-        use_raw_batches(self.consumer)
+        use_raw_batches(consumer)
         if s.topic_pattern is not None:
-            self.consumer.subscribe(pattern=f"^(?:{s.topic_pattern})$", listener=_Rebalance(self))
+            consumer.subscribe(pattern=f"^(?:{s.topic_pattern})$", listener=_Rebalance(self))
         else:
-            self.consumer.subscribe(s.topics, listener=_Rebalance(self))
+            consumer.subscribe(s.topics, listener=_Rebalance(self))
+        self._joined_topics = None
+        return consumer
+
+    def _rejoin_if_topics_grew(self) -> None:
+        """A topic that matches appeared since this consumer joined, and a topic-refresh period
+        later the group has still not given this bridge any of its partitions: hand over and
+        commit what is buffered, leave the group and join again with a fresh consumer. Apache
+        Kafka rebalances on its own; Tansu, the local broker, keeps a member's first
+        subscription and never assigns a new topic's partitions to it."""
+        now = time.monotonic()
+        if self.consumer is None or self._joined_topics is None or now - self._topics_checked < \
+                self.settings.topic_refresh_seconds:
+            return
+        self._topics_checked = now
+        assigned = {tp.topic for tp in self.consumer.assignment()}
+        new = set(self.consumer.subscription() or ()) - self._joined_topics - assigned
+        if not new:
+            self._new_topics_seen = None
+            return
+        if self._new_topics_seen is None:
+            self._new_topics_seen = now  # the group may be rebalancing right now: give it a period
+            return
+        log.info("new topics %s to read and none of their partitions assigned; rejoining the group", sorted(new))
+        self._new_topics_seen = None
+        self.revoked(list(self.buffers))
+        self.consumer.close()
+        self.consumer = self._connect()
+
+    def run(self, stop: threading.Event) -> None:
+        self.stopping = stop
+        s = self.settings
+        self.consumer = self._connect()
         self._resend_inflight()
         log.info("bridge consuming %s as group %s", s.topic, s.group)
         try:
@@ -220,6 +257,7 @@ class Bridge:
                 self.backpressure.resume_if_room(self.consumer, waiting)
                 self.flush(list(self.buffers))
                 self._check_quiet_partitions()
+                self._rejoin_if_topics_grew()
                 self._publish()
             self.flush(list(self.buffers), force=True)
         finally:

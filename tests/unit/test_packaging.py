@@ -15,8 +15,13 @@ PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 RUNTIME_CODE = ["sluice", "tasks", "bridge", "beat_schedule.py"]
 
 
+def normal(name: str) -> str:
+    """A distribution's name as PEP 503 compares them."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def names(requirements: list[str]) -> set[str]:
-    return {re.split(r"[=<>\[ ]", r, maxsplit=1)[0].lower() for r in requirements}
+    return {normal(re.split(r"[=<>\[ ]", r, maxsplit=1)[0]) for r in requirements}
 
 
 def test_every_package_is_pinned():
@@ -39,7 +44,7 @@ def test_the_runtime_imports_only_its_declared_dependencies():
                     imported.add(node.module.split(".")[0])
     third_party = imported - first_party - set(sys.stdlib_module_names) - {"__future__"}
     undeclared = {m: by_module.get(m) for m in third_party
-                  if not {d.lower() for d in by_module.get(m, [])} & declared}
+                  if not {normal(d) for d in by_module.get(m, [])} & declared}
     assert not undeclared, f"imported by the runtime but not in [project] dependencies: {undeclared}"
 
 

@@ -67,7 +67,7 @@ def test_a_key_the_schema_does_not_define_is_told(rest):
 
 
 def test_no_file_but_the_schema_spells_a_key():
-    literal = re.compile(r"""(?<!["'])[bfr]*["']sluice:""")  # a string starting so, not a docstring
+    literal = re.compile(r"""(?<!["'])[bfr]*["']sluice:\S""")  # a string starting so, not a docstring
     offenders = []
     for path in sorted(ROOT.rglob("*.py")):
         parts = path.relative_to(ROOT).parts

@@ -1,0 +1,204 @@
+"""Operating sluice: a real Prometheus scrapes a running stack and evaluates the shipped alert
+rules; `sluice status` and `sluice ledger` against real Redis; bad settings and a taken metrics
+port stop a process at start-up with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import redis
+import yaml
+
+from devstack import sample
+from devstack.local import PROJECT_ROOT, LocalStack, free_port, port_open, wait_until
+from sluice import schema
+from sluice.batches import Batches
+from sluice.marks import Marks
+from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
+
+pytestmark = pytest.mark.integration
+
+RULES = PROJECT_ROOT / "monitoring" / "sluice-alerts.yml"
+
+
+def rules_with(path: Path, alert: str, threshold: float, hold: str) -> Path:
+    """The shipped rules, with one alert's threshold and `for` changed (a test cannot wait
+    minutes); everything else as shipped."""
+    doc = yaml.safe_load(RULES.read_text())
+    [rule] = [r for g in doc["groups"] for r in g["rules"] if r.get("alert") == alert]
+    rule["expr"], n = re.subn(r">\s*[0-9.]+(\s*)$", rf"> {threshold}\1", rule["expr"].rstrip())
+    assert n == 1, f"no threshold found in {alert}'s expression"
+    rule["for"] = hold
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+class Prometheus:
+    """Debian's prometheus server, scraping the given targets every second."""
+
+    def __init__(self, workdir: Path, targets: list[str], rules: Path) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            pytest.fail("prometheus is not installed; scripts/setup.sh --test installs Debian's prometheus")
+        self.port = free_port()
+        config = workdir / "prometheus.yml"
+        config.write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(rules)],
+            "scrape_configs": [{"job_name": "sluice-bridge", "static_configs": [{"targets": targets}]}],
+        }))
+        self.log = open(workdir / "prometheus.log", "wb")
+        self.proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+                                      f"--web.listen-address=127.0.0.1:{self.port}"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until(lambda: port_open(self.port), 30, "Prometheus to listen")
+
+    def api(self, path: str, **params: str) -> Any:
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return json.load(reply)["data"]
+
+    def firing(self, alert: str) -> bool:
+        return any(a["labels"]["alertname"] == alert and a["state"] == "firing" for a in self.api("alerts")["alerts"])
+
+    def value(self, query: str) -> float | None:
+        result = self.api("query", query=query)["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+@pytest.fixture
+def prometheus_for(tmp_path: Path) -> Iterator[Any]:
+    servers: list[Prometheus] = []
+
+    def start(targets: list[str], rules: Path) -> Prometheus:
+        servers.append(Prometheus(tmp_path, targets, rules))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_prometheus_fires_the_unfetchable_alert_while_the_cpu_worker_is_down_and_resolves_it(
+        stack_factory, prometheus_for, tmp_path):
+    stack = stack_factory()
+    rules = rules_with(tmp_path / "rules.yml", "SluiceUnfetchableTooOld", 5, "2s")
+    prom = prometheus_for([f"127.0.0.1:{stack.metrics_ports['bridge']}"], rules)
+    bad = [b"not json %d" % i for i in range(7)]
+    stack.kill("cpu0")
+    good = [v for _, v in sample.lines(20_000, sample.app_names(10), time.time() - 600, 600, seed=21)]
+    traffic = Traffic(stack, lines=good + bad)
+    traffic.finish()
+    wait_until(lambda: prom.firing("SluiceUnfetchableTooOld"), 90, "the alert to fire", interval=0.5)
+    assert prom.value("max(sluice_inflight_batches)") > 0
+    stack.start_cpu_worker(name="cpu1")
+    wait_archived(stack, len(good) + len(bad))
+    wait_until(lambda: not prom.firing("SluiceUnfetchableTooOld"), 60, "the alert to resolve", interval=0.5)
+    # A scrape a second: the next one sees all archived.
+    wait_until(lambda: prom.value("max(sluice_records_archived_total)") == len(good) + len(bad), 30,
+               "Prometheus to see every record archived")
+    assert prom.value("sum(sluice_records_quarantined_total)") == len(bad)
+    assert prom.value('sum(sluice_records_quarantined_total{reason="undecodable"})') == len(bad)
+    assert prom.value("sum(sluice_partition_lag_records)") == 0
+    assert_exactly_once(stack.workdir / "archive", set(range(len(good))))
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sluice.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_status_says_what_runs_and_exits_by_its_thresholds(stack_factory):
+    stack = stack_factory()
+    values = [v for _, v in sample.lines(5_000, sample.app_names(5), time.time() - 600, 600, seed=22)]
+    sample.produce(stack.bootstrap, "logs", values + [b"not json"])
+    wait_archived(stack, len(values) + 1)
+    env = stack.env()
+    healthy = run_cli(env, "status", "--max-lag-seconds", "600", "--max-unarchived-age", "600", "--min-workers", "2")
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert healthy.stdout.startswith("healthy") and "lag logs" in healthy.stdout and "app-000" in healthy.stdout
+    unhealthy = run_cli(env, "status", "--json", "--min-workers", "5")
+    assert unhealthy.returncode == 1
+    doc = json.loads(unhealthy.stdout)
+    assert doc["healthy"] is False and doc["problems"] == ["2 workers answered < 5"]
+    assert doc["topics"]["logs"]["lag_records"] == 0 and len(doc["topics"]["logs"]["partitions"]) == 4
+    assert doc["records_archived"] == doc["records_handed_over"] == len(values) + 1
+    assert doc["quarantined"] == {"undecodable": 1} and doc["sealed_files"] == 0
+    assert sum(doc["top_apps_last_hour"].values()) == len(values) + 1
+
+
+def test_status_and_ledger_without_redis_say_so_in_one_line():
+    env = {**os.environ, "SLUICE_REDIS_URL": "redis://127.0.0.1:1/0"}
+    for args in (["status", "--no-workers"], ["ledger", "show"], ["ledger", "reset", "--topic", "logs", "--yes"]):
+        result = run_cli(env, *args)
+        assert result.returncode == 2, args
+        assert result.stderr.count("\n") == 1 and "Redis is not reachable" in result.stderr, result.stderr
+
+
+def test_ledger_reset_says_what_it_would_do_and_does_it_only_with_yes(redis_only: LocalStack, settings):
+    r = redis.Redis.from_url(redis_only.redis_url)
+    batches = Batches(r, settings.model_copy(update={"claim_check": "redis"}))
+    for partition, last in ((0, 99), (1, 49)):
+        bid = schema.batch_id("logs", partition, 0, last)
+        assert batches.hand_over(bid, "logs", partition, None, last, [b"x"], "ts:fp")
+    env = {**os.environ, "SLUICE_REDIS_URL": redis_only.redis_url}
+    shown = run_cli(env, "ledger", "show", "--topic", "logs")
+    assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 3 and "99" in shown.stdout
+    dry = run_cli(env, "ledger", "reset", "--topic", "logs", "--partition", "0")
+    assert dry.returncode == 0 and "Nothing changed" in dry.stdout
+    marks = Marks(r)
+    assert marks.high_water_mark("logs", 0) == 99
+    done = run_cli(env, "ledger", "reset", "--topic", "logs", "--partition", "0", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert marks.high_water_mark("logs", 0) is None and marks.mark("logs", 0).incarnation == 1
+    assert marks.earlier("logs", 0) == 100 and marks.high_water_mark("logs", 1) == 49
+    missing = run_cli(env, "ledger", "reset", "--topic", "nope", "--yes")
+    assert missing.returncode == 1 and "no mark of nope" in missing.stderr
+
+
+def start_bridge_alone(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bridge"], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=60, cwd=PROJECT_ROOT)
+
+
+def test_a_metrics_port_in_use_stops_the_bridge_at_start_up():
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = start_bridge_alone({"SLUICE_METRICS_PORT": str(port), "SLUICE_REDIS_URL": "redis://127.0.0.1:1/0",
+                                     "SLUICE_KAFKA_BOOTSTRAP": "127.0.0.1:1"})
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and f"port {port}" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("topic, why", [("re:logs-(", "does not compile"), ("logs,,audit", "empty name")])
+def test_a_bad_topic_setting_stops_every_process_at_start_up_in_one_line(topic, why):
+    bridge = start_bridge_alone({"SLUICE_TOPIC": topic, "SLUICE_METRICS_PORT": "0"})
+    worker = subprocess.run([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", "io"],
+                            env={**os.environ, "SLUICE_TOPIC": topic}, capture_output=True, text=True, timeout=60,
+                            cwd=PROJECT_ROOT)
+    cli = run_cli({**os.environ, "SLUICE_TOPIC": topic}, "status")
+    for result in (bridge, worker, cli):
+        assert result.returncode != 0
+        assert result.stderr.strip().count("\n") == 0 and "SLUICE_TOPIC" in result.stderr and why in result.stderr, \
+            result.stderr
