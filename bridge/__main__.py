@@ -1,7 +1,7 @@
 """`python -m bridge`: run one bridge until SIGTERM/SIGINT, then flush and commit.
 
-Wrong settings or a metrics port in use stop it at start-up with one line on stderr and exit
-status 2, before it joins the consumer group."""
+Wrong settings, a metrics port in use or a Redis schema of another major version stop it at
+start-up with one line on stderr and exit status 2, before it joins the consumer group."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ import signal
 import sys
 import threading
 
+import redis
+
 from bridge.consumer import Bridge
 from bridge.metrics import LagWatcher, MetricsPortInUse, PipelineCollector, serve
+from sluice.protocol import SchemaMismatch, check_schema
 from sluice.redis_client import get_redis
 from sluice.settings import SettingsError, get_settings
 
@@ -22,12 +25,16 @@ def main() -> int:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         settings = get_settings()
+        try:
+            check_schema(get_redis())
+        except redis.RedisError:
+            pass  # the hand-over waits out a Redis outage; the workers check the schema too
         bridge = Bridge(settings)
         if settings.metrics_port:
             watcher = LagWatcher(settings, get_redis(), bridge.state)
             serve(settings, PipelineCollector(settings, get_redis(), bridge.state, lambda: watcher.lags))
             watcher.start()
-    except (SettingsError, MetricsPortInUse) as exc:
+    except (SettingsError, MetricsPortInUse, SchemaMismatch) as exc:
         print(f"sluice bridge: {exc}", file=sys.stderr)
         return 2
     stop = threading.Event()

@@ -26,6 +26,7 @@ from bridge.metrics import BridgeState, LagInput
 from sluice import schema
 from sluice.batches import Batches
 from sluice.errors import SluiceError
+from sluice.health import HealthFiles
 from sluice.kafka_batches import Chunk, last_record, use_raw_batches
 from sluice.kafka_probe import ProbeInconclusive, Prober, fingerprint
 from sluice.marks import Marks
@@ -74,6 +75,7 @@ class Bridge:
         self._joined_topics: set[str] | None = None  # what this consumer's first assignment covered
         self._topics_checked = 0.0
         self._new_topics_seen: float | None = None
+        self.health = HealthFiles(settings.health_dir)
 
     # --- hand-over -----------------------------------------------------------------------
 
@@ -178,6 +180,7 @@ class Bridge:
             self.incarnations.assigned(tp)
         if self._joined_topics is None and self.consumer is not None:
             self._joined_topics = set(self.consumer.subscription() or ())
+        self.health.ready(True)  # it holds its partitions (with more bridges than partitions, none)
 
     # --- consume loop --------------------------------------------------------------------
     def _add(self, tp: TopicPartition, chunks: list[Chunk]) -> None:
@@ -259,8 +262,11 @@ class Bridge:
                 self._check_quiet_partitions()
                 self._rejoin_if_topics_grew()
                 self._publish()
+                self.health.alive()
+            self.health.ready(False)
             self.flush(list(self.buffers), force=True)
         finally:
+            self.health.ready(False)
             self.consumer.close()
             if isinstance(self._prober, Prober):
                 self._prober.close()

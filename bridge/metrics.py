@@ -170,6 +170,18 @@ class PipelineCollector(Collector):
                     "Age of the oldest record not yet compressed into the spool (not yet fetchable)", unfetchable)
         yield gauge("sluice_oldest_unarchived_age_seconds",
                     "Age of the oldest record not yet uploaded to the store", max(unfetchable, p.oldest_unarchived_age))
+        waiting = GaugeMetricFamily("sluice_queue_waiting_tasks",
+                                    "Tasks waiting in a Celery queue (what KEDA's redis trigger reads)",
+                                    labels=["queue"])
+        unacked = GaugeMetricFamily("sluice_queue_unacked_tasks",
+                                    "Tasks of a Celery queue that a worker has taken and not finished",
+                                    labels=["queue"])
+        for queue, count in p.queue_waiting.items():
+            waiting.add_metric([queue], count)
+        for queue, count in p.queue_unacked.items():
+            unacked.add_metric([queue], count)
+        yield waiting
+        yield unacked
         yield gauge("sluice_inflight_batches", "Batches handed over and not yet wholly compressed",
                     p.inflight_batches)
         yield gauge("sluice_inflight_bytes", "Bytes of the batches in flight (the backpressure bound's measure)",

@@ -195,29 +195,30 @@ class LocalStack:
             admin.close()
 
     # --- sluice processes ----------------------------------------------------------------
-    def _celery(self, name: str, *args: str) -> Service:
-        return self._spawn(name, [sys.executable, "-m", "celery", "-A", "tasks", *args], self.env())
+    def _celery(self, name: str, *args: str, env: dict[str, str] | None = None) -> Service:
+        return self._spawn(name, [sys.executable, "-m", "celery", "-A", "tasks", *args], {**self.env(), **(env or {})})
 
-    def start_io_worker(self, name: str = "io", concurrency: int = 8) -> Service:
+    def start_io_worker(self, name: str = "io", concurrency: int = 8, env: dict[str, str] | None = None) -> Service:
+        """`env`: settings of this process alone (a host's own health directory, say)."""
         return self._celery(name, "worker", "-Q", "io", "-P", "threads", "-c", str(concurrency),
-                            "-n", f"{name}@%h", "--loglevel=INFO")
+                            "-n", f"{name}@%h", "--loglevel=INFO", env=env)
 
-    def start_cpu_worker(self, name: str = "cpu", concurrency: int = 2) -> Service:
+    def start_cpu_worker(self, name: str = "cpu", concurrency: int = 2, env: dict[str, str] | None = None) -> Service:
         return self._celery(name, "worker", "-Q", "cpu", "-P", "prefork", "-c", str(concurrency),
-                            "-n", f"{name}@%h", "--loglevel=INFO")
+                            "-n", f"{name}@%h", "--loglevel=INFO", env=env)
 
-    def start_beat(self) -> Service:
-        return self._celery("beat", "beat", "--loglevel=INFO",
-                            "-s", str(self.workdir / "celerybeat-schedule"))
+    def start_beat(self, name: str = "beat") -> Service:
+        """A Beat with a schedule file of its own (two Beats at once are a mistake sluice survives)."""
+        return self._celery(name, "beat", "--loglevel=INFO", "-s", str(self.workdir / f"{name}-schedule"))
 
     def start_flower(self, port: int) -> Service:
         env = {**self.env(), "FLOWER_UNAUTHENTICATED_API": "true"}
         return self._spawn("flower", [sys.executable, "-m", "celery", "-A", "tasks", "flower",
                                       f"--port={port}", "--address=127.0.0.1"], env)
 
-    def start_bridge(self, name: str = "bridge") -> Service:
+    def start_bridge(self, name: str = "bridge", env: dict[str, str] | None = None) -> Service:
         """A bridge, serving its metrics on a free port of its own unless the settings name one."""
-        env = self.env()
+        env = {**self.env(), **(env or {})}
         if "SLUICE_METRICS_PORT" not in self.settings_env:
             env["SLUICE_METRICS_PORT"] = str(free_port())
         self.metrics_ports[name] = int(env["SLUICE_METRICS_PORT"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 from kafka import TopicPartition
 
-from sluice import schema
+from sluice import queues, schema
 from sluice.kafka_probe import Prober
 from sluice.marks import Marks
 from sluice.records import hour_of
@@ -70,6 +70,8 @@ class PipelineFigures:
     archived_records: dict[str, int] = field(default_factory=dict)
     archived_bytes: dict[str, int] = field(default_factory=dict)
     recent_records: dict[str, int] = field(default_factory=dict)  # this hour and the one before
+    queue_waiting: dict[str, int] = field(default_factory=dict)  # Celery queue -> tasks waiting
+    queue_unacked: dict[str, int] = field(default_factory=dict)  # Celery queue -> tasks taken, not done
 
     def age(self, timestamp_ms: float | None) -> float:
         return max(self.now - timestamp_ms / 1000, 0.0) if timestamp_ms is not None else 0.0
@@ -108,8 +110,12 @@ def read_pipeline(r: redis.Redis, now: float | None = None) -> PipelineFigures:
         pipe.hgetall(schema.ARCHIVED_BYTES)
         for hour in hours:
             pipe.hgetall(schema.hourly_records(hour))
+        for queue in queues.QUEUES:
+            pipe.llen(queue)
+            pipe.hlen(queues.unacked_key(queue))
         (hwm, earlier, inflight, inflight_bytes, inflight_oldest, pending_oldest, slots, sealed,
-         counters, quarantined, archived_records, archived_bytes, *recent) = pipe.execute()
+         counters, quarantined, archived_records, archived_bytes, *rest) = pipe.execute()
+    recent, queue_sizes = rest[:len(hours)], rest[len(hours):]
     with r.pipeline(transaction=False) as pipe:
         for sid in slots:
             pipe.hget(schema.slot_state(sid.decode()), "size")
@@ -134,6 +140,8 @@ def read_pipeline(r: redis.Redis, now: float | None = None) -> PipelineFigures:
         archived_records={k.decode(): int(v) for k, v in archived_records.items()},
         archived_bytes={k.decode(): int(v) for k, v in archived_bytes.items()},
         recent_records=recent_records,
+        queue_waiting=dict(zip(queues.QUEUES, (int(n) for n in queue_sizes[0::2]))),
+        queue_unacked=dict(zip(queues.QUEUES, (int(n) for n in queue_sizes[1::2]))),
     )
 
 

@@ -18,6 +18,9 @@ import re
 
 PREFIX = "sluice:"
 
+# The version of this schema, "major.minor" (sluice.protocol).
+SCHEMA_VERSION = PREFIX + "schema-version"
+
 # --- partition marks (sluice.marks) --------------------------------------------------------
 # Hashes keyed by `partition_field(topic, partition)`.
 HWM = PREFIX + "hwm"  # -> last offset handed over
@@ -236,7 +239,7 @@ KEY_PATTERNS: tuple[re.Pattern[str], ...] = tuple(re.compile(p) for p in (
     re.escape(INFLIGHT_OLDEST), re.escape(SEALED_RECORDS), re.escape(PENDING_OLDEST),
     re.escape(COUNTERS), re.escape(QUARANTINED), re.escape(ARCHIVED_RECORDS), re.escape(ARCHIVED_BYTES),
     rf"{re.escape(HOURLY_PREFIX)}\d{{10}}",
-    re.escape(SLOTS), re.escape(SEALED), re.escape(UPLOAD_PLAN), re.escape(SWEEP_LOCK),
+    re.escape(SLOTS), re.escape(SEALED), re.escape(UPLOAD_PLAN), re.escape(SWEEP_LOCK), re.escape(SCHEMA_VERSION),
     rf"{re.escape(PREFIX)}b:{_BID}:(state|payload|groups|pending|queued)",
     rf"{re.escape(SLOT_STATE_PREFIX)}{_APP_HOUR}\|\d+",
     rf"{re.escape(SLOT_LOCK_PREFIX)}{_APP_HOUR}\|\d+",

@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     # figures are kept for the top apps by archived volume, the rest summed as app="other".
     metrics_port: int = Field(9464, ge=0, le=65535)
     metrics_top_apps: int = Field(20, ge=0, le=1000)
+    # Liveness and readiness files for probes (sluice.health); none if unset.
+    health_dir: Path | None = None
 
     # Aliyun OSS (only for oss:// stores).
     oss_endpoint: str = ""

@@ -63,6 +63,8 @@ class Status:
     last_upload_age_seconds: float | None
     top_apps_last_hour: dict[str, int]
     workers: list[str] | None  # None: Celery could not be asked
+    queue_waiting: dict[str, int] = field(default_factory=dict)
+    queue_unacked: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -134,6 +136,7 @@ def gather(settings: Settings, client: redis.Redis, thresholds: Thresholds, ask_
         last_upload_age_seconds=p.now - last if last is not None else None,
         top_apps_last_hour=top_apps(p.recent_records, TOP_APPS),
         workers=seen,
+        queue_waiting=p.queue_waiting, queue_unacked=p.queue_unacked,
     )
     status.problems = problems(status, thresholds)
     return status
@@ -185,6 +188,8 @@ def render(status: Status) -> str:
     if status.top_apps_last_hour:
         lines.append("top apps, records this hour and the last:")
         lines += [f"  {app:<24}{n:>12,}" for app, n in status.top_apps_last_hour.items()]
+    lines.append("tasks waiting / running  " + ", ".join(
+        f"{q} {status.queue_waiting.get(q, 0):,} / {status.queue_unacked.get(q, 0):,}" for q in status.queue_waiting))
     if status.workers is not None:
         lines.append(f"workers ({len(status.workers)}): " + (", ".join(status.workers) or "none answered"))
     return "\n".join(lines)

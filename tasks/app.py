@@ -2,22 +2,32 @@
 
 Tasks are acknowledged late and requeued when their worker dies, so a killed worker's task
 runs again; every task is idempotent (see sluice.batches), which makes the repeat harmless.
+Prefetch is off: a worker takes a task only when it can run it, so what waits stays in the queue
+where another worker, or the autoscaler, sees it (sluice.queues). Every task message carries
+sluice's task protocol version, and a worker leaves a version it does not read for one that does
+(sluice.protocol).
 """
 
 from __future__ import annotations
 
 import gc
-import json
+import logging
+import time
 import uuid
+from typing import Any
 
-import redis
-from celery import Celery, signals
+from celery import Celery, Task, signals
+from celery.exceptions import Reject
 from kombu import Queue
 
 from beat_schedule import beat_schedule
+from sluice import queues
+from sluice.protocol import TASK_HEADER, TASK_PROTOCOL, TASKS_READ, task_version
 from sluice.schema import QUEUED_TTL_SECONDS
 from sluice.settings import SettingsError, get_settings
 from tasks.deps import queued_tasks
+
+log = logging.getLogger("sluice.tasks")
 
 try:
     settings = get_settings()
@@ -25,10 +35,34 @@ except SettingsError as exc:  # one line, not a traceback, and no worker half-st
     raise SystemExit(f"sluice: {exc}") from None
 settings.spool_dir.mkdir(parents=True, exist_ok=True)  # Beat keeps its schedule file there
 
-app = Celery("sluice", broker=settings.redis_url.get_secret_value(),
+# Headers of every task message sluice sends.
+HEADERS = {TASK_HEADER: TASK_PROTOCOL}
+# A worker that meets a task of a version it does not read waits this long before putting it
+# back, so it does not spin on it while a worker that reads it is on its way.
+REQUEUE_DELAY_SECONDS = 1.0
+
+
+class SluiceTask(Task):
+    """Runs a task only if this worker reads its protocol version; puts it back otherwise."""
+
+    _refused: set[str] = set()  # ids logged already, so each is logged once per process
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        version = task_version(self.request)
+        if version not in TASKS_READ and not self.request.is_eager:
+            if self.request.id not in self._refused:
+                self._refused.add(self.request.id)
+                log.warning("task %s[%s] has protocol version %s; this worker reads %s: left in the queue "
+                            "for a worker that does", self.name, self.request.id, version, sorted(TASKS_READ))
+            time.sleep(REQUEUE_DELAY_SECONDS)
+            raise Reject(f"protocol version {version}", requeue=True)
+        return super().__call__(*args, **kwargs)
+
+
+app = Celery("sluice", broker=settings.redis_url.get_secret_value(), task_cls=SluiceTask,
              include=["tasks.split", "tasks.compress", "tasks.upload"])
 app.conf.update(
-    task_queues=[Queue("io"), Queue("cpu")],
+    task_queues=[Queue(name) for name in queues.QUEUES],
     task_default_queue="io",
     task_routes={
         "sluice.split": {"queue": "io"},
@@ -41,14 +75,30 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     task_ignore_result=True,
     worker_prefetch_multiplier=1,
+    worker_disable_prefetch=True,
     worker_send_task_events=True,  # for Flower
     task_send_sent_event=True,
     broker_connection_retry_on_startup=True,
     broker_transport_options={"visibility_timeout": QUEUED_TTL_SECONDS},
-    beat_schedule=beat_schedule(settings),
+    beat_schedule=beat_schedule(settings, HEADERS),
     beat_schedule_filename=str(settings.spool_dir / "celerybeat-schedule"),
     worker_hijack_root_logger=False,
 )
+
+
+@signals.celeryd_init.connect
+def _unacked_per_queue(conf: Any = None, options: Any = None, **_: object) -> None:
+    """A worker of one queue keeps what it has taken in that queue's own unacked hash, so the
+    autoscaler can count it per queue (sluice.queues)."""
+    names = (options or {}).get("queues") or []
+    names = names.split(",") if isinstance(names, str) else list(names)
+    if len(names) == 1 and conf is not None:
+        conf.broker_transport_options = {
+            **conf.broker_transport_options,
+            "unacked_key": queues.unacked_key(names[0]),
+            "unacked_index_key": queues.unacked_index_key(names[0]),
+            "unacked_mutex_key": queues.unacked_mutex_key(names[0]),
+        }
 
 
 @signals.worker_init.connect
@@ -59,26 +109,17 @@ def _freeze_start_up_objects(**_: object) -> None:
     gc.freeze()
 
 
+def send(task: str, args: list[Any], task_id: str | None = None, **options: Any) -> None:
+    """Send a task with sluice's headers."""
+    app.send_task(task, args=args, task_id=task_id or uuid.uuid4().hex, headers=HEADERS, **options)
+
+
 def enqueue(task: str, bid: str, *args: object) -> None:
     """Send a task about batch `bid`, noted as queued first, so the redrive leaves it alone."""
     task_id = uuid.uuid4().hex
     queued_tasks().will_queue(bid, task_id)
     try:
-        app.send_task(task, args=[bid, *args], task_id=task_id)
+        send(task, [bid, *args], task_id)
     except BaseException:
         queued_tasks().started(bid, task_id)
         raise
-
-
-def waiting_task_ids(r: redis.Redis, queues: tuple[str, ...] = ("io", "cpu")) -> set[str]:
-    """Ids of the tasks waiting in these queues: kombu's Redis transport keeps each queue as a
-    list of JSON messages. A task a worker has taken is not among them: that worker may have
-    died holding it (its message then waits out the visibility timeout)."""
-    ids = set()
-    for queue in queues:
-        for raw in r.lrange(queue, 0, -1):
-            try:
-                ids.add(json.loads(raw)["headers"]["id"])
-            except (ValueError, KeyError, TypeError):
-                continue  # not a task message of ours
-    return ids

@@ -8,9 +8,10 @@ from celery import Task
 from celery.utils.log import get_task_logger
 
 from sluice import schema
+from sluice.queues import waiting_task_ids
 from sluice.settings import get_settings
 from sluice.stages import bundle_pieces, split_batch
-from tasks.app import app, enqueue, waiting_task_ids
+from tasks.app import app, enqueue
 from tasks.deps import batches, queued_tasks, router
 
 log = get_task_logger(__name__)

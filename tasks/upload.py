@@ -13,12 +13,13 @@ import redis
 from celery.utils.log import get_task_logger
 
 from sluice import schema
+from sluice.queues import waiting_task_ids
 from sluice.redis_client import get_redis
 from sluice.sealed import SealedRegistry
 from sluice.settings import get_settings
 from sluice.spool import SealedFile
 from sluice.uploader import by_app_hour
-from tasks.app import app, waiting_task_ids
+from tasks.app import app, send
 from tasks.deps import batches, sealer, uploader
 
 log = get_task_logger(__name__)
@@ -55,8 +56,8 @@ def upload() -> int:
                 pipe.set(schema.upload_queued(files[0].app, files[0].hour), task_id, ex=schema.QUEUED_TTL_SECONDS)
             pipe.execute()
         for files, task_id in zip(due, task_ids):
-            app.send_task("sluice.upload_app_hour", queue="io", task_id=task_id,
-                          args=[files[0].app, files[0].hour, [[f.fid, f.size] for f in files]])
+            send("sluice.upload_app_hour", [files[0].app, files[0].hour, [[f.fid, f.size] for f in files]],
+                 task_id, queue="io")
         if sealed or due:
             log.info("sealed %d slot files, sent uploads of %d app-hours", sealed, len(due))
         return len(due)

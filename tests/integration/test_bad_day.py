@@ -19,7 +19,7 @@ import redis
 from devstack import sample
 from devstack.local import wait_until
 from devstack.progress import compressed, handed_over
-from sluice import schema
+from sluice import queues, schema
 from tests.integration.conftest import Traffic, assert_exactly_once, read_archive, wait_archived
 from tests.integration.kcat import kcat
 
@@ -102,7 +102,7 @@ def test_a_worker_frozen_past_its_lease_destroys_nothing(stack_factory):
         traffic = Traffic(stack, lines=wave)
         traffic.finish()
         produced += wave
-        wait_until(lambda: r.hlen("unacked") > 0, 60, "compress tasks under way")
+        wait_until(lambda: queues.unacked(r, "cpu") > 0, 60, "compress tasks under way")
         os.killpg(frozen.proc.pid, signal.SIGSTOP)
         try:
             time.sleep(FREEZE_SECONDS)  # the fault itself: frozen for longer than the lease
@@ -172,9 +172,9 @@ def test_redrive_leaves_work_alone_while_it_waits_in_the_queue(stack_factory):
 
     def all_split() -> bool:
         # A split task marks its batch split before it sends the compress tasks; it holds its
-        # message in kombu's "unacked" hash until it returns (acks_late).
+        # message in its queue's unacked hash until it returns (acks_late; sluice.queues).
         batches = r.zrange(schema.INFLIGHT, 0, -1)
-        return handed_over(r) >= 20_000 and r.llen("io") == 0 and r.hlen("unacked") == 0 and all(
+        return handed_over(r) >= 20_000 and r.llen("io") == 0 and queues.unacked(r, "io") == 0 and all(
             r.get(schema.batch_state(b.decode())) == b"split" for b in batches)
 
     wait_until(all_split, 120, "every batch split, its compress tasks queued")

@@ -17,7 +17,7 @@ import redis
 
 from devstack.local import wait_until
 from devstack.progress import compressed, handed_over
-from sluice import schema
+from sluice import queues, schema
 from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ def test_io_worker_sigkill_mid_split(stack_factory):
     stack = stack_factory(SLUICE_BATCH_MAX_RECORDS="5000")
     r = redis.Redis.from_url(stack.redis_url)
     traffic = Traffic(stack)
-    wait_until(lambda: compressed(r) > RECORDS * 0.05 and r.hlen("unacked") > 0
+    wait_until(lambda: compressed(r) > RECORDS * 0.05 and queues.unacked(r, "io") > 0
                and r.zcard(schema.INFLIGHT) > 0, 120, "split tasks under way")
     stack.kill("io")
     traffic.finish()
@@ -58,7 +58,7 @@ def test_cpu_worker_sigkill_mid_append(stack_factory):
     stack = stack_factory(SLUICE_ZSTD_LEVEL="19")
     r = redis.Redis.from_url(stack.redis_url)
     traffic = Traffic(stack)
-    wait_until(lambda: compressed(r) > RECORDS * 0.05 and r.hlen("unacked") > 0, 120,
+    wait_until(lambda: compressed(r) > RECORDS * 0.05 and queues.unacked(r, "cpu") > 0, 120,
                "compression under way")
     stack.kill("cpu0")
     assert compressed(r) < RECORDS, "the kill came too late to test anything"

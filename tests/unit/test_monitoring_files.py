@@ -30,6 +30,8 @@ METRICS = {
     "sluice_redis_up",
     "sluice_oldest_unfetchable_age_seconds",
     "sluice_oldest_unarchived_age_seconds",
+    "sluice_queue_waiting_tasks",
+    "sluice_queue_unacked_tasks",
     "sluice_inflight_batches",
     "sluice_inflight_bytes",
     "sluice_slot_files",
