@@ -1,0 +1,129 @@
+"""Upgrading without fear: a task of a protocol version a worker does not read is left for one
+that does; a Redis schema of another major version stops old processes at start-up; every
+process replaced in turn under load, and two Beats at once, lose and double nothing; the probes'
+files say what the processes are doing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+
+from devstack import sample
+from devstack.local import PROJECT_ROOT, LocalStack, wait_until
+from sluice import queues, schema
+from sluice.protocol import SCHEMA_MAJOR, TASK_HEADER
+from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_task_of_a_future_protocol_is_neither_run_nor_lost(stack_factory):
+    stack = stack_factory()
+    r = redis.Redis.from_url(stack.redis_url)
+    io_log = stack.service("io").log
+    wait_until(lambda: "ready." in io_log.read_text(), 60, "the io worker")
+    future, legacy = uuid.uuid4().hex, uuid.uuid4().hex
+    sender = Celery("a-newer-sluice", broker=stack.redis_url)
+    try:
+        sender.send_task("sluice.split", args=["logs:0:0-0@77"], task_id=future, queue="io",
+                         headers={TASK_HEADER: 999})
+        sender.send_task("sluice.split", args=["logs:0:1-1@77"], task_id=legacy, queue="io")  # sent before versions
+    finally:
+        sender.close()
+
+    def held() -> bool:
+        return future in queues.waiting_task_ids(r, ("io",)) or any(
+            future in raw.decode() for raw in r.hvals(queues.unacked_key("io")))
+
+    wait_until(lambda: f"{legacy}] succeeded" in io_log.read_text(), 60, "the task with no version to run")
+    wait_until(lambda: "has protocol version 999" in io_log.read_text(), 60, "the worker to meet it")
+    deadline = time.monotonic() + 8  # several deliveries of the same message to the same worker
+    while time.monotonic() < deadline:
+        assert held(), "the future task is still in the queue or held by a worker"
+        time.sleep(0.5)
+    text = io_log.read_text()
+    assert text.count(f"sluice.split[{future}] has protocol version 999") == 1, "logged once"
+    assert f"{future}] succeeded" not in text and f"{future}] raised" not in text
+
+
+def start_alone(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), env={**os.environ, **env}, capture_output=True, text=True, timeout=90,
+                          cwd=PROJECT_ROOT)
+
+
+def test_a_newer_schema_in_redis_stops_an_older_process_at_start_up(redis_only: LocalStack, tmp_path: Path):
+    r = redis.Redis.from_url(redis_only.redis_url)
+    r.set(schema.SCHEMA_VERSION, f"{SCHEMA_MAJOR + 1}.0")
+    env = {"SLUICE_REDIS_URL": redis_only.redis_url, "SLUICE_SPOOL_DIR": str(tmp_path / "spool"),
+           "SLUICE_METRICS_PORT": "0"}
+    bridge = start_alone(env, sys.executable, "-m", "bridge")
+    worker = start_alone(env, sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", "cpu", "-P", "solo")
+    beat = start_alone(env, sys.executable, "-m", "celery", "-A", "tasks", "beat", "-s", str(tmp_path / "schedule"))
+    for name, result in (("bridge", bridge), ("worker", worker), ("beat", beat)):
+        lines = [line for line in result.stderr.splitlines() if f"schema {SCHEMA_MAJOR + 1}.0" in line]
+        assert result.returncode == 2, (name, result.stderr[-2000:])
+        assert len(lines) == 1 and "upgrade this process" in lines[0], (name, result.stderr[-2000:])
+    assert r.get(schema.SCHEMA_VERSION) == f"{SCHEMA_MAJOR + 1}.0".encode(), "left as it was"
+
+
+def test_every_process_replaced_in_turn_under_load_loses_and_doubles_nothing(stack_factory):
+    stack = stack_factory()
+    values = [v for _, v in sample.lines(60_000, sample.app_names(12), time.time() - 3600, 3600, seed=41)]
+    r = redis.Redis.from_url(stack.redis_url)
+    traffic = Traffic(stack, lines=values)
+    from devstack.progress import compressed
+
+    replacements = (("io", lambda: stack.start_io_worker(name="io-new")),
+                    ("cpu0", lambda: stack.start_cpu_worker(name="cpu-new")),
+                    ("beat", lambda: stack.start_beat(name="beat-new")),
+                    ("bridge", lambda: stack.start_bridge(name="bridge-new")))
+    for step, (old, start_new) in enumerate(replacements, 1):
+        wait_until(lambda step=step: compressed(r) >= len(values) * step / 6, 180, f"load before step {step}")
+        start_new()
+        stack.service(old).stop()  # SIGTERM: a worker finishes what it runs, the bridge hands over and commits
+        stack.services.remove(stack.service(old))
+    traffic.finish()
+    wait_archived(stack, len(values))
+    assert_exactly_once(stack.workdir / "archive", traffic.seqs)
+
+
+def test_two_beats_at_once_upload_nothing_twice(stack_factory):
+    stack = stack_factory()
+    stack.start_beat(name="beat2")  # a Deployment scaled to 2 by mistake
+    traffic = Traffic(stack, records=30_000)
+    traffic.finish()
+    wait_archived(stack, 30_000)
+    per_app_hour = assert_exactly_once(stack.workdir / "archive", traffic.seqs)
+    assert per_app_hour
+    objects = list((stack.workdir / "archive").rglob("*.jsonl.zst"))
+    per_dir: dict[Path, int] = {}
+    for obj in objects:
+        per_dir[obj.parent] = per_dir.get(obj.parent, 0) + 1
+    assert max(per_dir.values()) <= 10
+    for name in ("beat", "beat2"):
+        assert "Sending due task seal-and-upload" in stack.service(name).log.read_text(), name
+
+
+def test_the_probe_files_follow_a_worker_and_the_bridge(stack_factory, tmp_path: Path):
+    stack = stack_factory()
+    worker_dir, bridge_dir = tmp_path / "cpu-health", tmp_path / "bridge-health"
+    worker = stack.start_cpu_worker(name="cpu-probed", env={"SLUICE_HEALTH_DIR": str(worker_dir)})
+    stack.start_bridge(name="bridge-probed", env={"SLUICE_HEALTH_DIR": str(bridge_dir)})
+    wait_until(lambda: (worker_dir / "ready").exists() and (worker_dir / "alive").exists(), 60,
+               "the worker to say it is alive and ready")
+    first = (worker_dir / "alive").stat().st_mtime
+    wait_until(lambda: (worker_dir / "alive").stat().st_mtime > first, 30, "the worker's heartbeat")
+    sample.produce(stack.bootstrap, "logs", [b'{"app": "probe", "ts": 1}'] * 10)
+    wait_until(lambda: (bridge_dir / "alive").exists() and (bridge_dir / "ready").exists(), 60,
+               "the bridge to hold its partitions")
+    worker.stop()
+    assert not (worker_dir / "ready").exists(), "a worker shutting down is not ready"
+    stack.services.remove(worker)
