@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -19,7 +20,8 @@ def config() -> dict:
     if binary is None:
         pytest.fail("docker-compose is not installed; scripts/setup.sh --test installs it")
     out = subprocess.run([binary, "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config"],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "FLOWER_BASIC_AUTH": "admin:not-a-real-password"})
     return yaml.safe_load(out.stdout)
 
 
@@ -46,3 +48,15 @@ def test_sluice_services_share_the_spool_and_redis(config):
         assert service["environment"]["SLUICE_SPOOL_DIR"] == "/spool"
     redis_cmd = " ".join(config["services"]["redis"]["command"])
     assert "--appendonly yes" in redis_cmd and "--appendfsync always" in redis_cmd
+
+
+def test_flower_needs_a_password_and_listens_on_this_machine_only(config):
+    flower = config["services"]["flower"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] == "admin:not-a-real-password"
+    assert all(str(p.get("host_ip", "") if isinstance(p, dict) else p).startswith("127.0.0.1")
+               for p in flower["ports"]), flower["ports"]
+    env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
+    refused = subprocess.run([shutil.which("docker-compose") or "docker-compose", "-f",
+                              str(PROJECT_ROOT / "docker-compose.yml"), "config"],
+                             capture_output=True, text=True, env=env)
+    assert refused.returncode != 0 and "FLOWER_BASIC_AUTH" in refused.stderr
