@@ -100,8 +100,7 @@ class Appender:
         passed over.
         """
         n = self.settings.slots_per_app
-        args: list[object] = [token, self.leases.lease_ms, time.time(), n,
-                              schema.SLOT_LOCK_PREFIX, schema.SLOT_STATE_PREFIX]
+        args: list[object] = [token, self.leases.lease_ms, n, schema.SLOT_LOCK_PREFIX, schema.SLOT_STATE_PREFIX]
         for f in frames:
             args += [schema.app_hour(f.app, f.hour), schema.new_fid(f.hour, uuid.uuid4().hex[:16]),
                      "".join("1" if schema.slot_id(f.app, f.hour, k) in skip else "0" for k in range(n))
@@ -188,7 +187,7 @@ class Appender:
                 schema.INFLIGHT, schema.STATS, schema.SEALED, schema.SLOTS,
                 schema.INFLIGHT_BYTES, schema.BATCH_BYTES, schema.INFLIGHT_OLDEST, schema.PENDING_OLDEST,
                 schema.SEALED_RECORDS, schema.hourly_records(hour_of(now))]
-        args: list[object] = [token, now, bid, self.settings.seal_size_bytes,
+        args: list[object] = [token, bid, self.settings.seal_size_bytes,
                               schema.SLOT_LOCK_PREFIX, schema.SLOT_STATE_PREFIX, schema.HOURLY_TTL_SECONDS]
         for (h, _), end in zip(files, ends):
             args += [h.sid, h.fid, end, h.frame.records]

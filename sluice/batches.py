@@ -19,6 +19,7 @@ import redis
 from sluice import schema, scripts
 from sluice.batch_files import BatchFiles, BytesLike, write_durably
 from sluice.errors import PayloadMissing
+from sluice.redis_client import server_time
 from sluice.schema import BatchState
 from sluice.settings import Settings
 
@@ -55,7 +56,7 @@ class Batches:
             keys=[schema.HWM, schema.INFLIGHT, schema.batch_state(bid), schema.batch_payload(bid),
                   schema.FINGERPRINT, schema.INFLIGHT_BYTES, schema.BATCH_BYTES, schema.INFLIGHT_OLDEST],
             args=[schema.partition_field(topic, partition), "" if expected_hwm is None else str(expected_hwm),
-                  str(last), bid, time.time(), "1" if self._in_redis else "0",
+                  str(last), bid, "1" if self._in_redis else "0",
                   b"".join(payload) if self._in_redis else b"", fingerprint, size,
                   oldest_ms if oldest_ms is not None else int(time.time() * 1000)],
         )
@@ -134,8 +135,9 @@ class Batches:
 
     # --- in flight ---------------------------------------------------------------------
     def stale(self, older_than: float) -> list[str]:
-        """Batches handed over more than `older_than` seconds ago and not yet fully archived."""
-        cutoff = time.time() - older_than
+        """Batches handed over more than `older_than` seconds ago (by Redis's clock, as the
+        hand-over recorded them) and not yet fully archived."""
+        cutoff = server_time(self.r) - older_than
         return [b.decode() for b in self.r.zrangebyscore(schema.INFLIGHT, "-inf", cutoff)]
 
     def in_flight(self, bid: str) -> bool:
@@ -143,7 +145,7 @@ class Batches:
 
     def touch(self, bid: str) -> None:
         """Restart the redrive clock of a batch, so a backlog is redriven once, not every sweep."""
-        self.r.zadd(schema.INFLIGHT, {bid: time.time()}, xx=True)
+        self.r.zadd(schema.INFLIGHT, {bid: server_time(self.r)}, xx=True)
 
     def inflight_count(self) -> int:
         return int(self.r.zcard(schema.INFLIGHT))

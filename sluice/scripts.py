@@ -1,5 +1,9 @@
 """Every Lua script sluice runs in Redis: each state change that must be atomic is one of these.
 
+Times the scripts record (hand-over, a slot's creation and last append, the last upload) are Redis's
+own clock (TIME), so a host whose clock is off cannot make a file seal early or late, nor a batch
+look stale, because of it.
+
 Each script's header names its KEYS and ARGV. Key names come from sluice.schema: passed in KEYS,
 or, where one script touches the slots of many app-hours (passing 2N key names per frame would
 dominate the compress stage's Redis cost), built inside the script from the prefixes
@@ -22,20 +26,22 @@ _NAMES = {"handed": BatchState.HANDED.value, "split": BatchState.SPLIT.value,
 # handed and in flight. {0, current mark} if the mark moved since it was read, else {1, ''}.
 # KEYS: 1 HWM, 2 INFLIGHT, 3 batch_state(bid), 4 batch_payload(bid), 5 FINGERPRINT,
 #       6 INFLIGHT_BYTES, 7 BATCH_BYTES, 8 INFLIGHT_OLDEST
-# ARGV: 1 partition field, 2 expected mark ('' for none), 3 new mark, 4 batch id, 5 now,
-#       6 '1' to store the payload in Redis, 7 payload, 8 fingerprint, 9 payload size,
-#       10 Kafka timestamp (ms) of the batch's first record
+# ARGV: 1 partition field, 2 expected mark ('' for none), 3 new mark, 4 batch id,
+#       5 '1' to store the payload in Redis, 6 payload, 7 fingerprint, 8 payload size,
+#       9 Kafka timestamp (ms) of the batch's first record
 HAND_OVER = Template("""
+local t = redis.call('TIME')
+local now = t[1] + t[2] / 1000000
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 if cur ~= ARGV[2] then return {0, cur} end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[5], ARGV[1], ARGV[8])
-if ARGV[6] == '1' then redis.call('SET', KEYS[4], ARGV[7]) end
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[7])
+if ARGV[5] == '1' then redis.call('SET', KEYS[4], ARGV[6]) end
 redis.call('SET', KEYS[3], '$handed')
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
-redis.call('HSET', KEYS[7], ARGV[4], ARGV[9])
-redis.call('INCRBY', KEYS[6], ARGV[9])
-redis.call('ZADD', KEYS[8], ARGV[10], ARGV[4])
+redis.call('ZADD', KEYS[2], now, ARGV[4])
+redis.call('HSET', KEYS[7], ARGV[4], ARGV[8])
+redis.call('INCRBY', KEYS[6], ARGV[8])
+redis.call('ZADD', KEYS[8], ARGV[9], ARGV[4])
 return {1, ''}
 """).substitute(_NAMES)
 
@@ -87,14 +93,16 @@ return 0
 # are all taken. A slot whose mark in the skip mask is '1' is passed over (its file is held by a
 # frozen writer).
 # KEYS: 1 SLOTS
-# ARGV: 1 token, 2 lease ms, 3 now, 4 N, 5 SLOT_LOCK_PREFIX, 6 SLOT_STATE_PREFIX, then per
-#       app-hour: its app_hour name (the slot id stem), a new fid, a skip mask ('' for none)
+# ARGV: 1 token, 2 lease ms, 3 N, 4 SLOT_LOCK_PREFIX, 5 SLOT_STATE_PREFIX, then per app-hour: its
+#       app_hour name (the slot id stem), a new fid, a skip mask ('' for none)
 ACQUIRE = """
-local token, lease, now, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local lockp, slotp = ARGV[5], ARGV[6]
+local token, lease, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local lockp, slotp = ARGV[4], ARGV[5]
+local t = redis.call('TIME')
+local now = t[1] + t[2] / 1000000
 local out = {}
-for p = 0, (#ARGV - 6) / 3 - 1 do
-  local stem, fid, skip = ARGV[7 + 3 * p], ARGV[8 + 3 * p], ARGV[9 + 3 * p]
+for p = 0, (#ARGV - 5) / 3 - 1 do
+  local stem, fid, skip = ARGV[6 + 3 * p], ARGV[7 + 3 * p], ARGV[8 + 3 * p]
   local got = {-1}
   for k = 1, n do
     local sid = stem .. '|' .. (k - 1)
@@ -150,15 +158,17 @@ return out
 # KEYS: 1 batch_pending(bid), 2 batch_groups(bid), 3 batch_state(bid), 4 INFLIGHT, 5 STATS,
 #       6 SEALED, 7 SLOTS, 8 INFLIGHT_BYTES, 9 BATCH_BYTES, 10 INFLIGHT_OLDEST,
 #       11 PENDING_OLDEST, 12 SEALED_RECORDS, 13 hourly_records(this hour)
-# ARGV: 1 token, 2 now, 3 batch id, 4 seal size, 5 SLOT_LOCK_PREFIX, 6 SLOT_STATE_PREFIX,
-#       7 HOURLY_TTL_SECONDS, then per piece: slot id, fid, new size, records
+# ARGV: 1 token, 2 batch id, 3 seal size, 4 SLOT_LOCK_PREFIX, 5 SLOT_STATE_PREFIX,
+#       6 HOURLY_TTL_SECONDS, then per piece: slot id, fid, new size, records
 COMMIT = """
-local lockp, slotp = ARGV[5], ARGV[6]
-local oldest = redis.call('ZSCORE', KEYS[10], ARGV[3])
+local lockp, slotp = ARGV[4], ARGV[5]
+local t = redis.call('TIME')
+local now = t[1] + t[2] / 1000000
+local oldest = redis.call('ZSCORE', KEYS[10], ARGV[2])
 local out = {}
 local appended = false
-for p = 0, (#ARGV - 7) / 4 - 1 do
-  local a = 7 + 4 * p
+for p = 0, (#ARGV - 6) / 4 - 1 do
+  local a = 6 + 4 * p
   local sid, fid, size = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local lock, slot = lockp .. sid, slotp .. sid
   local app, hour = string.match(sid, '^([^|]*)|([^|]*)|')
@@ -169,14 +179,14 @@ for p = 0, (#ARGV - 7) / 4 - 1 do
   elseif redis.call('SREM', KEYS[1], piece) == 0 then
     r = 0
   else
-    redis.call('HSET', slot, 'size', size, 'updated', ARGV[2])
+    redis.call('HSET', slot, 'size', size, 'updated', now)
     redis.call('HINCRBY', slot, 'records', ARGV[a + 4])
     redis.call('HDEL', KEYS[2], piece)
     redis.call('HINCRBY', KEYS[5], app, ARGV[a + 4])
     redis.call('HINCRBY', KEYS[13], app, ARGV[a + 4])
     appended = true
     if oldest then redis.call('ZADD', KEYS[11], 'LT', oldest, sid) end
-    if tonumber(size) >= tonumber(ARGV[4]) then
+    if tonumber(size) >= tonumber(ARGV[3]) then
       local entry = piece .. '|' .. fid
       redis.call('HSET', KEYS[6], entry, size)
       redis.call('HSET', KEYS[12], entry, redis.call('HGET', slot, 'records'))
@@ -191,15 +201,15 @@ for p = 0, (#ARGV - 7) / 4 - 1 do
   end
   out[p + 1] = r
 end
-if appended then redis.call('EXPIRE', KEYS[13], ARGV[7]) end
+if appended then redis.call('EXPIRE', KEYS[13], ARGV[6]) end
 local finished = 0
 if redis.call('SCARD', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2], KEYS[3])
-  redis.call('ZREM', KEYS[10], ARGV[3])
-  if redis.call('ZREM', KEYS[4], ARGV[3]) == 1 then
-    local bytes = redis.call('HGET', KEYS[9], ARGV[3])
+  redis.call('ZREM', KEYS[10], ARGV[2])
+  if redis.call('ZREM', KEYS[4], ARGV[2]) == 1 then
+    local bytes = redis.call('HGET', KEYS[9], ARGV[2])
     if bytes then redis.call('DECRBY', KEYS[8], bytes) end
-    redis.call('HDEL', KEYS[9], ARGV[3])
+    redis.call('HDEL', KEYS[9], ARGV[2])
     finished = 1
   end
 end
@@ -229,7 +239,7 @@ return 1
 # counted as archived, once. 0 if it had left already.
 # KEYS: 1 SEALED, 2 UPLOAD_PLAN, 3 SEALED_RECORDS, 4 PENDING_OLDEST, 5 ARCHIVED_RECORDS,
 #       6 ARCHIVED_BYTES, 7 COUNTERS
-# ARGV: 1 sealed entry, 2 its app, 3 now
+# ARGV: 1 sealed entry, 2 its app
 FORGET = Template("""
 local size = redis.call('HGET', KEYS[1], ARGV[1])
 if not size then return 0 end
@@ -242,6 +252,7 @@ redis.call('HINCRBY', KEYS[5], ARGV[2], records)
 redis.call('HINCRBY', KEYS[6], ARGV[2], size)
 redis.call('HINCRBY', KEYS[7], '$counter_uploads_ok', 1)
 redis.call('HINCRBY', KEYS[7], '$counter_uploaded_bytes', size)
-redis.call('HSET', KEYS[7], '$counter_last_upload', ARGV[3])
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[7], '$counter_last_upload', t[1] + t[2] / 1000000)
 return 1
 """).substitute(_NAMES)

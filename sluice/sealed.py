@@ -7,8 +7,6 @@ commit that fills it, sluice.appends) and leaves it, with its plan, once its obj
 
 from __future__ import annotations
 
-import time
-
 import redis
 
 from sluice import schema, scripts
@@ -46,7 +44,7 @@ class SealedRegistry:
         """The file is archived: drop it and its plan, and count it archived, at once."""
         self._forget(keys=[schema.SEALED, schema.UPLOAD_PLAN, schema.SEALED_RECORDS, schema.PENDING_OLDEST,
                            schema.ARCHIVED_RECORDS, schema.ARCHIVED_BYTES, schema.COUNTERS],
-                     args=[sealed.entry, sealed.app, time.time()])
+                     args=[sealed.entry, sealed.app])
 
     def upload_failed(self) -> None:
         self.r.hincrby(schema.COUNTERS, schema.Counter.UPLOADS_FAILED.value, 1)

@@ -9,13 +9,13 @@ current hour becomes fetchable without cutting a busy app's hour into many files
 from __future__ import annotations
 
 import logging
-import time
 
 import redis
 
 from sluice import schema, scripts
 from sluice.errors import FileBusy, LockLost, SpoolDamaged
 from sluice.records import hour_start
+from sluice.redis_client import server_time
 from sluice.settings import Settings
 from sluice.slot_leases import SlotLeases
 from sluice.spool import SealedFile, Spool, locked_file
@@ -34,9 +34,10 @@ class Sealer:
     def seal_due(self, now: float | None = None) -> int:
         """Seal every slot that is full or idle long enough; how many were sealed.
 
-        The states of all slots are read in one round trip: a sweep runs every few seconds
-        over every open app-hour."""
-        now = time.time() if now is None else now
+        Idle is told by Redis's clock, which also stamped each append, so a sweeping host whose
+        clock is off seals nothing early or late. The states of all slots are read in one round
+        trip: a sweep runs every few seconds over every open app-hour."""
+        now = server_time(self.r) if now is None else now
         sids = [raw.decode() for raw in self.r.smembers(schema.SLOTS)]
         with self.r.pipeline(transaction=False) as pipe:
             for sid in sids:

@@ -31,9 +31,11 @@ from sluice import schema
 from sluice.errors import FileBusy, SpoolDamaged
 
 log = logging.getLogger(__name__)
-# A live writer holds a file lock for the writes of one bundle, one flush to disk and a few Redis
-# round trips; anyone who waits longer than this is waiting for a frozen or dying process.
-FILE_LOCK_WAIT_SECONDS = 1.0
+# A writer takes a slot's file lock only while it holds the slot's Redis lease, so the lock is
+# found taken only in the moment a committing writer has released its lease and not yet closed
+# the file, or when its holder is frozen, cut off or dying: wait out the first, and pass over the
+# second at once (another of the app-hour's slots takes the frame).
+FILE_LOCK_WAIT_SECONDS = 0.05
 
 
 def _syncfs_reports_errors() -> bool:

@@ -23,6 +23,7 @@ from kombu import Queue
 from beat_schedule import beat_schedule
 from sluice import queues
 from sluice.protocol import TASK_HEADER, TASK_PROTOCOL, TASKS_READ, task_version
+from sluice.redis_client import connection_options
 from sluice.schema import QUEUED_TTL_SECONDS
 from sluice.settings import SettingsError, get_settings
 from tasks.deps import queued_tasks
@@ -79,7 +80,7 @@ app.conf.update(
     worker_send_task_events=True,  # for Flower
     task_send_sent_event=True,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": QUEUED_TTL_SECONDS},
+    broker_transport_options={"visibility_timeout": QUEUED_TTL_SECONDS, **connection_options()},
     beat_schedule=beat_schedule(settings, HEADERS),
     beat_schedule_filename=str(settings.spool_dir / "celerybeat-schedule"),
     worker_hijack_root_logger=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import redis
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 
 from sluice.errors import LockLost, SlotsBusy
 from sluice.settings import get_settings
@@ -15,7 +16,10 @@ _limit = get_settings().compress_time_limit
 
 
 # OSError: a full or failing spool disk; nothing was committed, so the task waits and tries again.
-@app.task(name="sluice.compress", bind=True, autoretry_for=(SlotsBusy, LockLost, redis.RedisError, OSError),
+# SoftTimeLimitExceeded: a task held up (a spool or Redis outage) past its limit; nothing was
+# committed that a retry would repeat.
+@app.task(name="sluice.compress", bind=True,
+          autoretry_for=(SlotsBusy, LockLost, redis.RedisError, OSError, SoftTimeLimitExceeded),
           retry_backoff=True, retry_backoff_max=30, max_retries=None,
           time_limit=_limit, soft_time_limit=_limit * 0.9)
 def compress(self: Task, bid: str, pieces: list[str]) -> int:
