@@ -58,8 +58,10 @@ class Cluster:
     """The stack on hosts, with a supervisor that restarts a process that exited (as a container
     runtime would), so every scenario shows whether the pipeline comes back by itself."""
 
-    def __init__(self, workdir: Path, hosts: Hosts, **env: str) -> None:
+    def __init__(self, workdir: Path, hosts: Hosts, skew: dict[str, str] | None = None, **env: str) -> None:
+        """`skew`: host -> a faketime offset ("+600s") its processes' clocks are off by."""
         self.hosts = hosts
+        self.skew = skew or {}
         self.stack = LocalStack(workdir, {**FAST, **env}, address=hosts.gateway)
         self.stack.settings_env["SLUICE_STORE_URL"] = f"file://{workdir / 'archive'}"
         self.starters: dict[str, Callable[[], Service]] = {}
@@ -73,7 +75,8 @@ class Cluster:
         self.r = redis.Redis.from_url(s.redis_url)
 
         def on(host: str) -> dict[str, object]:
-            return {"env": {"SLUICE_SPOOL_DIR": str(h[host].spool)}, "wrap": h[host].wrap}
+            clock = ["faketime", "-f", self.skew[host]] if host in self.skew else []
+            return {"env": {"SLUICE_SPOOL_DIR": str(h[host].spool)}, "wrap": h[host].wrap + clock}
 
         self.starters = {
             "io": lambda: s.start_io_worker(name="io", **on("io")),  # type: ignore[arg-type]
@@ -104,16 +107,26 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    skip_unless_possible()
-    hosts = Hosts(tmp_path, ["bridge", "io", "cpu1", "cpu2"])
-    made = Cluster(tmp_path / "stack", hosts)
-    try:
-        made.start()
-        yield made
-    finally:
-        made.close()
+def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    made: list[tuple[Cluster, Hosts]] = []
+
+    def make(**options: object) -> Cluster:
+        skip_unless_possible()
+        hosts = Hosts(tmp_path, ["bridge", "io", "cpu1", "cpu2"])
+        cluster = Cluster(tmp_path / "stack", hosts, **options)  # type: ignore[arg-type]
+        made.append((cluster, hosts))
+        cluster.start()
+        return cluster
+
+    yield make
+    for cluster, hosts in made:
+        cluster.close()
         hosts.close()
+
+
+@pytest.fixture
+def cluster(cluster_factory: Callable[..., Cluster]) -> Cluster:
+    return cluster_factory()
 
 
 def finish(cluster: Cluster, load: SteadyLoad) -> None:
@@ -232,3 +245,40 @@ def test_packet_loss_between_every_worker_host_and_redis(cluster: Cluster):
     print(f"\n30 % loss to Redis: {during:.0f} records/s during the minute (load {LOAD}/s), backlog cleared "
           f"{took:.1f} s after; restarts: {cluster.restarts}")
     finish(cluster, load)
+
+
+def test_a_partition_that_outlasts_every_timeout(cluster: Cluster):
+    """Longer than the slot lease (20 s), the compress time limit (15 s) and the redrive age (15 s)."""
+    r = cluster.r
+    assert r is not None
+    load = SteadyLoad(cluster.stack)
+    load.start()
+    wait_until(lambda: compressed(r) > LOAD * 3, 120, "the pipeline under load")
+    cluster.hosts.partition("cpu1", cluster.stack.redis_port)
+    try:
+        time.sleep(45)  # the fault itself
+    finally:
+        cluster.hosts.heal("cpu1")
+    took = caught_up(cluster, load, 30, "the backlog to clear after the heal")
+    print(f"\ncpu host cut off for 45 s: backlog cleared {took:.1f} s after; restarts: {cluster.restarts}")
+    finish(cluster, load)
+
+
+def test_worker_hosts_whose_clocks_are_ten_minutes_off(cluster_factory: Callable[..., Cluster]):
+    """cpu1's clock runs ten minutes ahead, cpu2's ten minutes behind: no slot file of the running hour
+    is sealed before its open-hour seal age (a writer behind would make it look idle), every one is
+    sealed once that age has passed (a writer ahead would make it look busy for ten minutes), and
+    every record lands in the hour of its event time."""
+    cluster = cluster_factory(skew={"cpu1": "+600s", "cpu2": "-600s"}, SLUICE_SEAL_OPEN_HOUR_AGE_SECONDS="20")
+    r = cluster.r
+    assert r is not None
+    load = SteadyLoad(cluster.stack)  # event times within the last minute: the running hour, mostly
+    load.start()
+    wait_until(lambda: compressed(r) > LOAD * 3, 120, "the pipeline under load")
+    running = time.strftime("%Y%m%d%H", time.gmtime())
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # appended to every second: never idle for 20 s
+        sealed = [e.decode() for e in r.hkeys(schema.SEALED)]
+        assert not [e for e in sealed if schema.parse_sealed_entry(e)[1] == running], sealed
+        time.sleep(0.5)
+    finish(cluster, load)  # the running hour's files sealed 20 s after the last append, not 10 min
