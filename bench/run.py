@@ -32,6 +32,7 @@ from bench.cpu import group_cpu_seconds  # noqa: E402
 from bench.dataset import dataset, read_lines  # noqa: E402
 from bridge.consumer import Bridge  # noqa: E402
 from devstack import progress  # noqa: E402
+from devstack.hosts import Hosts, why_not  # noqa: E402
 from devstack.local import FAST_GROUP_JOIN, LocalStack, fast_settings, start_pipeline, wait_until  # noqa: E402
 from devstack.serial_upload import upload_sealed  # noqa: E402
 from sluice import schema  # noqa: E402
@@ -155,6 +156,9 @@ def main() -> None:
     parser.add_argument("--upload-interval", type=float, default=UPLOAD_INTERVAL_SECONDS,
                         help="SLUICE_UPLOAD_INTERVAL_SECONDS of the end-to-end run (Beat's sweep)")
     parser.add_argument("--e2e-only", action="store_true", help="skip the stage-by-stage part")
+    parser.add_argument("--hosts", action="store_true",
+                        help="then the same end to end with the bridge, the io worker and the cpu worker each "
+                             "on a host of its own (network namespaces; needs root), side by side")
     parser.add_argument("--runs", type=int, default=1,
                         help="end-to-end runs; with more than one, the median of each figure is printed too "
                              "(these machines are noisy)")
@@ -173,6 +177,20 @@ def main() -> None:
 
     runs = [end_to_end(work / f"e2e-{i}", lines, nbytes, args.seal_age, args.upload_interval)
             for i in range(args.runs)]
+    if args.hosts:
+        if reason := why_not():
+            raise SystemExit(reason)
+        hosts = Hosts(work / "hosts", ["bridge", "io", "cpu"])
+        try:
+            apart = [end_to_end(work / f"e2e-hosts-{i}", lines, nbytes, args.seal_age, args.upload_interval, hosts)
+                     for i in range(args.runs)]
+        finally:
+            hosts.close()
+        print(f"\n{'one host against separate hosts (median of runs)':<56}{'one':>9}{'apart':>9}{'ratio':>9}")
+        for key in runs[0][1]:
+            one = statistics.median(figures[key] for _, figures in runs)
+            two = statistics.median(figures[key] for _, figures in apart)
+            print(f"{key:<56}{one:>9.4f}{two:>9.4f}{two / one if one else float('nan'):>9.3f}")
     if args.runs > 1:
         print(f"\n{'over ' + str(args.runs) + ' end-to-end runs':<56}{'median':>9}{'min':>9}{'max':>9}")
         for key in runs[0][1]:
@@ -201,9 +219,11 @@ def bare_consumer(bootstrap: str, records: int, group: str | None) -> dict[str, 
 
 
 def end_to_end(workdir: Path, lines: list[bytes], nbytes: int, seal_age: float = SEAL_AGE_SECONDS,
-               upload_interval: float = UPLOAD_INTERVAL_SECONDS) -> tuple[Path, dict[str, float]]:
+               upload_interval: float = UPLOAD_INTERVAL_SECONDS, hosts: Hosts | None = None,
+               ) -> tuple[Path, dict[str, float]]:
     """Data waits in Kafka; clock from bridge start to every record compressed, then uploaded.
-    Prints the run's figures; returns the archive and the headline figures."""
+    With `hosts`, the bridge, the io worker (and Beat) and the cpu worker each run on a host of
+    their own. Prints the run's figures; returns the archive and the headline figures."""
     mb = nbytes / 1e6
     bare: dict[str, float] = {}
     unjoined: dict[str, float] = {}
@@ -215,7 +235,11 @@ def end_to_end(workdir: Path, lines: list[bytes], nbytes: int, seal_age: float =
         unjoined.update(bare_consumer(stack.bootstrap, len(lines), None))
 
     # Defaults but for the sweep (so the run ends with every object uploaded) and the group join.
+    placement = {} if hosts is None else {
+        "io": hosts["io"].placement(), "beat": hosts["io"].placement(), "cpu0": hosts["cpu"].placement(),
+        "bridge": hosts["bridge"].placement()}
     stack = start_pipeline(workdir, bridge=False, base_env=FAST_GROUP_JOIN, before_workers=fill_and_read_bare,
+                           address=hosts.gateway if hosts else "127.0.0.1", placement=placement,
                            SLUICE_SEAL_AGE_SECONDS=str(seal_age),
                            SLUICE_UPLOAD_INTERVAL_SECONDS=str(upload_interval))
     try:
@@ -227,7 +251,9 @@ def end_to_end(workdir: Path, lines: list[bytes], nbytes: int, seal_age: float =
             wait_until(lambda line=line, log=log: line in log.read_text(), 120, f"{name} to be ready")
         cpu_before = {s.name: group_cpu_seconds(s.proc.pid) for s in services}
         start = time.perf_counter()
-        services.append(stack.start_bridge())
+        bridge_on = placement.get("bridge")
+        services.append(stack.start_bridge(env=bridge_on.env if bridge_on else None,
+                                           wrap=bridge_on.wrap if bridge_on else None))
         cpu_before["bridge"] = 0.0
 
         milestones: dict[str, float] = {}

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, NamedTuple
 
 from sluice.settings import Settings
 
@@ -58,6 +58,14 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)
         return sock.connect_ex((host, port)) == 0
+
+
+class Placement(NamedTuple):
+    """Where a process runs: settings of its own (a host's spool view) and what it runs under
+    (`ip netns exec <host>`, to run it on another host; devstack.hosts)."""
+
+    env: dict[str, str]
+    wrap: list[str]
 
 
 @dataclass
@@ -265,24 +273,32 @@ def fast_settings(**overrides: object) -> Settings:
 
 def start_pipeline(workdir: Path, *, partitions: int = 4, cpu_workers: int = 1, cpu_concurrency: int = 2,
                    io_concurrency: int = 8, bridge: bool = True, base_env: dict[str, str] = FAST,
-                   before_workers: Callable[[LocalStack], object] | None = None, **env: str) -> LocalStack:
+                   before_workers: Callable[[LocalStack], object] | None = None, address: str = "127.0.0.1",
+                   placement: Mapping[str, Placement] | None = None, **env: str) -> LocalStack:
     """A whole pipeline with the FAST settings (or `base_env`; `env` overrides either):
     redis-server, Tansu with topic "logs" of `partitions` partitions, an io worker, `cpu_workers`
     cpu workers, Beat and, if `bridge`, the bridge. `before_workers` runs once the services are
-    up and before any sluice process starts (a benchmark fills the topic there). Stops what it
-    started on failure.
+    up and before any sluice process starts (a benchmark fills the topic there). `address`: where
+    Redis and the broker listen; `placement`: process name ("io", "cpu0", "beat", "bridge") -> where
+    it runs (devstack.hosts). Stops what it started on failure.
     """
-    stack = LocalStack(workdir, {**base_env, **env})
+    stack = LocalStack(workdir, {**base_env, **env}, address=address)
+    where = dict(placement or {})
+
+    def on(name: str) -> Placement:
+        return where.get(name, Placement({}, []))
+
     try:
         stack.start_services(partitions)
         if before_workers is not None:
             before_workers(stack)
-        stack.start_io_worker(concurrency=io_concurrency)
+        stack.start_io_worker(concurrency=io_concurrency, env=on("io").env, wrap=on("io").wrap)
         for i in range(cpu_workers):
-            stack.start_cpu_worker(name=f"cpu{i}", concurrency=cpu_concurrency)
-        stack.start_beat()
+            cpu = on(f"cpu{i}")
+            stack.start_cpu_worker(name=f"cpu{i}", concurrency=cpu_concurrency, env=cpu.env, wrap=cpu.wrap)
+        stack.start_beat(env=on("beat").env, wrap=on("beat").wrap)
         if bridge:
-            stack.start_bridge()
+            stack.start_bridge(env=on("bridge").env, wrap=on("bridge").wrap)
     except BaseException:
         stack.close()
         raise

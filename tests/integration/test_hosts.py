@@ -15,11 +15,11 @@ import pytest
 import redis
 
 from devstack import sample
+from devstack.hosts import Hosts, rate, why_not
 from devstack.local import FAST, LocalStack, Service, wait_until
 from devstack.progress import compressed, handed_over, settled
 from sluice import schema
 from tests.integration.conftest import assert_exactly_once
-from tests.integration.hosts import Hosts, rate, skip_unless_possible
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("hosts")]
 
@@ -74,16 +74,13 @@ class Cluster:
         s.start_services(4)
         self.r = redis.Redis.from_url(s.redis_url)
 
-        def on(host: str) -> dict[str, object]:
-            clock = ["faketime", "-f", self.skew[host]] if host in self.skew else []
-            return {"env": {"SLUICE_SPOOL_DIR": str(h[host].spool)}, "wrap": h[host].wrap + clock}
-
+        io, cpu1, cpu2, bridge = (h[name].placement(self.skew.get(name)) for name in ("io", "cpu1", "cpu2", "bridge"))
         self.starters = {
-            "io": lambda: s.start_io_worker(name="io", **on("io")),  # type: ignore[arg-type]
-            "beat": lambda: s.start_beat(name="beat", **on("io")),  # type: ignore[arg-type]
-            "cpu1": lambda: s.start_cpu_worker(name="cpu1", **on("cpu1")),  # type: ignore[arg-type]
-            "cpu2": lambda: s.start_cpu_worker(name="cpu2", **on("cpu2")),  # type: ignore[arg-type]
-            "bridge": lambda: s.start_bridge(name="bridge", **on("bridge")),  # type: ignore[arg-type]
+            "io": lambda: s.start_io_worker(name="io", env=io.env, wrap=io.wrap),
+            "beat": lambda: s.start_beat(name="beat", env=io.env, wrap=io.wrap),
+            "cpu1": lambda: s.start_cpu_worker(name="cpu1", env=cpu1.env, wrap=cpu1.wrap),
+            "cpu2": lambda: s.start_cpu_worker(name="cpu2", env=cpu2.env, wrap=cpu2.wrap),
+            "bridge": lambda: s.start_bridge(name="bridge", env=bridge.env, wrap=bridge.wrap),
         }
         for start in self.starters.values():
             start()
@@ -111,7 +108,8 @@ def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     made: list[tuple[Cluster, Hosts]] = []
 
     def make(**options: object) -> Cluster:
-        skip_unless_possible()
+        if reason := why_not():
+            pytest.skip(reason)
         hosts = Hosts(tmp_path, ["bridge", "io", "cpu1", "cpu2"])
         cluster = Cluster(tmp_path / "stack", hosts, **options)  # type: ignore[arg-type]
         made.append((cluster, hosts))

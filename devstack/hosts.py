@@ -1,6 +1,7 @@
-"""Several hosts on one machine: network namespaces on a Linux bridge, each with its own address,
-its own view of the shared spool, and faults of its own (a partition from a service, packet loss,
-a hung spool mount). Needs root, iproute2, iptables and bindfs (scripts/setup.sh --test).
+"""Several hosts on one machine, for the multi-host tests and benchmark: network namespaces on a
+Linux bridge, each with its own address, its own view of the shared spool, and faults of its own
+(a partition from a service, packet loss, a hung spool mount). Needs root, iproute2, iptables and
+bindfs (scripts/setup.sh --test).
 
 Redis and the broker listen on the bridge's address in the root namespace; a process runs on a
 host under `ip netns exec`. A host's spool is a `bindfs --enable-lock-forwarding` view of one
@@ -20,20 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import pytest
-
-from devstack.local import wait_until
+from devstack.local import Placement, wait_until
 
 TOOLS = ("ip", "iptables", "bindfs", "fusermount")
 
 
-def skip_unless_possible() -> None:
-    """Skip, saying why, where namespaces cannot be made (not root, or a tool missing)."""
+def why_not() -> str | None:
+    """Why hosts cannot be made on this machine (not root, or a tool missing), or None."""
     if os.geteuid() != 0:
-        pytest.skip("the multi-host tests make network namespaces and mounts: they need root")
+        return "several hosts on one machine need network namespaces and mounts: run as root"
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"the multi-host tests need {', '.join(missing)} (scripts/setup.sh --test installs them)")
+        return f"several hosts on one machine need {', '.join(missing)} (scripts/setup.sh --test installs them)"
+    return None
 
 
 def run(*argv: str) -> None:
@@ -53,6 +53,12 @@ class Host:
     def wrap(self) -> list[str]:
         """What a command runs under to run on this host."""
         return ["ip", "netns", "exec", self.netns]
+
+    def placement(self, clock: str | None = None) -> Placement:
+        """A process on this host, with this host's spool view (and a clock off by `clock`,
+        a faketime offset such as "+600s")."""
+        skew = ["faketime", "-f", clock] if clock else []
+        return Placement({"SLUICE_SPOOL_DIR": str(self.spool)}, self.wrap + skew)
 
 
 class Hosts:
