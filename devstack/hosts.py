@@ -66,7 +66,9 @@ class Hosts:
 
     def __init__(self, workdir: Path, names: list[str]) -> None:
         self.tag = f"{random.randrange(16 ** 4):04x}"
-        self.subnet = random.randrange(16, 250)
+        # Test processes running side by side (pytest-xdist) draw from ranges of their own.
+        worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % 2
+        self.subnet = random.randrange(16 + 117 * worker, 133 + 117 * worker)
         self.bridge = f"slbr{self.tag}"
         self.gateway = f"10.213.{self.subnet}.1"
         self.shared_spool = workdir / "spool"

@@ -21,7 +21,7 @@ from devstack.progress import compressed, handed_over, settled
 from sluice import schema
 from tests.integration.conftest import assert_exactly_once
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("hosts")]
+pytestmark = pytest.mark.integration
 
 LOAD = 600  # records per second, as in the bad day
 
