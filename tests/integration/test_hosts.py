@@ -149,6 +149,17 @@ def finish(cluster: Cluster, load: SteadyLoad) -> None:
     assert r.zcard(schema.INFLIGHT) == 0 and r.hlen(schema.SEALED) == 0 and r.scard(schema.SLOTS) == 0
 
 
+def under_load(cluster: Cluster, progress: Callable[[redis.Redis], int] = compressed,
+               ) -> tuple[redis.Redis, SteadyLoad]:
+    """Start the steady load and wait until the pipeline is working through it."""
+    r = cluster.r
+    assert r is not None
+    load = SteadyLoad(cluster.stack)
+    load.start()
+    wait_until(lambda: progress(r) > LOAD * 3, 120, "the pipeline under load")
+    return r, load
+
+
 def caught_up(cluster: Cluster, load: SteadyLoad, within: float, what: str) -> float:
     """Seconds until everything sent so far is compressed; fails beyond `within`."""
     r = cluster.r
@@ -159,11 +170,7 @@ def caught_up(cluster: Cluster, load: SteadyLoad, within: float, what: str) -> f
 
 
 def test_a_cpu_host_cut_off_from_redis_past_its_lease(cluster: Cluster):
-    r = cluster.r
-    assert r is not None
-    load = SteadyLoad(cluster.stack)
-    load.start()
-    wait_until(lambda: compressed(r) > LOAD * 3, 120, "the pipeline under load")
+    r, load = under_load(cluster)
     before = rate(lambda: compressed(r), 10)
     redis_port = cluster.stack.redis_port
     cluster.hosts.partition("cpu1", redis_port)
@@ -183,11 +190,7 @@ def test_a_cpu_host_cut_off_from_redis_past_its_lease(cluster: Cluster):
 
 
 def test_a_cpu_host_whose_spool_mount_hangs_past_its_lease(cluster: Cluster):
-    r = cluster.r
-    assert r is not None
-    load = SteadyLoad(cluster.stack)
-    load.start()
-    wait_until(lambda: compressed(r) > LOAD * 3, 120, "the pipeline under load")
+    r, load = under_load(cluster)
     before = rate(lambda: compressed(r), 10)
     cluster.hosts.hang_spool("cpu1")
     try:
@@ -202,11 +205,7 @@ def test_a_cpu_host_whose_spool_mount_hangs_past_its_lease(cluster: Cluster):
 
 
 def test_a_cpu_host_lost_for_good(cluster: Cluster):
-    r = cluster.r
-    assert r is not None
-    load = SteadyLoad(cluster.stack)
-    load.start()
-    wait_until(lambda: compressed(r) > LOAD * 3, 120, "the pipeline under load")
+    r, load = under_load(cluster)
     cluster.forget("cpu1")
     cluster.hosts.kill_processes("cpu1")
     took = caught_up(cluster, load, 60, "the other host to take over")
@@ -215,11 +214,7 @@ def test_a_cpu_host_lost_for_good(cluster: Cluster):
 
 
 def test_the_bridge_host_cut_off_from_kafka_then_from_redis(cluster: Cluster):
-    r = cluster.r
-    assert r is not None
-    load = SteadyLoad(cluster.stack)
-    load.start()
-    wait_until(lambda: handed_over(r) > LOAD * 3, 120, "the pipeline under load")
+    r, load = under_load(cluster, handed_over)
     for port, what in ((cluster.stack.kafka_port, "Kafka"), (cluster.stack.redis_port, "Redis")):
         cluster.hosts.partition("bridge", port)
         try:
@@ -233,11 +228,7 @@ def test_the_bridge_host_cut_off_from_kafka_then_from_redis(cluster: Cluster):
 
 
 def test_packet_loss_between_every_worker_host_and_redis(cluster: Cluster):
-    r = cluster.r
-    assert r is not None
-    load = SteadyLoad(cluster.stack)
-    load.start()
-    wait_until(lambda: compressed(r) > LOAD * 3, 120, "the pipeline under load")
+    r, load = under_load(cluster)
     workers = ("io", "cpu1", "cpu2")
     for name in workers:
         cluster.hosts.lose(name, cluster.stack.redis_port, 0.3)
@@ -254,11 +245,7 @@ def test_packet_loss_between_every_worker_host_and_redis(cluster: Cluster):
 
 def test_a_partition_that_outlasts_every_timeout(cluster: Cluster):
     """Longer than the slot lease (20 s), the compress time limit (15 s) and the redrive age (15 s)."""
-    r = cluster.r
-    assert r is not None
-    load = SteadyLoad(cluster.stack)
-    load.start()
-    wait_until(lambda: compressed(r) > LOAD * 3, 120, "the pipeline under load")
+    r, load = under_load(cluster)
     cluster.hosts.partition("cpu1", cluster.stack.redis_port)
     try:
         time.sleep(45)  # the fault itself
@@ -275,11 +262,7 @@ def test_worker_hosts_whose_clocks_are_ten_minutes_off(cluster_factory: Callable
     sealed once that age has passed (a writer ahead would make it look busy for ten minutes), and
     every record lands in the hour of its event time."""
     cluster = cluster_factory(skew={"cpu1": "+600s", "cpu2": "-600s"}, SLUICE_SEAL_OPEN_HOUR_AGE_SECONDS="20")
-    r = cluster.r
-    assert r is not None
-    load = SteadyLoad(cluster.stack)  # event times within the last minute: the running hour, mostly
-    load.start()
-    wait_until(lambda: compressed(r) > LOAD * 3, 120, "the pipeline under load")
+    r, load = under_load(cluster)  # event times within the last minute: the running hour, mostly
     running = time.strftime("%Y%m%d%H", time.gmtime())
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:  # appended to every second: never idle for 20 s
