@@ -82,10 +82,8 @@ class LagWatcher(threading.Thread):
         now = time.time()
         for tp, known in inputs.items():
             try:
-                mark = self.marks.high_water_mark(tp.topic, tp.partition)
-                next_offset = mark + 1 if mark is not None else 0
-                oldest = known.first_buffered_ms if known.first_buffered == next_offset else None
-                lags[tp] = partition_lag(self.prober, self.marks, tp, now, known.log_end, oldest)
+                lags[tp] = partition_lag(self.prober, self.marks, tp, now, known.log_end, known.first_buffered,
+                                         known.first_buffered_ms)
             except (ProbeInconclusive, redis.RedisError) as exc:
                 log.warning("lag of %s:%d not known (%s)", tp.topic, tp.partition, exc)
                 if tp in self.lags:

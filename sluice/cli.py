@@ -27,8 +27,7 @@ def _warn(message: str) -> None:
 
 def _spool(settings: Settings) -> SpoolReader | None:
     """The spool, if this machine can read it: Redis reachable and the spool directory here."""
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_connect_timeout=2,
-                                  socket_timeout=5)
+    client = _redis(settings)
     try:
         client.ping()
     except redis.RedisError as exc:

@@ -68,7 +68,10 @@ class Marks:
         return int(self.r.hget(schema.EARLIER, schema.partition_field(topic, partition)) or 0)
 
     def handed_over(self) -> int:
-        """Records handed over since Redis was first used, earlier incarnations included
-        (offsets start at 0 per partition)."""
-        return (sum(int(v) + 1 for v in self.r.hvals(schema.HWM))
-                + sum(int(v) for v in self.r.hvals(schema.EARLIER)))
+        """Records handed over since Redis was first used, earlier incarnations included."""
+        return records_handed_over(self.r.hvals(schema.HWM), self.r.hvals(schema.EARLIER))
+
+
+def records_handed_over(marks: list[bytes], earlier: list[bytes]) -> int:
+    """From the values of HWM and EARLIER (offsets start at 0 per partition)."""
+    return sum(int(v) + 1 for v in marks) + sum(int(v) for v in earlier)

@@ -18,7 +18,7 @@ from kafka import TopicPartition
 
 from sluice import queues, schema
 from sluice.kafka_probe import Prober
-from sluice.marks import Marks
+from sluice.marks import Marks, records_handed_over
 from sluice.records import hour_of
 
 
@@ -35,11 +35,13 @@ class PartitionLag:
 
 
 def partition_lag(prober: Prober, marks: Marks, tp: TopicPartition, now: float,
-                  log_end: int | None = None, oldest_ms: int | None = None) -> PartitionLag:
-    """The lag of one partition. `log_end` and `oldest_ms` (the Kafka timestamp of the record at
-    the mark plus one), where the caller knows them, spare a probe of the broker."""
+                  log_end: int | None = None, first_buffered: int | None = None,
+                  first_buffered_ms: int | None = None) -> PartitionLag:
+    """The lag of one partition. Where the caller knows them, `log_end` and the first record it
+    holds and has not handed over (offset and Kafka timestamp) spare a probe of the broker."""
     mark = marks.high_water_mark(tp.topic, tp.partition)
     next_offset = mark + 1 if mark is not None else 0
+    oldest_ms = first_buffered_ms if first_buffered == next_offset else None
     start = next_offset
     if log_end is None or (oldest_ms is None and log_end > next_offset):
         seen, probed_end = prober.probe(tp, next_offset)
@@ -126,7 +128,7 @@ def read_pipeline(r: redis.Redis, now: float | None = None) -> PipelineFigures:
             recent_records[app.decode()] = recent_records.get(app.decode(), 0) + int(count)
     return PipelineFigures(
         now=now,
-        handed_over=sum(int(v) + 1 for v in hwm) + sum(int(v) for v in earlier),
+        handed_over=records_handed_over(hwm, earlier),
         inflight_batches=int(inflight),
         inflight_bytes=int(inflight_bytes or 0),
         inflight_oldest_ms=inflight_oldest[0][1] if inflight_oldest else None,

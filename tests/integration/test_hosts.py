@@ -63,7 +63,6 @@ class Cluster:
         self.hosts = hosts
         self.skew = skew or {}
         self.stack = LocalStack(workdir, {**FAST, **env}, address=hosts.gateway)
-        self.stack.settings_env["SLUICE_STORE_URL"] = f"file://{workdir / 'archive'}"
         self.starters: dict[str, Callable[[], Service]] = {}
         self.restarts: list[str] = []
         self.stopping = threading.Event()
