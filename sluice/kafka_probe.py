@@ -44,8 +44,8 @@ def fingerprint(record: Any) -> str:
 
 
 class Prober:
-    """A consumer of its own, outside the group, so the bridge's positions stay as they are;
-    created on first use and kept for the next probe. Not thread-safe: one caller at a time."""
+    """A consumer of its own, outside the group, so the bridge's positions stay as they are.
+    Not thread-safe: one caller at a time."""
 
     def __init__(self, bootstrap: str, timeout: float = PROBE_SECONDS) -> None:
         self.bootstrap = bootstrap
@@ -67,9 +67,21 @@ class Prober:
 
     def probe(self, tp: TopicPartition, offset: int) -> tuple[Seen | None, int | None]:
         """The first record at or after `offset` (None when the log ends before it) and the end
-        of the log (the offset after its last record), if the broker said."""
-        consumer = self._client()
-        consumer.unsubscribe()  # a fresh partition state: no high watermark from an earlier probe
+        of the log (the offset after its last record), if the broker said.
+
+        Each probe uses a consumer of its own, closed after it: a consumer kept from an earlier
+        probe may hold records it fetched then, and answer from them instead of the broker."""
+        try:
+            return self._probe(tp, offset)
+        finally:
+            self.close()
+
+    def _probe(self, tp: TopicPartition, offset: int) -> tuple[Seen | None, int | None]:
+        try:
+            consumer = self._client()
+        except KafkaError as exc:  # no broker answered the connection's own requests
+            raise ProbeInconclusive(f"no answer from the broker about {tp.topic}:{tp.partition} "
+                                    f"at offset {offset}: {type(exc).__name__}") from exc
         consumer.assign([tp])
         consumer.seek(tp, offset)
         deadline = time.monotonic() + self.timeout
