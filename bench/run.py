@@ -29,7 +29,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cpu import group_cpu_seconds  # noqa: E402
-from bench.dataset import dataset, read_lines  # noqa: E402
+from bench.dataset import APPS, dataset, read_lines  # noqa: E402
 from bridge.consumer import Bridge  # noqa: E402
 from devstack import progress  # noqa: E402
 from devstack.hosts import Hosts, why_not  # noqa: E402
@@ -131,10 +131,10 @@ def stages(workdir: Path, lines: list[bytes], nbytes: int, zstd_s: float) -> Non
 
         def compress_all() -> int:
             """What the compress tasks do, one bundle after the other."""
-            return sum(compress_pieces(batches, appender, cctx, bid, bundle) for bid in bids
+            return sum(compress_pieces(batches, appender, cctx, bid, bundle, settings.tail_piece_bytes) for bid in bids
                        for bundle in bundle_pieces(batches.pending_sizes(bid), settings.compress_bundle_bytes))
         compress_s, pieces = timed(compress_all)
-        rows.append((f"compress + append ({pieces:,} pieces)", compress_s))
+        rows.append((f"compress + append ({pieces:,} frames)", compress_s))
 
         def upload_all() -> int:
             Sealer(r, settings).seal_due(now=time.time() + settings.seal_age_seconds + 1)
@@ -148,6 +148,38 @@ def stages(workdir: Path, lines: list[bytes], nbytes: int, zstd_s: float) -> Non
         print(f"{name:<40}{nbytes / seconds / 1e6:>9.1f}{nrec / seconds:>12,.0f}{nbytes / seconds / ref:>12.3f}")
 
 
+def archive_figures(archive: Path, lines: list[bytes]) -> dict[str, float]:
+    """Objects per app-hour, and the archive's size against zstd -3 of each app-hour's lines as
+    one file (the zstandard library at level 3: the CLI's very code, without 15,000 processes)."""
+    import orjson
+    import zstandard
+
+    from sluice.records import hour_of
+
+    groups: dict[tuple[str, str], list[bytes]] = {}
+    for line in lines:
+        doc = orjson.loads(line)
+        groups.setdefault((doc["app"], hour_of(doc["ts"])), []).append(line)
+    cctx = zstandard.ZstdCompressor(level=3)
+    reference = sum(len(cctx.compress(b"\n".join(group) + b"\n")) for group in groups.values())
+    objects = list(archive.rglob("*.jsonl.zst"))
+    per_app_hour = Counter(p.parent for p in objects)
+    stored = sum(p.stat().st_size for p in objects)
+    return {"app-hours": len(groups), "objects": len(objects),
+            "objects per app-hour, max": max(per_app_hour.values()),
+            "objects per app-hour, mean": len(objects) / len(per_app_hour),
+            "archive size / zstd -3 of each app-hour": stored / reference}
+
+
+def print_side_by_side(title: str, names: tuple[str, str], left: list[dict[str, float]],
+                       right: list[dict[str, float]]) -> None:
+    print(f"\n{title:<56}{names[0]:>10}{names[1]:>10}{'ratio':>9}")
+    for key in left[0]:
+        one = statistics.median(figures[key] for figures in left)
+        two = statistics.median(figures[key] for figures in right)
+        print(f"{key:<56}{one:>10.4f}{two:>10.4f}{two / one if one else float('nan'):>9.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=int, default=200)
@@ -159,6 +191,9 @@ def main() -> None:
     parser.add_argument("--hosts", action="store_true",
                         help="then the same end to end with the bridge, the io worker and the cpu worker each "
                              "on a host of its own (network namespaces; needs root), side by side")
+    parser.add_argument("--apps", type=int, default=None, metavar="N",
+                        help=f"then the same end to end over a data set of as many MB Zipf over N apps (a long "
+                             f"tail), side by side with the {APPS}-app one")
     parser.add_argument("--runs", type=int, default=1,
                         help="end-to-end runs; with more than one, the median of each figure is printed too "
                              "(these machines are noisy)")
@@ -167,7 +202,7 @@ def main() -> None:
     path = dataset(args.mb)
     lines = read_lines(path)
     nbytes, nrec = path.stat().st_size, len(lines)
-    print(f"data set: {path.name}, {nbytes / 1e6:.0f} MB, {nrec:,} records, Zipf over 200 apps")
+    print(f"data set: {path.name}, {nbytes / 1e6:.0f} MB, {nrec:,} records, Zipf over {APPS} apps")
 
     zstd_s, zstd_size = cli_seconds(["zstd", "-3", "-T1", "-c"], path)
     gzip_s, gzip_size = cli_seconds(["gzip", "-6", "-c"], path, repeat=1)
@@ -186,11 +221,18 @@ def main() -> None:
                      for i in range(args.runs)]
         finally:
             hosts.close()
-        print(f"\n{'one host against separate hosts (median of runs)':<56}{'one':>9}{'apart':>9}{'ratio':>9}")
-        for key in runs[0][1]:
-            one = statistics.median(figures[key] for _, figures in runs)
-            two = statistics.median(figures[key] for _, figures in apart)
-            print(f"{key:<56}{one:>9.4f}{two:>9.4f}{two / one if one else float('nan'):>9.3f}")
+        print_side_by_side("one host against separate hosts (median of runs)", ("one", "apart"),
+                           [figures for _, figures in runs], [figures for _, figures in apart])
+    if args.apps:
+        many_path = dataset(args.mb, args.apps)
+        many_lines = read_lines(many_path)
+        print(f"\ndata set: {many_path.name}, {many_path.stat().st_size / 1e6:.0f} MB, {len(many_lines):,} records, "
+              f"Zipf over {args.apps} apps")
+        many = [end_to_end(work / f"e2e-{args.apps}apps-{i}", many_lines, many_path.stat().st_size,
+                           args.seal_age, args.upload_interval) for i in range(args.runs)]
+        print_side_by_side(f"{APPS} apps against {args.apps} apps (median of runs)", (str(APPS), str(args.apps)),
+                           [{**figures, **archive_figures(archive, lines)} for archive, figures in runs],
+                           [{**figures, **archive_figures(archive, many_lines)} for archive, figures in many])
     if args.runs > 1:
         print(f"\n{'over ' + str(args.runs) + ' end-to-end runs':<56}{'median':>9}{'min':>9}{'max':>9}")
         for key in runs[0][1]:

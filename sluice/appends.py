@@ -35,12 +35,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Frame:
-    """One compressed app-hour piece of a batch, ready to append."""
+    """One compressed frame of a batch, ready to append to a slot of (app, hour): one app-hour
+    piece, or a tail frame (app `schema.TAIL_APP`) holding several small ones."""
 
     app: str
     hour: str
     data: bytes
-    records: int
+    pieces: tuple[tuple[str, int], ...]  # (piece name "app|hour", its records) of each piece in it
+
+    @classmethod
+    def piece(cls, app: str, hour: str, data: bytes, records: int) -> "Frame":
+        return cls(app, hour, data, ((schema.app_hour(app, hour), records),))
 
 
 @dataclass(frozen=True)
@@ -66,12 +71,12 @@ class Appender:
 
     def append(self, bid: str, app: str, hour: str, frame: bytes, nrecords: int) -> bool:
         """Append one frame for batch piece (bid, app, hour) exactly once."""
-        return self.append_many(bid, [Frame(app, hour, frame, nrecords)]) == 1
+        return self.append_many(bid, [Frame.piece(app, hour, frame, nrecords)]) == 1
 
     def append_many(self, bid: str, frames: list[Frame]) -> int:
         """Append each frame of batch `bid` exactly once; returns how many this call appended.
 
-        Pieces already appended by an earlier delivery are skipped. Four round trips to Redis
+        A frame whose pieces were (any of them) appended by an earlier delivery is skipped. Four round trips to Redis
         for the whole bundle, whatever its size: acquire, check the leases under the file
         locks, (write each file, then make them durable at once), commit, release.
         """
@@ -190,7 +195,9 @@ class Appender:
         args: list[object] = [token, bid, self.settings.seal_size_bytes,
                               schema.SLOT_LOCK_PREFIX, schema.SLOT_STATE_PREFIX, schema.HOURLY_TTL_SECONDS]
         for (h, _), end in zip(files, ends):
-            args += [h.sid, h.fid, end, h.frame.records]
+            args += [h.sid, h.fid, end, len(h.frame.pieces)]
+            for piece, records in h.frame.pieces:
+                args += [piece, records]
         *results, finished = self._commit(keys=keys, args=args)
         held.difference_update(h.sid for (h, _), result in zip(files, results) if result > 0)
         if finished:

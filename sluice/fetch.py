@@ -5,8 +5,10 @@ sizes of its open and sealed files are read from Redis in one transaction, and e
 opened at once (an open descriptor keeps its bytes readable whatever a seal or an upload then
 does to the name). The store is listed only after that, so a file that left the spool in the
 meantime is found there. A piece that shows up in both (moved while we read) is printed once:
-every frame is announced with its piece id (sluice.frames). Fetch only reads: it takes no lock
-and changes nothing in the spool.
+every frame is announced with its piece id (sluice.frames). The app's small pieces are in the
+hour's tail files (sluice.tail), read too; once archived, they are in a frame that says which of
+its bytes came from which tail file, so what was printed from a tail file is not printed again.
+Fetch only reads: it takes no lock and changes nothing in the spool.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from typing import BinaryIO, Callable
 
 import redis
 
+from sluice import schema
 from sluice.external_sort import HourSorter
-from sluice.frames import read_frames
+from sluice.frames import Block, read_frames, tail_file_id
 from sluice.read_ahead import Frames, read_ahead
 from sluice.records import QUARANTINE_APP, event_time, hour_start, valid_app_id
 from sluice.sealed import committed_files
@@ -65,16 +68,18 @@ class SpoolReader:
     def __init__(self, client: redis.Redis, spool_dir: Path, slots_per_app: int) -> None:
         self.r, self.spool, self.n = client, Spool(spool_dir), slots_per_app
 
-    def open_files(self, app: str, hour: str) -> list[tuple[str, int, int]]:
-        """(fid, open descriptor, committed size) of the app-hour's files; the caller closes."""
+    def open_files(self, app: str, hour: str) -> list[tuple[str, int, int, bool]]:
+        """(fid, open descriptor, committed size, whether a tail file) of the app-hour's files
+        and of the hour's tail files; the caller closes."""
         opened = []
-        for fid, size in committed_files(self.r, app, hour, self.n):
-            for path in (self.spool.open_path(app, hour, fid), self.spool.sealed_path(app, hour, fid)):
-                try:
-                    opened.append((fid, os.open(path, os.O_RDONLY), size))
-                    break
-                except FileNotFoundError:
-                    continue  # sealed or uploaded since: the next place, or the store, has it
+        for owner in (app, schema.TAIL_APP):
+            for fid, size in committed_files(self.r, owner, hour, self.n):
+                for path in (self.spool.open_path(owner, hour, fid), self.spool.sealed_path(owner, hour, fid)):
+                    try:
+                        opened.append((fid, os.open(path, os.O_RDONLY), size, owner == schema.TAIL_APP))
+                        break
+                    except FileNotFoundError:
+                        continue  # sealed or uploaded since: the next place, or the store, has it
         return opened
 
 
@@ -151,6 +156,7 @@ class _Printer:
 @dataclass
 class _HourState:
     seen: set[str] = field(default_factory=set)  # ids of the pieces printed
+    tail_bytes: dict[str, int] = field(default_factory=dict)  # tail file hex id -> bytes printed from it
     local: dict[str, int] = field(default_factory=dict)  # spool fid -> bytes of it read
     keys: set[str] = field(default_factory=set)  # store objects read
 
@@ -211,28 +217,36 @@ class Fetch:
         try:
             listed = live_keys(self.store.list(hour_prefix(self.query.app, hour)))
             sources: list[tuple[str, Callable[[], Frames]]] = []
-            for fid, fd, size in local:
+            tails: dict[str, str] = {}  # source name -> tail file hex id
+            for fid, fd, size, tail in local:
                 start = state.local.get(fid, 0)
                 if size > start:
                     state.local[fid] = size
-                    sources.append((f"spool file {fid}", functools.partial(read_frames, _Range(fd, start, size))))
+                    name = f"spool file {fid}"
+                    sources.append((name, functools.partial(read_frames, _Range(fd, start, size), self.query.app)))
+                    if tail:
+                        tails[name] = tail_file_id(fid)
             for key in listed:
                 if key not in state.keys:
                     state.keys.add(key)
                     sources.append((key, functools.partial(self._object_frames, hour, key)))
-            for name, ident, data in read_ahead(sources):
-                if isinstance(data, Exception):
+            for name, block in read_ahead(sources):
+                if isinstance(block, Exception):
                     self.damaged = True
-                    self.warn(f"{name}: {data}; everything else is printed")
-                elif ident is None or ident not in state.seen:
-                    if ident is not None:
-                        state.seen.add(ident)
-                    self.printer.block(data, hour)
+                    self.warn(f"{name}: {block}; everything else is printed")
+                elif block.sources:
+                    self.printer.block(_unprinted(block, state.tail_bytes), hour)
+                elif block.ident is None or block.ident not in state.seen:
+                    if block.ident is not None:
+                        state.seen.add(block.ident)
+                    if name in tails:
+                        state.tail_bytes[tails[name]] = state.tail_bytes.get(tails[name], 0) + len(block.data)
+                    self.printer.block(block.data, hour)
         finally:
-            for _, fd, _ in local:
+            for _, fd, _, _ in local:
                 os.close(fd)
 
-    def _spool_files(self, hour: str) -> list[tuple[str, int, int]]:
+    def _spool_files(self, hour: str) -> list[tuple[str, int, int, bool]]:
         if self.spool is None:
             return []
         try:
@@ -245,6 +259,18 @@ class Fetch:
     def _object_frames(self, hour: str, key: str) -> Frames:
         with open_newest(self.store, hour_prefix(self.query.app, hour), key) as stream:
             yield from read_frames(stream)
+
+
+def _unprinted(block: Block, printed: dict[str, int]) -> bytes:
+    """The bytes of a frame gathered from tail files that were not printed from those files
+    while they were in the spool: of each file's part, what lies past what was printed (a tail
+    file is read in order, and its part of the frame keeps that order)."""
+    out, at = [], 0
+    for tail, size in block.sources:
+        out.append(block.data[at + min(printed.get(tail, 0), size):at + size])
+        at += size
+    out.append(block.data[at:])
+    return b"".join(out)
 
 
 def fetch(store: Store, app: str, since: datetime, until: datetime, out: BinaryIO,

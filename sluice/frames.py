@@ -1,28 +1,64 @@
-"""Archive files are zstd frames, each announced by a skippable frame that names it.
+"""Archive files are zstd frames, each announced by a skippable frame that says what it holds.
 
-Every piece (the lines of one app-hour from one batch) is one zstd frame. Before it sluice
-writes a zstd *skippable frame*, which every zstd decoder passes over (the CLI, libzstd, DuckDB),
-holding the piece's id and the length of the frame that follows. `sluice fetch` uses them to
-read a piece from the spool and again from the store (a seal or an upload moved its file while
-the fetch ran) without printing it twice, and to read an object one frame at a time, so its
-memory is bounded by a frame, not by the object.
+Before every zstd frame sluice writes a zstd *skippable frame*, which every zstd decoder passes
+over (the CLI, libzstd, DuckDB), holding the length of the frame that follows and one of:
+
+- `MAGIC`, a **piece**: the lines of one app-hour from one batch; payload `<I length>` and the
+  piece id (`bid|app|hour`, UTF-8).
+- `TAIL_MAGIC`, a **tail frame** (sluice.tail): the small pieces of many apps from one batch and
+  hour, one after the other; payload `<I length><H n>`, then per piece `<I bytes><I records>
+  <B len>` and its app id, then `bid|hour`. A reader wanting one app decompresses only the frames
+  that list it, and takes its bytes.
+- `GATHERED_MAGIC`, an app's lines **gathered from tail files** into one frame when they are
+  archived; payload `<I length><H n>`, then per tail file `<8s>` (the 16 hex digits of its fid,
+  as bytes) `<I bytes>`: which bytes of the frame came from which tail file, in order.
+
+`sluice fetch` uses them to read a piece from the spool and again from the store (a seal or an
+upload moved its file while the fetch ran) without printing it twice, and to read an object one
+frame at a time, so its memory is bounded by a frame, not by the object. All integers are
+little-endian.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import IO, Iterator, Protocol, cast
+from typing import IO, Iterator, NamedTuple, Protocol, cast
 
 import zstandard
 
+from sluice import schema
 from sluice.errors import Damaged
 
-__all__ = ["Damaged", "announce", "read_frames"]
+__all__ = ["Damaged", "announce", "announce_tail", "announce_gathered", "read_frames", "tail_frames"]
 
-MAGIC = 0x184D2A53  # one of the 16 skippable-frame magics of the zstd format
+MAGIC = 0x184D2A53  # three of the 16 skippable-frame magics of the zstd format
+TAIL_MAGIC = 0x184D2A54
+GATHERED_MAGIC = 0x184D2A55
 _SKIPPABLE = range(0x184D2A50, 0x184D2A60)
 _HEAD = struct.Struct("<II")  # magic, payload size (every zstd skippable frame)
 _LENGTH = struct.Struct("<I")  # sluice's payload: the length of the frame that follows, then its id
+_COUNT = struct.Struct("<IH")  # the length of the frame that follows, entries
+_TAIL_ENTRY = struct.Struct("<IIB")  # bytes, records, length of the app id that follows
+_SOURCE = struct.Struct("<8sI")  # tail file (fid's hex digits as bytes), bytes from it
+
+
+class TailEntry(NamedTuple):
+    """One app's piece in a tail frame."""
+
+    app: str
+    size: int
+    records: int
+
+
+class Block(NamedTuple):
+    """Decompressed lines of one frame (or of one app's part of a tail frame).
+
+    `ident`: the piece id, or None for a frame sluice did not announce. `sources`: for lines
+    gathered from tail files, (tail file hex id, bytes) of each part, in order."""
+
+    ident: str | None
+    data: bytes
+    sources: tuple[tuple[str, int], ...] = ()
 
 
 class Readable(Protocol):
@@ -37,9 +73,33 @@ def announce(piece_id: str, frame: bytes) -> bytes:
     return _HEAD.pack(MAGIC, _LENGTH.size + len(ident)) + _LENGTH.pack(len(frame)) + ident + frame
 
 
-def read_frames(stream: Readable) -> Iterator[tuple[str | None, bytes]]:
-    """(piece id, decompressed piece) of each frame in order.
+def announce_tail(bid: str, hour: str, entries: list[TailEntry], frame: bytes) -> bytes:
+    """A tail frame (`frame` compresses the entries' bytes, in order) preceded by its announcement."""
+    parts = [_COUNT.pack(len(frame), len(entries))]
+    for app, size, records in entries:
+        name = app.encode()
+        parts += [_TAIL_ENTRY.pack(size, records, len(name)), name]
+    parts.append(f"{bid}|{hour}".encode())
+    payload = b"".join(parts)
+    return _HEAD.pack(TAIL_MAGIC, len(payload)) + payload + frame
 
+
+def announce_gathered(sources: list[tuple[str, int]], frame: bytes) -> bytes:
+    """An app's lines gathered from tail files: `sources` are (tail fid, bytes from it)."""
+    payload = _COUNT.pack(len(frame), len(sources)) + b"".join(
+        _SOURCE.pack(bytes.fromhex(tail_file_id(fid)), size) for fid, size in sources)
+    return _HEAD.pack(GATHERED_MAGIC, len(payload)) + payload + frame
+
+
+def tail_file_id(fid: str) -> str:
+    """The part of a tail file's fid that gathered frames name it by: its 16 hex digits."""
+    return fid.rpartition("-")[2]
+
+
+def read_frames(stream: Readable, app: str | None = None) -> Iterator[Block]:
+    """The Block of each frame in order.
+
+    Of a tail frame, only `app`'s part, if the frame has one (the others are not decompressed).
     A frame sluice did not announce (a file written before announcements) is decompressed with
     what follows it as one stream, in chunks, with the id None. Raises Damaged on a truncated
     or corrupt stream, after yielding everything before the damage.
@@ -53,16 +113,66 @@ def read_frames(stream: Readable) -> Iterator[tuple[str | None, bytes]]:
         if magic == MAGIC:
             payload = _read_exactly(stream, size)
             (length,) = _LENGTH.unpack_from(payload)
+            yield Block(payload[_LENGTH.size:].decode(), _decompress(dctx, _read_exactly(stream, length)))
+        elif magic == TAIL_MAGIC:
+            length, entries, bid, hour = _tail_payload(_read_exactly(stream, size))
             frame = _read_exactly(stream, length)
-            try:
-                yield payload[_LENGTH.size:].decode(), dctx.decompress(frame)
-            except zstandard.ZstdError as exc:
-                raise Damaged(f"corrupt frame: {exc}") from None
+            if app is None or all(e.app != app for e in entries):
+                continue
+            data, at = _decompress(dctx, frame), 0
+            for entry in entries:
+                if entry.app == app:
+                    yield Block(schema.piece_id(bid, schema.app_hour(app, hour)), data[at:at + entry.size])
+                at += entry.size
+        elif magic == GATHERED_MAGIC:
+            payload = _read_exactly(stream, size)
+            length, n = _COUNT.unpack_from(payload)
+            sources = tuple((raw.hex(), nbytes) for raw, nbytes in
+                            (_SOURCE.unpack_from(payload, _COUNT.size + i * _SOURCE.size) for i in range(n)))
+            yield Block(None, _decompress(dctx, _read_exactly(stream, length)), sources)
         elif magic in _SKIPPABLE:
             _read_exactly(stream, size)
         else:
-            yield from ((None, chunk) for chunk in _stream_rest(dctx, head, stream))
+            yield from (Block(None, chunk) for chunk in _stream_rest(dctx, head, stream))
             return
+
+
+def tail_frames(stream: Readable) -> Iterator[tuple[list[TailEntry], bytes]]:
+    """(entries, decompressed data) of each frame of a tail file. Damaged if the file holds
+    anything but tail frames, or is cut short."""
+    dctx = zstandard.ZstdDecompressor()
+    while head := _read_exactly(stream, _HEAD.size):
+        magic, size = _HEAD.unpack(head)
+        if magic != TAIL_MAGIC:
+            raise Damaged(f"a frame of kind {magic:#x} in a tail file")
+        length, entries, _, _ = _tail_payload(_read_exactly(stream, size))
+        data = _decompress(dctx, _read_exactly(stream, length))
+        if sum(e.size for e in entries) != len(data):
+            raise Damaged("a tail frame's announcement does not add up to its data")
+        yield entries, data
+
+
+def _tail_payload(payload: bytes) -> tuple[int, list[TailEntry], str, str]:
+    """(frame length, entries, batch id, hour) of a tail announcement."""
+    try:
+        length, n = _COUNT.unpack_from(payload)
+        at, entries = _COUNT.size, []
+        for _ in range(n):
+            size, records, name_len = _TAIL_ENTRY.unpack_from(payload, at)
+            at += _TAIL_ENTRY.size
+            entries.append(TailEntry(payload[at:at + name_len].decode(), size, records))
+            at += name_len
+        bid, _, hour = payload[at:].decode().rpartition("|")
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise Damaged(f"a damaged tail announcement: {exc}") from None
+    return length, entries, bid, hour
+
+
+def _decompress(dctx: zstandard.ZstdDecompressor, frame: bytes) -> bytes:
+    try:
+        return dctx.decompress(frame)
+    except zstandard.ZstdError as exc:
+        raise Damaged(f"corrupt frame: {exc}") from None
 
 
 def _read_exactly(stream: Readable, n: int) -> bytes:

@@ -12,19 +12,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 from sluice.errors import Damaged
+from sluice.frames import Block
 
 # Sources read at once.
 READ_THREADS = 8
 # Decompressed frames a reader may hold ahead of the caller, per source.
 READ_AHEAD = 1
 
-# (piece id or None, decompressed data) of each frame of a source.
-Frames = Iterator[tuple[str | None, bytes]]
+# The blocks of each frame of a source.
+Frames = Iterator[Block]
 
 
 def read_ahead(sources: list[tuple[str, Callable[[], Frames]]],
-                ) -> Iterator[tuple[str, str | None, bytes | Exception]]:
-    """(source name, piece id, data) of every source in order. READ_THREADS threads read and
+                ) -> Iterator[tuple[str, Block | Exception]]:
+    """(source name, block) of every source in order. READ_THREADS threads read and
     decompress the sources at once, each at most READ_AHEAD frames ahead of the caller; a
     source that fails ends with the exception as its data."""
     if not sources:
@@ -48,7 +49,7 @@ def read_ahead(sources: list[tuple[str, Callable[[], Frames]]],
                 if not put(q, item):
                     return
         except (Damaged, OSError) as exc:
-            put(q, (None, exc))
+            put(q, exc)
         put(q, end)
 
     pool = ThreadPoolExecutor(max_workers=min(READ_THREADS, len(sources)), thread_name_prefix="fetch")
@@ -57,8 +58,7 @@ def read_ahead(sources: list[tuple[str, Callable[[], Frames]]],
             pool.submit(pump, frames, q)
         for (name, _), q in zip(sources, queues):
             while (item := q.get()) is not end:
-                ident, data = item
-                yield name, ident, data
+                yield name, item
     finally:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)

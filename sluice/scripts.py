@@ -146,20 +146,23 @@ end
 return out
 """
 
-# Commit the appends of a bundle: for each piece still pending, retire it, move the slot's
-# committed size and release the lock, sealing the slot in the same step when it has grown past
-# the seal size (2). A piece no longer pending (0: a duplicate delivery) keeps its lock, so its
-# writer can cut its bytes off before anyone appends after them; -1: the lease was lost. The
-# last piece of a batch takes the batch's bytes off the in-flight total, once; the last element
-# of the reply says so (1), and the caller removes the batch's pieces files. The piece name
-# ("app|hour") and the sealed entry ("app|hour|fid") are built from the slot id. A slot (then its
-# sealed entry) is scored in PENDING_OLDEST by the oldest first-record timestamp of the batches
-# appended to it, and counts its records.
+# Commit the appends of a bundle: for each frame whose pieces are all still pending, retire
+# them, move the slot's committed size and release the lock, sealing the slot in the same step
+# when it has grown past the seal size (2). A frame with a piece no longer pending (0: a
+# duplicate delivery) keeps its lock, so its writer can cut its bytes off before anyone appends
+# after them; -1: the lease was lost. The last piece of a batch takes the batch's bytes off the
+# in-flight total, once; the last element of the reply says so (1), and the caller removes the
+# batch's pieces files. A frame holds one piece ("app|hour", its slot's own app-hour) or, in a
+# tail slot, several of many apps; records are counted to each piece's app. The sealed entry
+# ("app|hour|fid") is built from the slot id. A slot (then its sealed entry) is scored in
+# PENDING_OLDEST by the oldest first-record timestamp of the batches appended to it, and counts
+# its records.
 # KEYS: 1 batch_pending(bid), 2 batch_groups(bid), 3 batch_state(bid), 4 INFLIGHT, 5 STATS,
 #       6 SEALED, 7 SLOTS, 8 INFLIGHT_BYTES, 9 BATCH_BYTES, 10 INFLIGHT_OLDEST,
 #       11 PENDING_OLDEST, 12 SEALED_RECORDS, 13 hourly_records(this hour)
 # ARGV: 1 token, 2 batch id, 3 seal size, 4 SLOT_LOCK_PREFIX, 5 SLOT_STATE_PREFIX,
-#       6 HOURLY_TTL_SECONDS, then per piece: slot id, fid, new size, records
+#       6 HOURLY_TTL_SECONDS, then per frame: slot id, fid, new size, n, then n pairs of a
+#       piece name and its records
 COMMIT = """
 local lockp, slotp = ARGV[4], ARGV[5]
 local t = redis.call('TIME')
@@ -167,27 +170,37 @@ local now = t[1] + t[2] / 1000000
 local oldest = redis.call('ZSCORE', KEYS[10], ARGV[2])
 local out = {}
 local appended = false
-for p = 0, (#ARGV - 6) / 4 - 1 do
-  local a = 6 + 4 * p
-  local sid, fid, size = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+local a = 6
+while a < #ARGV do
+  local sid, fid, size, n = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
+  local first = a + 5
+  a = a + 4 + 2 * n
   local lock, slot = lockp .. sid, slotp .. sid
-  local app, hour = string.match(sid, '^([^|]*)|([^|]*)|')
-  local piece = app .. '|' .. hour
   local r = 1
   if redis.call('GET', lock) ~= ARGV[1] then
     r = -1
-  elseif redis.call('SREM', KEYS[1], piece) == 0 then
-    r = 0
   else
+    for j = 0, n - 1 do
+      if redis.call('SISMEMBER', KEYS[1], ARGV[first + 2 * j]) == 0 then r = 0 break end
+    end
+  end
+  if r == 1 then
+    local records = 0
+    for j = 0, n - 1 do
+      local piece, count = ARGV[first + 2 * j], ARGV[first + 2 * j + 1]
+      local app = string.match(piece, '^([^|]*)|')
+      redis.call('SREM', KEYS[1], piece)
+      redis.call('HDEL', KEYS[2], piece)
+      redis.call('HINCRBY', KEYS[5], app, count)
+      redis.call('HINCRBY', KEYS[13], app, count)
+      records = records + tonumber(count)
+    end
     redis.call('HSET', slot, 'size', size, 'updated', now)
-    redis.call('HINCRBY', slot, 'records', ARGV[a + 4])
-    redis.call('HDEL', KEYS[2], piece)
-    redis.call('HINCRBY', KEYS[5], app, ARGV[a + 4])
-    redis.call('HINCRBY', KEYS[13], app, ARGV[a + 4])
+    redis.call('HINCRBY', slot, 'records', records)
     appended = true
     if oldest then redis.call('ZADD', KEYS[11], 'LT', oldest, sid) end
     if tonumber(size) >= tonumber(ARGV[3]) then
-      local entry = piece .. '|' .. fid
+      local entry = string.match(sid, '^(.*)|[^|]*$') .. '|' .. fid
       redis.call('HSET', KEYS[6], entry, size)
       redis.call('HSET', KEYS[12], entry, redis.call('HGET', slot, 'records'))
       local o = redis.call('ZSCORE', KEYS[11], sid)
@@ -199,7 +212,7 @@ for p = 0, (#ARGV - 6) / 4 - 1 do
     end
     redis.call('DEL', lock)
   end
-  out[p + 1] = r
+  out[#out + 1] = r
 end
 if appended then redis.call('EXPIRE', KEYS[13], ARGV[6]) end
 local finished = 0
@@ -252,6 +265,33 @@ redis.call('HINCRBY', KEYS[5], ARGV[2], records)
 redis.call('HINCRBY', KEYS[6], ARGV[2], size)
 redis.call('HINCRBY', KEYS[7], '$counter_uploads_ok', 1)
 redis.call('HINCRBY', KEYS[7], '$counter_uploaded_bytes', size)
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[7], '$counter_last_upload', t[1] + t[2] / 1000000)
+return 1
+""").substitute(_NAMES)
+
+# The sealed tail files of an hour are archived, as one object per app (sluice.tail): they leave
+# the registry and the hour's tail plan is dropped; each app's records and bytes count as
+# archived, and each object as an upload, once. 0 if they had left already.
+# KEYS: 1 SEALED, 2 TAIL_PLAN, 3 SEALED_RECORDS, 4 PENDING_OLDEST, 5 ARCHIVED_RECORDS,
+#       6 ARCHIVED_BYTES, 7 COUNTERS
+# ARGV: 1 hour, 2 n, then n sealed entries, then per object: its app, records, bytes
+FORGET_TAIL = Template("""
+local n = tonumber(ARGV[2])
+local left = 0
+for i = 3, 2 + n do
+  left = left + redis.call('HDEL', KEYS[1], ARGV[i])
+  redis.call('HDEL', KEYS[3], ARGV[i])
+  redis.call('ZREM', KEYS[4], ARGV[i])
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+if left == 0 then return 0 end
+for i = 3 + n, #ARGV, 3 do
+  redis.call('HINCRBY', KEYS[5], ARGV[i], ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[6], ARGV[i], ARGV[i + 2])
+  redis.call('HINCRBY', KEYS[7], '$counter_uploads_ok', 1)
+  redis.call('HINCRBY', KEYS[7], '$counter_uploaded_bytes', ARGV[i + 2])
+end
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[7], '$counter_last_upload', t[1] + t[2] / 1000000)
 return 1

@@ -10,7 +10,7 @@ import zstandard
 from sluice import schema
 from sluice.appends import Appender, Frame
 from sluice.batches import Batches
-from sluice.frames import announce
+from sluice.frames import TailEntry, announce, announce_tail
 from sluice.kafka_batches import records
 from sluice.records import Router
 from sluice.schema import BatchState
@@ -51,15 +51,28 @@ def bundle_pieces(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
 
 
 def compress_pieces(batches: Batches, appender: Appender, cctx: zstandard.ZstdCompressor,
-                    bid: str, pieces: list[str]) -> int:
-    """One frame per piece still pending, announced with the piece's id (sluice.frames) and
-    appended exactly once; how many this call appended."""
-    frames = []
+                    bid: str, pieces: list[str], tail_piece_bytes: int = 0) -> int:
+    """Compress the pieces still pending and append each exactly once; how many frames this
+    call appended.
+
+    A piece of `tail_piece_bytes` or more is a frame of its own, announced with the piece's id
+    (sluice.frames), in a file of its app-hour. The smaller pieces of each hour are compressed
+    together, as one tail frame in a tail file of that hour (sluice.tail): compressed together
+    they lose less to frame overheads, and cost one file write and one commit entry, not one per app.
+    """
+    frames: list[Frame] = []
+    small: dict[str, list[tuple[str, str, bytes, int]]] = collections.defaultdict(list)
     for piece, found in zip(pieces, batches.pieces_data(bid, pieces)):
         if found is None:  # appended by an earlier delivery
             continue
         data, nrecords = found
         app, hour = schema.parse_app_hour(piece)
-        frame = announce(schema.piece_id(bid, piece), cctx.compress(data))
-        frames.append(Frame(app, hour, frame, nrecords))
+        if len(data) < tail_piece_bytes:
+            small[hour].append((app, piece, data, nrecords))
+        else:
+            frames.append(Frame.piece(app, hour, announce(schema.piece_id(bid, piece), cctx.compress(data)), nrecords))
+    for hour, parts in small.items():
+        entries = [TailEntry(app, len(data), nrecords) for app, _, data, nrecords in parts]
+        data = announce_tail(bid, hour, entries, cctx.compress(b"".join(data for _, _, data, _ in parts)))
+        frames.append(Frame(schema.TAIL_APP, hour, data, tuple((piece, n) for _, piece, _, n in parts)))
     return appender.append_many(bid, frames) if frames else 0

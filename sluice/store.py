@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sluice.settings import Settings
-from sluice.spool import fsync_dir
+from sluice.spool import can_sync_filesystem, fsync_dir, sync_filesystem
 
 
 def hour_prefix(app: str, hour: str) -> str:
@@ -88,6 +88,10 @@ class Store(Protocol):
     def put(self, local: Path, key: str) -> None:
         """Upload and verify; raises if the stored object is not the local file."""
 
+    def put_objects(self, objects: list[tuple[str, bytes]]) -> None:
+        """Upload many small objects (key, bytes) at once; raises if any is not stored whole.
+        Each object is whole or absent at any moment, as with `put`."""
+
     def size(self, key: str) -> int | None:
         """Size of an object, None if it does not exist."""
 
@@ -126,6 +130,33 @@ class FileStore:
             raise IOError(f"verification of {key} failed: stored bytes differ")
         tmp.replace(dest)
         fsync_dir(dest.parent)  # the spool copy is deleted next: the archived one must stay
+
+    def put_objects(self, objects: list[tuple[str, bytes]]) -> None:
+        """Written under temporary names, made durable together (one syncfs where it reports
+        errors, else an fsync each), then renamed into place and made durable again."""
+        written: list[tuple[Path, Path]] = []
+        each = not can_sync_filesystem()
+        for key, data in objects:
+            dest = self._path(key)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".part")
+            with open(tmp, "wb") as out:
+                out.write(data)
+                if each:
+                    out.flush()
+                    os.fsync(out.fileno())
+            if tmp.stat().st_size != len(data):
+                raise IOError(f"verification of {key} failed: {tmp.stat().st_size} bytes stored, {len(data)} sent")
+            written.append((tmp, dest))
+        if not each:
+            sync_filesystem(self.root)
+        for tmp, dest in written:
+            tmp.replace(dest)
+        if not each:
+            sync_filesystem(self.root)
+        else:
+            for parent in {dest.parent for _, dest in written}:
+                fsync_dir(parent)
 
     def size(self, key: str) -> int | None:
         path = self._path(key)
@@ -171,6 +202,17 @@ class OssStore:
         if stored != local.stat().st_size:
             raise IOError(f"verification of {full} failed: {stored} bytes stored, "
                           f"{local.stat().st_size} sent")
+
+    def put_objects(self, objects: list[tuple[str, bytes]]) -> None:
+        """One PUT each, several at once; oss2 checks each against the CRC-64 the server returns."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def put(item: tuple[str, bytes]) -> None:
+            key, data = item
+            self.bucket.put_object(self._key(key), data)
+
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="oss-put") as pool:
+            list(pool.map(put, objects))
 
     def size(self, key: str) -> int | None:
         try:

@@ -13,11 +13,13 @@ anew.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import redis
 from redis.exceptions import LockError, RedisError
@@ -44,6 +46,39 @@ def by_app_hour(files: list[SealedFile]) -> dict[tuple[str, str], list[SealedFil
     return groups
 
 
+@contextlib.contextmanager
+def app_hour_lease(client: redis.Redis, app: str, hour: str) -> Iterator[bool]:
+    """Hold the app-hour's upload lock while the block runs, if nobody else holds it (the block
+    gets False then). The lease is renewed by a thread: a worker killed mid-upload holds the
+    app-hour up for APP_HOUR_LEASE_SECONDS at most."""
+    lock = client.lock(schema.upload_lock(app, hour), timeout=APP_HOUR_LEASE_SECONDS, blocking=False)
+    if not lock.acquire():
+        yield False
+        return
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(APP_HOUR_LEASE_SECONDS / 3):
+            try:
+                lock.reacquire()
+            except (LockError, RedisError) as exc:
+                log.warning("upload of %s %s: its app-hour lease could not be renewed (%s); another "
+                            "upload may start once it lapses (uploads are idempotent)", app, hour, exc)
+                return
+
+    renewer = threading.Thread(target=renew, name="upload-lease", daemon=True)
+    renewer.start()
+    try:
+        yield True
+    finally:
+        done.set()
+        renewer.join()
+        try:
+            lock.release()
+        except LockError:
+            log.warning("upload of %s %s outlived its app-hour lease; uploads are idempotent", app, hour)
+
+
 class Uploader:
     """Archives sealed files into one store."""
 
@@ -64,24 +99,10 @@ class Uploader:
         others go on; UploadFailed at the end names it.
         """
         app, hour = files[0].app, files[0].hour
-        lock = self.r.lock(schema.upload_lock(app, hour), timeout=APP_HOUR_LEASE_SECONDS, blocking=False)
-        if not lock.acquire():
-            return 0  # the next sweep sends it again
-        done = threading.Event()
-
-        def renew() -> None:
-            while not done.wait(APP_HOUR_LEASE_SECONDS / 3):
-                try:
-                    lock.reacquire()
-                except (LockError, RedisError) as exc:
-                    log.warning("upload of %s %s: its app-hour lease could not be renewed (%s); another "
-                                "upload may start once it lapses (uploads are idempotent)", app, hour, exc)
-                    return
-
-        renewer = threading.Thread(target=renew, name="upload-lease", daemon=True)
-        renewer.start()
         archived, failed = 0, []
-        try:
+        with app_hour_lease(self.r, app, hour) as held:
+            if not held:
+                return 0  # the next sweep sends it again
             for sealed in files:
                 if not self.registry.is_sealed(sealed):
                     continue  # archived by an earlier delivery
@@ -93,13 +114,6 @@ class Uploader:
                     log.error("archiving %s failed, will retry: %s", sealed.entry, exc)
                     failed.append(sealed.entry)
                     self.registry.upload_failed()
-        finally:
-            done.set()
-            renewer.join()
-            try:
-                lock.release()
-            except LockError:
-                log.warning("upload of %s %s outlived its app-hour lease; uploads are idempotent", app, hour)
         if failed:
             raise UploadFailed(f"{len(failed)} of {len(files)} sealed files of {app} {hour} not archived "
                                f"yet, e.g. {failed[0]}")

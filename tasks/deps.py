@@ -15,6 +15,7 @@ from sluice.redis_client import get_redis
 from sluice.sealing import Sealer
 from sluice.settings import get_settings
 from sluice.store import open_store
+from sluice.tail import TailArchiver
 from sluice.uploader import Uploader
 
 
@@ -41,6 +42,11 @@ def sealer() -> Sealer:
 @lru_cache(maxsize=1)
 def uploader() -> Uploader:
     return Uploader(get_redis(), get_settings(), open_store(get_settings()))
+
+
+@lru_cache(maxsize=1)
+def tail_archiver() -> TailArchiver:
+    return TailArchiver(get_redis(), get_settings(), open_store(get_settings()))
 
 
 @lru_cache(maxsize=1)

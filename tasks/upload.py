@@ -1,5 +1,5 @@
 """upload [queue io], run by Beat: seal due slot files, then one `upload_app_hour` task per app-hour
-with sealed files.
+with sealed files, and one `archive_tail` task per hour with sealed tail files (sluice.tail).
 
 Uploads are network-bound: against a distant store, thousands of app-hour files an hour one after
 the other in one task would take minutes. Sent as tasks of their own they run on all io threads.
@@ -20,7 +20,7 @@ from sluice.settings import get_settings
 from sluice.spool import SealedFile
 from sluice.uploader import by_app_hour
 from tasks.app import app, send
-from tasks.deps import batches, sealer, uploader
+from tasks.deps import batches, sealer, tail_archiver, uploader
 
 log = get_task_logger(__name__)
 
@@ -56,8 +56,11 @@ def upload() -> int:
                 pipe.set(schema.upload_queued(files[0].app, files[0].hour), task_id, ex=schema.QUEUED_TTL_SECONDS)
             pipe.execute()
         for files, task_id in zip(due, task_ids):
-            send("sluice.upload_app_hour", [files[0].app, files[0].hour, [[f.fid, f.size] for f in files]],
-                 task_id, queue="io")
+            listed = [[f.fid, f.size] for f in files]
+            if files[0].app == schema.TAIL_APP:
+                send("sluice.archive_tail", [files[0].hour, listed], task_id, queue="io")
+            else:
+                send("sluice.upload_app_hour", [files[0].app, files[0].hour, listed], task_id, queue="io")
         if sealed or due:
             log.info("sealed %d slot files, sent uploads of %d app-hours", sealed, len(due))
         return len(due)
@@ -76,3 +79,16 @@ def upload_app_hour(app_name: str, hour: str, files: list[list]) -> int:
         return uploader().archive_app_hour([SealedFile(app_name, hour, fid, size) for fid, size in files])
     finally:
         get_redis().delete(schema.upload_queued(app_name, hour))
+
+
+@app.task(name="sluice.archive_tail", autoretry_for=(redis.RedisError,), max_retries=3)
+def archive_tail(hour: str, files: list[list]) -> int:
+    """Archive the sealed tail files (fid, size) of an hour as one object per app (idempotent);
+    on a failure the task shows as failed in Flower, and the next sweep sends it again."""
+    try:
+        return tail_archiver().archive_hour(hour, [SealedFile(schema.TAIL_APP, hour, fid, size) for fid, size in files])
+    except Exception:
+        SealedRegistry(get_redis()).upload_failed()
+        raise
+    finally:
+        get_redis().delete(schema.upload_queued(schema.TAIL_APP, hour))

@@ -17,6 +17,7 @@ import redis
 from devstack import sample
 from devstack.local import free_port, start_pipeline, wait_until
 from sluice import schema
+from sluice.frames import GATHERED_MAGIC
 from tests.integration.conftest import assert_exactly_once, wait_archived
 
 # One pipeline for the whole module, so its tests run in one test process.
@@ -25,6 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_pipeline")]
 RECORDS = 50_000
 APPS = sample.app_names(24)
 SPAN = 3 * 3600.0
+TAIL_BYTES = 8192
 
 
 # Every key under sluice's prefix that Redis held at some moment of the run (sampled) or after it.
@@ -38,9 +40,11 @@ def sample_keys(r: redis.Redis, stop: threading.Event) -> None:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    stack = start_pipeline(tmp_path_factory.mktemp("pipeline"), cpu_workers=1)
+    # Zipf volumes and a small tail threshold: busy apps' pieces get files of their own, quiet
+    # apps' share tail files (sluice.tail), so both paths run.
+    stack = start_pipeline(tmp_path_factory.mktemp("pipeline"), cpu_workers=1, SLUICE_TAIL_PIECE_BYTES=str(TAIL_BYTES))
     start = time.time() - SPAN
-    generated = list(sample.lines(RECORDS, APPS, start, SPAN, seed=11))
+    generated = list(sample.lines(RECORDS, APPS, start, SPAN, seed=11, weights=sample.zipf_weights(len(APPS))))
     r = redis.Redis.from_url(stack.redis_url)
     stop = threading.Event()
     sampler = threading.Thread(target=sample_keys, args=(r, stop), daemon=True)
@@ -73,7 +77,7 @@ def test_every_record_archived_once_in_its_app_and_hour(pipeline):
     assert not list((stack.workdir / "spool").rglob("*.zst"))
 
 
-def test_few_objects_per_app_hour_each_a_multi_frame_zstd_file(pipeline):
+def test_few_objects_per_app_hour_each_a_valid_zstd_file(pipeline):
     stack, _ = pipeline
     objects = list((stack.workdir / "archive").rglob("*.jsonl.zst"))
     per_hour_dir: dict[Path, int] = {}
@@ -81,9 +85,12 @@ def test_few_objects_per_app_hour_each_a_multi_frame_zstd_file(pipeline):
         per_hour_dir[obj.parent] = per_hour_dir.get(obj.parent, 0) + 1
     assert max(per_hour_dir.values()) <= 10
     listing = subprocess.run(["zstd", "-lv", *map(str, objects)], capture_output=True, text=True, check=True)
-    frames = [int(n) for n in re.findall(r"# Zstandard Frames: (\d+)", listing.stdout)]
+    frames = dict(zip(objects, (int(n) for n in re.findall(r"# Zstandard Frames: (\d+)", listing.stdout))))
     assert len(frames) == len(objects)
-    assert max(frames) > 1, "batches of a busy app-hour should be appended as separate frames"
+    gathered = [obj for obj in objects if obj.read_bytes()[:4] == GATHERED_MAGIC.to_bytes(4, "little")]
+    assert gathered, "quiet apps' pieces were gathered from tail files"
+    assert all(frames[obj] == 1 for obj in gathered), "one frame of an app's lines per tail archive"
+    assert max(frames.values()) > 1, "batches of a busy app-hour are appended as separate frames"
     subprocess.run(["zstd", "-tq", *map(str, objects)], check=True)
 
 

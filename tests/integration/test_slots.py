@@ -264,7 +264,7 @@ def test_a_bundle_of_pieces_is_appended_once(rds, settings):
     batches, appender = Batches(rds, settings), Appender(rds, settings)
     data = {("web", HOUR): b"w\n", ("db", HOUR): b"d1\nd2\n", ("web", "2026010110"): b"w2\n"}
     split_batch(batches, "logs:1:0-3", {schema.app_hour(a, h): d for (a, h), d in data.items()})
-    frames = [Frame(a, h, frame(d), d.count(b"\n")) for (a, h), d in data.items()]
+    frames = [Frame.piece(a, h, frame(d), d.count(b"\n")) for (a, h), d in data.items()]
     assert appender.append_many("logs:1:0-3", frames) == 3
     assert appender.append_many("logs:1:0-3", frames) == 0
     contents = sorted(zstd_cli(p) for p in open_files(settings))

@@ -146,7 +146,7 @@ class TestHoursBetween:
 
 def iter_lines(stream) -> list[bytes]:
     """The lines read_frames gives of a stream of frames sluice did not announce."""
-    return [line for _, chunk in read_frames(stream) for line in chunk.split(b"\n")[:-1]]
+    return [line for block in read_frames(stream) for line in block.data.split(b"\n")[:-1]]
 
 
 def frames(*chunks: bytes) -> bytes:

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 import zstandard
 
-from sluice.frames import Damaged, announce, read_frames
+from sluice.frames import (Block, Damaged, TailEntry, announce, announce_gathered, announce_tail, read_frames,
+                           tail_frames)
 
 CCTX = zstandard.ZstdCompressor(write_content_size=True, write_checksum=True)  # as compress writes them
 
@@ -17,12 +18,16 @@ def stream(*pieces: tuple[str, bytes]) -> bytes:
     return b"".join(announce(ident, CCTX.compress(data)) for ident, data in pieces)
 
 
+def pairs(blocks) -> list[tuple[str | None, bytes]]:
+    return [(b.ident, b.data) for b in blocks]
+
+
 PIECES = [("logs:0:0-9|a|2026010100", b"one\ntwo\n"), ("logs:1:5-7@1|a|2026010100", b"three\n"),
           ("logs:0:10-19|a|2026010100", b"")]
 
 
 def test_each_piece_comes_back_with_its_id():
-    assert list(read_frames(io.BytesIO(stream(*PIECES)))) == PIECES
+    assert pairs(read_frames(io.BytesIO(stream(*PIECES)))) == PIECES
 
 
 def test_the_zstd_cli_reads_the_same_lines():
@@ -33,13 +38,13 @@ def test_the_zstd_cli_reads_the_same_lines():
 def test_other_skippable_frames_are_passed_over():
     other = (0x184D2A5E).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"xyz"
     data = stream(PIECES[0]) + other + stream(PIECES[1])
-    assert list(read_frames(io.BytesIO(data))) == PIECES[:2]
+    assert pairs(read_frames(io.BytesIO(data))) == PIECES[:2]
 
 
 def test_a_truncated_stream_gives_what_is_whole_then_raises():
     data = stream(*PIECES[:2])
     frames = read_frames(io.BytesIO(data[:-3]))
-    assert next(frames) == PIECES[0]
+    assert next(frames)[:2] == PIECES[0]
     with pytest.raises(Damaged):
         next(frames)
 
@@ -48,12 +53,45 @@ def test_a_corrupt_frame_raises():
     data = bytearray(stream(PIECES[0]))
     data[-6:-2] = b"\x00\x00\x00\x00"
     with pytest.raises(Damaged):
-        list(read_frames(io.BytesIO(bytes(data))))
+        pairs(read_frames(io.BytesIO(bytes(data))))
 
 
 def test_plain_frames_after_announced_ones_are_read_as_a_stream():
     data = stream(PIECES[0]) + CCTX.compress(b"old\nlines") + CCTX.compress(b" more\n")
-    assert list(read_frames(io.BytesIO(data))) == [PIECES[0], (None, b"old\nlines more\n")]
+    assert pairs(read_frames(io.BytesIO(data))) == [PIECES[0], (None, b"old\nlines more\n")]
+
+
+def tail(bid: str, parts: list[tuple[str, bytes, int]]) -> bytes:
+    entries = [TailEntry(app, len(data), records) for app, data, records in parts]
+    return announce_tail(bid, "2026010100", entries, CCTX.compress(b"".join(data for _, data, _ in parts)))
+
+
+def test_a_tail_frame_gives_one_app_its_part_with_the_piece_id_and_skips_frames_without_it():
+    data = (tail("logs:0:0-9", [("a", b"a1\n", 1), ("b", b"b1\nb2\n", 2)]) + stream(PIECES[1])
+            + tail("logs:0:10-19", [("c", b"c1\n", 1)]) + tail("logs:0:20-29", [("b", b"b3\n", 1)]))
+    assert pairs(read_frames(io.BytesIO(data), app="b")) == [
+        ("logs:0:0-9|b|2026010100", b"b1\nb2\n"), PIECES[1], ("logs:0:20-29|b|2026010100", b"b3\n")]
+    assert pairs(read_frames(io.BytesIO(data))) == [PIECES[1]], "no app asked for: tail frames are passed over"
+    out = subprocess.run(["zstd", "-dcq"], input=data, capture_output=True, check=True).stdout
+    assert out == b"a1\nb1\nb2\nthree\nc1\nb3\n", "every zstd reader reads every line"
+
+
+def test_tail_frames_gives_entries_and_data_and_refuses_what_does_not_add_up():
+    data = tail("logs:0:0-9", [("a", b"a1\n", 1), ("b", b"b1\nb2\n", 2)])
+    assert list(tail_frames(io.BytesIO(data))) == [([TailEntry("a", 3, 1), TailEntry("b", 6, 2)], b"a1\nb1\nb2\n")]
+    entries = [TailEntry("a", 3, 1), TailEntry("b", 7, 2)]  # one byte more than there is
+    bad = announce_tail("logs:0:0-9", "2026010100", entries, CCTX.compress(b"a1\nb1\nb2\n"))
+    with pytest.raises(Damaged):
+        list(tail_frames(io.BytesIO(bad)))
+    with pytest.raises(Damaged):
+        list(tail_frames(io.BytesIO(stream(PIECES[0]))))  # not a tail file
+
+
+def test_a_gathered_frame_says_which_bytes_came_from_which_tail_file():
+    data = announce_gathered([("2026010100-00000000000000aa", 3), ("2026010100-ffffffffffffffff", 6)],
+                             CCTX.compress(b"a1\na2\na3a4\n"))
+    assert list(read_frames(io.BytesIO(data))) == [
+        Block(None, b"a1\na2\na3a4\n", (("00000000000000aa", 3), ("ffffffffffffffff", 6)))]
 
 
 def test_duckdb_reads_an_archive_of_announced_frames(tmp_path):

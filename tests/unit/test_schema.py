@@ -37,11 +37,12 @@ def test_the_scripts_build_names_by_the_schemas_patterns():
     assert "lockp .. sid" in scripts.ACQUIRE and "slotp .. sid" in scripts.ACQUIRE
     assert schema.slot_lock(sid) == schema.SLOT_LOCK_PREFIX + sid
     assert schema.slot_state(sid) == schema.SLOT_STATE_PREFIX + sid
-    assert "string.match(sid, '^([^|]*)|([^|]*)|')" in scripts.COMMIT
-    assert re.match(r"^([^|]*)\|([^|]*)\|", sid).groups() == (app, hour)
-    assert "local piece = app .. '|' .. hour" in scripts.COMMIT
-    assert "piece .. '|' .. fid" in scripts.COMMIT
-    assert schema.sealed_entry(app, hour, fid) == schema.app_hour(app, hour) + "|" + fid
+    assert "string.match(piece, '^([^|]*)|')" in scripts.COMMIT  # a piece's app
+    assert re.match(r"^([^|]*)\|", schema.app_hour(app, hour)).group(1) == app
+    assert "string.match(sid, '^(.*)|[^|]*$') .. '|' .. fid" in scripts.COMMIT  # a sealed entry
+    assert re.match(r"^(.*)\|[^|]*$", sid).group(1) + "|" + fid == schema.sealed_entry(app, hour, fid)
+    tail_sid = schema.slot_id(schema.TAIL_APP, hour, 0)
+    assert re.match(r"^(.*)\|[^|]*$", tail_sid).group(1) + "|" + fid == schema.sealed_entry(schema.TAIL_APP, hour, fid)
 
 
 def test_the_scripts_use_the_batch_states_of_the_schema():
@@ -56,6 +57,8 @@ def test_the_scripts_use_the_batch_states_of_the_schema():
     schema.batch_state("logs:0:0-99"), schema.batch_queued("logs.v2:11:5-9@3"),
     schema.slot_lock(schema.slot_id("a", "2026010109", 0)), schema.slot_state(schema.slot_id("a", "2026010109", 9)),
     schema.upload_lock("a", "2026010109"), schema.upload_queued("_quarantine", "2026010109"),
+    schema.TAIL_PLAN, schema.slot_state(schema.slot_id(schema.TAIL_APP, "2026010109", 1)),
+    schema.upload_queued(schema.TAIL_APP, "2026010109"),
 ])
 def test_every_builder_makes_a_schema_key(key):
     assert key.startswith(schema.PREFIX) and schema.is_schema_key(key)
@@ -78,3 +81,9 @@ def test_no_file_but_the_schema_spells_a_key():
             if literal.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not offenders, "Redis keys are built by sluice.schema:\n" + "\n".join(offenders)
+
+
+def test_the_tail_pseudo_app_can_never_be_a_real_app():
+    from sluice.records import valid_app_id
+
+    assert not valid_app_id(schema.TAIL_APP)
