@@ -1,7 +1,8 @@
-"""Archive every sealed file from one process, one app-hour after the other.
+"""Archive every sealed file from one process, one app-hour (and tail hour) after the other.
 
-The workers fan the same work out as one `upload_app_hour` task per app-hour (tasks.upload);
-this serial form is for tests and the benchmark's reference.
+The workers fan the same work out as one `upload_app_hour` task per app-hour and one
+`archive_tail` task per hour of tail files (tasks.upload); this serial form is for tests and the
+benchmark's reference.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from sluice import schema
 from sluice.errors import UploadFailed
 from sluice.sealed import SealedRegistry
+from sluice.tail import TailArchiver
 from sluice.uploader import Uploader, by_app_hour
 
 log = logging.getLogger(__name__)
@@ -20,9 +23,13 @@ def upload_sealed(uploader: Uploader, on_progress: Callable[[], object] = lambda
     """Archive every sealed file; returns how many this call uploaded. A failure (store down, a
     damaged file) is logged and the others go on; UploadFailed at the end makes it visible."""
     archived, failed = 0, 0
-    for files in by_app_hour(SealedRegistry(uploader.r).sealed_files()).values():
+    tails = TailArchiver(uploader.r, uploader.settings, uploader.store)
+    for (app, hour), files in by_app_hour(SealedRegistry(uploader.r).sealed_files()).items():
         try:
-            archived += uploader.archive_app_hour(files)
+            if app == schema.TAIL_APP:
+                archived += tails.archive_hour(hour, files)
+            else:
+                archived += uploader.archive_app_hour(files)
         except UploadFailed as exc:
             failed += 1
             log.error("%s", exc)

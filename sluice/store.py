@@ -134,6 +134,8 @@ class FileStore:
     def put_objects(self, objects: list[tuple[str, bytes]]) -> None:
         """Written under temporary names, made durable together (one syncfs where it reports
         errors, else an fsync each), then renamed into place and made durable again."""
+        if not objects:
+            return
         written: list[tuple[Path, Path]] = []
         each = not can_sync_filesystem()
         for key, data in objects:

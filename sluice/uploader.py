@@ -84,6 +84,7 @@ class Uploader:
 
     def __init__(self, client: redis.Redis, settings: Settings, store: Store) -> None:
         self.r = client
+        self.settings = settings
         self.registry = SealedRegistry(client)
         self.spool = Spool(settings.spool_dir)
         self.store = store
@@ -99,6 +100,8 @@ class Uploader:
         others go on; UploadFailed at the end names it.
         """
         app, hour = files[0].app, files[0].hour
+        if app == schema.TAIL_APP:
+            raise ValueError("tail files are archived by sluice.tail, one object per app, not as they are")
         archived, failed = 0, []
         with app_hour_lease(self.r, app, hour) as held:
             if not held:

@@ -8,8 +8,16 @@ import subprocess
 import pytest
 import zstandard
 
-from sluice.frames import (Block, Damaged, TailEntry, announce, announce_gathered, announce_tail, read_frames,
-                           tail_frames)
+from sluice.frames import (
+    Block,
+    Damaged,
+    TailEntry,
+    announce,
+    announce_gathered,
+    announce_tail,
+    read_frames,
+    tail_frames,
+)
 
 CCTX = zstandard.ZstdCompressor(write_content_size=True, write_checksum=True)  # as compress writes them
 

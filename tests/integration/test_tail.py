@@ -1,0 +1,206 @@
+"""The long tail (sluice.tail): small pieces of many apps share tail files, archived as one object
+per app and hour, exactly once whatever step a crash cuts short."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis
+import zstandard
+
+from devstack.serial_upload import upload_sealed
+from sluice import schema
+from sluice.appends import Appender, Frame
+from sluice.batches import Batches
+from sluice.fetch import Fetch, Query, SpoolReader
+from sluice.sealing import Sealer
+from sluice.spool import SealedFile
+from sluice.stages import compress_pieces
+from sluice.store import FileStore
+from sluice.tail import TailArchiver
+from sluice.uploader import Uploader
+from tests.integration.test_live_fetch import window
+from tests.integration.test_slots import FAR_FUTURE, split_batch, zstd_cli
+
+pytestmark = pytest.mark.integration
+
+HOUR = "2026010109"
+APPS = ["alpha", "beta", "gamma", "_quarantine"]
+CCTX = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True)
+
+
+class Tail:
+    """Batches whose pieces are all small, compressed as the compress task does: into tail files."""
+
+    def __init__(self, rds: redis.Redis, settings) -> None:
+        self.rds, self.settings = rds, settings
+        self.batches, self.appender = Batches(rds, settings), Appender(rds, settings)
+        self.lines: dict[str, list[bytes]] = {app: [] for app in APPS}
+        self.n = 0
+
+    def batch(self, apps: list[str] = APPS) -> None:
+        bid = f"logs:0:{self.n}-{self.n + len(apps) - 1}"
+        pieces = {}
+        for app in apps:
+            line = b'{"app":"%s","n":%d}' % (app.encode(), self.n)
+            self.n += 1
+            self.lines[app].append(line)
+            pieces[schema.app_hour(app, HOUR)] = line + b"\n"
+        split_batch(self.batches, bid, pieces)
+        assert compress_pieces(self.batches, self.appender, CCTX, bid, sorted(pieces), tail_piece_bytes=1024) == 1
+
+    def sealed(self) -> list[SealedFile]:
+        Sealer(self.rds, self.settings).seal_due(now=FAR_FUTURE)
+        return [f for f in Uploader(self.rds, self.settings, None).registry.sealed_files()  # type: ignore[arg-type]
+                if f.app == schema.TAIL_APP]
+
+
+def archived(root: Path) -> dict[str, list[bytes]]:
+    """Each app's lines in the store, object by object in key order."""
+    out: dict[str, list[bytes]] = {}
+    for path in sorted(root.rglob("*.jsonl.zst")):
+        app = path.name.split(".")[0]
+        out.setdefault(app, []).extend(zstd_cli(path).split(b"\n")[:-1])
+    return out
+
+
+def assert_archived_once(tail: Tail, root: Path) -> None:
+    """Every line once; objects of several archives of the hour come in no particular order."""
+    assert {app: sorted(lines) for app, lines in archived(root).items()} == \
+        {app: sorted(lines) for app, lines in tail.lines.items()}
+    assert not tail.rds.hlen(schema.SEALED) and not tail.rds.hlen(schema.TAIL_PLAN)
+    assert not list(tail.settings.spool_dir.rglob("*.zst")), "the tail files are gone"
+
+
+def test_small_pieces_of_many_apps_share_a_tail_file_and_end_as_one_object_per_app(rds, settings, tmp_path):
+    tail = Tail(rds, settings)
+    for _ in range(5):
+        tail.batch()
+    tail.batch(["beta"])
+    [sealed] = tail.sealed()
+    assert rds.hget(schema.SEALED_RECORDS, sealed.entry) == b"21"
+    store = FileStore(tmp_path / "archive")
+    assert upload_sealed(Uploader(rds, settings, store)) == len(APPS)
+    objects = list((tmp_path / "archive").rglob("*.jsonl.zst"))
+    assert Counter(p.parent for p in objects) == Counter({p.parent: 1 for p in objects}), "one object per app-hour"
+    assert archived(tmp_path / "archive") == tail.lines, "in the order they came"
+    assert_archived_once(tail, tmp_path / "archive")
+    counts = {k.decode(): int(v) for k, v in rds.hgetall(schema.ARCHIVED_RECORDS).items()}
+    assert counts == {app: len(lines) for app, lines in tail.lines.items()}
+    assert int(rds.hget(schema.COUNTERS, "uploads_ok")) == len(APPS)
+
+
+class Crash(BaseException):
+    """A worker killed at this step."""
+
+
+class CrashingStore(FileStore):
+    """Stores the first `land` objects of a batch of them, then dies."""
+
+    def __init__(self, root: Path, land: int) -> None:
+        super().__init__(root)
+        self.land, self.crashed = land, False
+
+    def put_objects(self, objects: list[tuple[str, bytes]]) -> None:
+        if self.crashed:
+            return super().put_objects(objects)
+        self.crashed = True
+        super().put_objects(objects[:self.land])
+        raise Crash
+
+
+@pytest.mark.parametrize("land", [0, 2, len(APPS)])
+def test_a_crash_while_storing_the_objects_loses_and_doubles_nothing(rds, settings, tmp_path, land):
+    tail = Tail(rds, settings)
+    for _ in range(3):
+        tail.batch()
+    files = tail.sealed()
+    store = CrashingStore(tmp_path / "archive", land)
+    archiver = TailArchiver(rds, settings, store)
+    with pytest.raises(Crash):
+        archiver.archive_hour(HOUR, files)
+    assert rds.hget(schema.TAIL_PLAN, HOUR), "the plan outlives the crash"
+    tail.batch()  # more small pieces, in a tail file the crashed archive did not plan
+    more = tail.sealed()
+    assert archiver.archive_hour(HOUR, more) == len(APPS), "the planned set first"
+    assert archiver.archive_hour(HOUR, tail.sealed()) == len(APPS), "then the new file"
+    assert_archived_once(tail, tmp_path / "archive")
+
+
+def test_a_crash_after_deleting_a_tail_file_finishes_without_writing_again(rds, settings, tmp_path, monkeypatch):
+    tail = Tail(rds, settings)
+    tail.batch()
+    # Two tail files of one hour: a second compress held the first slot's lease meanwhile.
+    token = Appender(rds, settings).leases.try_lock(schema.slot_id(schema.TAIL_APP, HOUR, 0))
+    tail.batch()
+    Appender(rds, settings).leases.unlock([schema.slot_id(schema.TAIL_APP, HOUR, 0)], token)
+    files = tail.sealed()
+    assert len(files) == 2
+    store = FileStore(tmp_path / "archive")
+    unlink = Path.unlink
+    calls = []
+
+    def dies_after_the_first(path: Path, missing_ok: bool = False) -> None:
+        unlink(path, missing_ok=missing_ok)
+        calls.append(path)
+        if len(calls) == 1:
+            raise Crash
+
+    monkeypatch.setattr(Path, "unlink", dies_after_the_first)
+    with pytest.raises(Crash):
+        TailArchiver(rds, settings, store).archive_hour(HOUR, files)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "archive").rglob("*.zst")}
+    assert TailArchiver(rds, settings, store).archive_hour(HOUR, files) == 0, "nothing written again"
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "archive").rglob("*.zst")} == before
+    assert_archived_once(tail, tmp_path / "archive")
+
+
+def test_a_fetch_prints_what_it_read_from_a_tail_file_once_after_the_file_is_archived(rds, settings, tmp_path):
+    tail = Tail(rds, settings)
+    for _ in range(3):
+        tail.batch()
+    store = FileStore(tmp_path / "archive")
+    out = io.BytesIO()
+    job = Fetch(store, Query("beta", *window(HOUR)), out, SpoolReader(rds, settings.spool_dir, settings.slots_per_app))
+    job.run()  # the three lines from the open tail file
+    assert out.getvalue().split(b"\n")[:-1] == tail.lines["beta"]
+    tail.batch()  # one more, then the tail file is sealed and archived
+    upload_sealed(Uploader(rds, settings, store))
+    job.run()  # the same fetch job, as --follow reads again: the object holds all four
+    assert out.getvalue().split(b"\n")[:-1] == tail.lines["beta"], "each line once, in order"
+
+
+def test_a_damaged_tail_file_is_kept_and_fails_its_upload_loudly(rds, settings, tmp_path):
+    tail = Tail(rds, settings)
+    tail.batch()
+    [sealed] = tail.sealed()
+    path = settings.spool_dir / "sealed" / schema.TAIL_APP / HOUR / f"{sealed.fid}.jsonl.zst"
+    data = bytearray(path.read_bytes())
+    data[-6] ^= 0xFF  # a bit flip in the frame
+    path.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="corrupt"):
+        TailArchiver(rds, settings, FileStore(tmp_path / "archive")).archive_hour(HOUR, [sealed])
+    assert path.exists() and rds.hexists(schema.SEALED, sealed.entry), "nothing dropped"
+    assert not list((tmp_path / "archive").rglob("*.zst"))
+
+
+def test_a_tail_frame_holding_a_piece_appended_already_is_not_appended_and_its_other_pieces_wait(rds, settings):
+    """Two deliveries of one batch's work that bundled its pieces differently (a redrive racing
+    the first task): neither doubles a piece."""
+    tail = Tail(rds, settings)
+    bid = "logs:0:0-2"
+    pieces = {schema.app_hour(app, HOUR): b'{"app":"%s"}\n' % app.encode() for app in APPS[:3]}
+    split_batch(tail.batches, bid, pieces)
+    first, *rest = sorted(pieces)
+    assert compress_pieces(tail.batches, tail.appender, CCTX, bid, [first], tail_piece_bytes=1024) == 1
+    racing = Frame(schema.TAIL_APP, HOUR, b"", tuple((piece, 1) for piece in sorted(pieces)))
+    assert tail.appender.append_many(bid, [racing]) == 0, "holds a piece appended already"
+    assert tail.batches.pending_pieces(bid) == rest, "the others still wait for their own append"
+    assert compress_pieces(tail.batches, tail.appender, CCTX, bid, sorted(pieces), tail_piece_bytes=1024) == 1
+    assert tail.batches.pending_pieces(bid) == []
+    [sealed] = tail.sealed()
+    assert rds.hget(schema.SEALED_RECORDS, sealed.entry) == b"3"
