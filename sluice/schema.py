@@ -54,6 +54,9 @@ TAIL_APP = "~tail"
 # --- uploads (sluice.uploader, sluice.tail, tasks.upload) --------------------------------------
 # hash: hour -> the fids of the sealed tail files being archived together, comma-separated
 TAIL_PLAN = PREFIX + "tail-plan"
+# hash: hour -> how many times its tail files were archived (after the first, apps' objects of
+# that hour may exist to merge into)
+TAIL_ROUNDS = PREFIX + "tail-rounds"
 SWEEP_LOCK = PREFIX + "lock:sweep"  # redis-py lock: one seal-and-upload sweep at a time
 UPLOAD_LOCK_PREFIX = PREFIX + "lock:upload:"  # + app-hour: redis-py lock of one app-hour's upload
 UPLOAD_QUEUED_PREFIX = PREFIX + "upload-queued:"  # + app-hour: id of its last upload task
@@ -246,7 +249,7 @@ KEY_PATTERNS: tuple[re.Pattern[str], ...] = tuple(re.compile(p) for p in (
     re.escape(COUNTERS), re.escape(QUARANTINED), re.escape(ARCHIVED_RECORDS), re.escape(ARCHIVED_BYTES),
     rf"{re.escape(HOURLY_PREFIX)}\d{{10}}",
     re.escape(SLOTS), re.escape(SEALED), re.escape(UPLOAD_PLAN), re.escape(SWEEP_LOCK), re.escape(SCHEMA_VERSION),
-    re.escape(TAIL_PLAN),
+    re.escape(TAIL_PLAN), re.escape(TAIL_ROUNDS),
     rf"{re.escape(PREFIX)}b:{_BID}:(state|payload|groups|pending|queued)",
     rf"{re.escape(SLOT_STATE_PREFIX)}{_APP_HOUR}\|\d+",
     rf"{re.escape(SLOT_LOCK_PREFIX)}{_APP_HOUR}\|\d+",

@@ -271,10 +271,10 @@ return 1
 """).substitute(_NAMES)
 
 # The sealed tail files of an hour are archived, as one object per app (sluice.tail): they leave
-# the registry and the hour's tail plan is dropped; each app's records and bytes count as
-# archived, and each object as an upload, once. 0 if they had left already.
+# the registry, the hour's tail plan is dropped and its rounds counted; each app's records and
+# bytes count as archived, and each object as an upload, once. 0 if they had left already.
 # KEYS: 1 SEALED, 2 TAIL_PLAN, 3 SEALED_RECORDS, 4 PENDING_OLDEST, 5 ARCHIVED_RECORDS,
-#       6 ARCHIVED_BYTES, 7 COUNTERS
+#       6 ARCHIVED_BYTES, 7 COUNTERS, 8 TAIL_ROUNDS
 # ARGV: 1 hour, 2 n, then n sealed entries, then per object: its app, records, bytes
 FORGET_TAIL = Template("""
 local n = tonumber(ARGV[2])
@@ -286,6 +286,7 @@ for i = 3, 2 + n do
 end
 redis.call('HDEL', KEYS[2], ARGV[1])
 if left == 0 then return 0 end
+redis.call('HINCRBY', KEYS[8], ARGV[1], 1)
 for i = 3 + n, #ARGV, 3 do
   redis.call('HINCRBY', KEYS[5], ARGV[i], ARGV[i + 1])
   redis.call('HINCRBY', KEYS[6], ARGV[i], ARGV[i + 2])

@@ -11,14 +11,21 @@ fetchable as soon as it is committed (`sluice fetch` reads tail files too).
 Once sealed, the tail files of an hour are archived together: every frame is decompressed, each
 app's bytes are gathered in file order and compressed as one frame (announced with which bytes
 came from which tail file, so a fetch that read some of them from the spool prints them once), and
-written as one object per app, all at once (`Store.put_objects`). Crash-safe and idempotent:
+written as one object per app, all at once (`Store.put_objects`). Tail files sealed later (late
+records, a full tail file) are archived the same way, but an app's lines then join its tail object
+of that hour while it is small (one object per quiet app-hour), as the object's next generation
+holding one frame of both. Crash-safe and idempotent:
 
 1. The set of tail files is recorded in Redis first (`schema.TAIL_PLAN`), so a repeat after a
-   crash archives the same set, into the same object keys (named by the set's first fid), with
-   the same bytes (zstd is deterministic): writing them again only overwrites them.
-2. The tail files are deleted only after every object is stored; a repeat that finds one gone
-   knows the objects were all stored, and only finishes the rest.
-3. Last, one script drops the files from the registry and the plan, and counts what was archived.
+   crash archives the same set. In an hour's first archive the object keys are named by the
+   set's first fid and their bytes are the same again (zstd is deterministic): writing them
+   again only overwrites them. In a later one, an object whose frame names a file of the set
+   shows that app was stored already.
+2. An object a merge replaces is deleted only after its successor is stored (readers take the
+   newest generation), and the tail files only after every object is stored; a repeat that
+   finds a tail file gone knows the objects were all stored, and only finishes the rest.
+3. Last, one script drops the files from the registry and the plan, counts the hour's archive
+   rounds (`schema.TAIL_ROUNDS`), and counts what was archived.
 
 A tail file that cannot be read (damaged) holds its hour's archive back: the upload fails loudly
 each sweep (`sluice_uploads_total{result="failed"}`), and the file stays in the spool until an
@@ -29,18 +36,27 @@ from __future__ import annotations
 
 import collections
 import logging
+from pathlib import Path
 
 import redis
 import zstandard
 
 from sluice import schema, scripts
-from sluice.frames import announce_gathered, tail_frames
+from sluice.frames import announce_gathered, read_frames, tail_file_id, tail_frames
 from sluice.settings import Settings
 from sluice.spool import SealedFile, Spool, remove_empty_dirs
-from sluice.store import Store, object_key
+from sluice.store import Store, hour_prefix, lineage, live_keys, next_generation, object_key, open_newest
 from sluice.uploader import app_hour_lease
 
 log = logging.getLogger(__name__)
+
+# Objects of an app's tail lines are named <app>.tail-<first tail file's fid>[.g<N>].jsonl.zst.
+TAIL_OBJECT = "tail-"
+
+
+def is_tail_object(app: str, key: str) -> bool:
+    """Whether an object of `app` holds its lines gathered from tail files."""
+    return lineage(key)[0].removeprefix(f"{app}.").startswith(TAIL_OBJECT)
 
 
 class TailArchiver:
@@ -51,6 +67,10 @@ class TailArchiver:
         self.spool = Spool(settings.spool_dir)
         self.store = store
         self.level = settings.zstd_level
+        self.n = settings.slots_per_app
+        # A tail object under this size takes an app's later tail records (one object per
+        # quiet app-hour); a bigger one is left as it is while the app-hour has fewer than N.
+        self.small_bytes = settings.seal_size_bytes // 16
         self._forget = client.register_script(scripts.FORGET_TAIL)
 
     def archive_hour(self, hour: str, files: list[SealedFile]) -> int:
@@ -82,8 +102,22 @@ class TailArchiver:
         counts: list[object] = []
         written = 0
         if all(path.exists() for path in paths):
-            objects, counts = self._gather(hour, plan, paths)
+            gathered = self._gather(plan, paths)
+            first_round = not int(self.r.hget(schema.TAIL_ROUNDS, hour) or 0)
+            objects: list[tuple[str, bytes]] = []
+            superseded: list[str] = []
+            for app in sorted(gathered):
+                data, sources, records = gathered[app]
+                placed = self._place(app, hour, plan, data, sources, first_round)
+                if placed is None:
+                    continue  # an earlier try of this plan merged it already
+                key, payload, old = placed
+                objects.append((key, payload))
+                superseded += old
+                counts += [app, records, len(payload)]
             self.store.put_objects(objects)
+            for key in superseded:
+                self.store.delete(key)  # after its successor is stored: readers switch to that
             written = len(objects)
         else:  # an earlier try stored every object before it deleted the first file
             log.info("tail files of %s: an earlier try archived them; finishing", hour)
@@ -92,14 +126,13 @@ class TailArchiver:
         if paths:
             remove_empty_dirs(paths[0], levels=2)
         self._forget(keys=[schema.SEALED, schema.TAIL_PLAN, schema.SEALED_RECORDS, schema.PENDING_OLDEST,
-                           schema.ARCHIVED_RECORDS, schema.ARCHIVED_BYTES, schema.COUNTERS],
+                           schema.ARCHIVED_RECORDS, schema.ARCHIVED_BYTES, schema.COUNTERS, schema.TAIL_ROUNDS],
                      args=[hour, len(plan), *(sealed.entry for sealed in plan), *counts])
         log.info("archived %d tail files of %s as %d objects", len(plan), hour, written)
         return written
 
-    def _gather(self, hour: str, plan: list[SealedFile],
-                paths: list) -> tuple[list[tuple[str, bytes]], list[object]]:
-        """(object key, bytes) of each app's object, and (app, records, bytes) of each, flat."""
+    def _gather(self, plan: list[SealedFile], paths: list[Path]) -> dict[str, tuple[bytes, list[tuple[str, int]], int]]:
+        """Each app's bytes from these tail files, in order: (data, (fid, bytes) per file, records)."""
         parts: dict[str, list[bytes]] = collections.defaultdict(list)
         sources: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
         records: collections.Counter[str] = collections.Counter()
@@ -117,12 +150,42 @@ class TailArchiver:
                         at += entry.size
             for app, nbytes in from_file.items():
                 sources[app].append((sealed.fid, nbytes))
-        lineage = plan[0].fid  # the plan is sorted by fid
+        return {app: (b"".join(parts[app]), sources[app], records[app]) for app in parts}
+
+    def _place(self, app: str, hour: str, plan: list[SealedFile], data: bytes, sources: list[tuple[str, int]],
+               first_round: bool) -> tuple[str, bytes, list[str]] | None:
+        """(key, bytes, keys it supersedes) of the object an app's gathered lines go to, or None
+        if an earlier try of this plan stored it already.
+
+        The hour's first archive makes a new object per app. A later one (late records) merges
+        into the app's smallest tail object of the hour while that is small, or once the app-hour
+        has N objects, into a next generation (sluice.store) holding one frame of both; otherwise
+        it starts a new one. Before any of that, an object whose frame names a file of this plan
+        means this plan was stored already."""
+        key = object_key(app, hour, TAIL_OBJECT + plan[0].fid)
         cctx = zstandard.ZstdCompressor(level=self.level, write_checksum=True)  # one per call: not thread-safe
-        objects: list[tuple[str, bytes]] = []
-        counts: list[object] = []
-        for app in sorted(parts):
-            data = announce_gathered(sources[app], cctx.compress(b"".join(parts[app])))
-            objects.append((object_key(app, hour, lineage), data))
-            counts += [app, records[app], len(data)]
-        return objects, counts
+        if first_round:
+            return key, announce_gathered(sources, cctx.compress(data)), []
+        listed = self.store.list(hour_prefix(app, hour))
+        live = live_keys(listed)
+        stale = sorted(set(listed) - set(live))  # left by a merge cut short after its successor was stored
+        planned = {tail_file_id(sealed.fid) for sealed in plan}
+        tails: dict[str, tuple[bytes, list[tuple[str, int]]]] = {}
+        for other in live:
+            if not is_tail_object(app, other):
+                continue
+            with open_newest(self.store, hour_prefix(app, hour), other) as stream:
+                blocks = list(read_frames(stream))
+            earlier = [source for block in blocks for source in block.sources]
+            if planned & {tail for tail, _ in earlier}:
+                for old in stale:
+                    self.store.delete(old)
+                return None
+            tails[other] = (b"".join(block.data for block in blocks), earlier)
+        sizes = {other: self.store.size(other) or 0 for other in tails}
+        smallest = min(sizes, key=lambda other: sizes[other], default=None)
+        if smallest is None or (sizes[smallest] >= self.small_bytes and len(live) < self.n):
+            return key, announce_gathered(sources, cctx.compress(data)), stale
+        before, earlier = tails[smallest]
+        merged = announce_gathered(earlier + sources, cctx.compress(before + data))
+        return next_generation(smallest), merged, stale + [smallest]

@@ -128,6 +128,31 @@ def test_a_crash_while_storing_the_objects_loses_and_doubles_nothing(rds, settin
     assert archiver.archive_hour(HOUR, more) == len(APPS), "the planned set first"
     assert archiver.archive_hour(HOUR, tail.sealed()) == len(APPS), "then the new file"
     assert_archived_once(tail, tmp_path / "archive")
+    assert_one_object_per_app(tmp_path / "archive")
+
+
+def assert_one_object_per_app(root: Path) -> None:
+    objects = Counter(p.parent for p in root.rglob("*.jsonl.zst"))
+    assert len(objects) == len(APPS) and set(objects.values()) == {1}, objects
+
+
+@pytest.mark.parametrize("land", [0, 2, len(APPS)])
+def test_late_tail_files_join_each_apps_object_and_a_crash_while_merging_doubles_nothing(rds, settings, tmp_path,
+                                                                                        land):
+    tail = Tail(rds, settings)
+    tail.batch()
+    store = FileStore(tmp_path / "archive")
+    assert TailArchiver(rds, settings, store).archive_hour(HOUR, tail.sealed()) == len(APPS)
+    tail.batch()  # late records of the same hour
+    files = tail.sealed()
+    with pytest.raises(Crash):
+        TailArchiver(rds, settings, CrashingStore(tmp_path / "archive", land)).archive_hour(HOUR, files)
+    assert TailArchiver(rds, settings, store).archive_hour(HOUR, files) == len(APPS) - land
+    assert_archived_once(tail, tmp_path / "archive")
+    assert_one_object_per_app(tmp_path / "archive")
+    assert archived(tmp_path / "archive") == tail.lines, "the late lines after the earlier ones"
+    names = [p.name for p in (tmp_path / "archive").rglob("*.zst")]
+    assert all(name.endswith(".g1.jsonl.zst") for name in names), "each the next generation of its object"
 
 
 def test_a_crash_after_deleting_a_tail_file_finishes_without_writing_again(rds, settings, tmp_path, monkeypatch):
