@@ -123,7 +123,7 @@ def stages(workdir: Path, lines: list[bytes], nbytes: int, zstd_s: float) -> Non
 
         def split_all() -> None:
             for bid in bids:
-                split_batch(batches, router, bid)
+                split_batch(batches, router, bid, settings.tail_piece_bytes)
         rows.append(("split: group by app-hour", timed(split_all)[0]))
 
         import zstandard
@@ -131,10 +131,10 @@ def stages(workdir: Path, lines: list[bytes], nbytes: int, zstd_s: float) -> Non
 
         def compress_all() -> int:
             """What the compress tasks do, one bundle after the other."""
-            return sum(compress_pieces(batches, appender, cctx, bid, bundle, settings.tail_piece_bytes) for bid in bids
+            return sum(compress_pieces(batches, appender, cctx, bid, bundle) for bid in bids
                        for bundle in bundle_pieces(batches.pending_sizes(bid), settings.compress_bundle_bytes))
         compress_s, pieces = timed(compress_all)
-        rows.append((f"compress + append ({pieces:,} frames)", compress_s))
+        rows.append((f"compress + append ({pieces:,} pieces)", compress_s))
 
         def upload_all() -> int:
             Sealer(r, settings).seal_due(now=time.time() + settings.seal_age_seconds + 1)

@@ -35,17 +35,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Frame:
-    """One compressed frame of a batch, ready to append to a slot of (app, hour): one app-hour
-    piece, or a tail frame (app `schema.TAIL_APP`) holding several small ones."""
+    """One compressed piece of a batch, ready to append to a slot of (app, hour): an app-hour,
+    or the tail piece of an hour (app `schema.TAIL_APP`) holding the small ones of many apps."""
 
     app: str
     hour: str
     data: bytes
-    pieces: tuple[tuple[str, int], ...]  # (piece name "app|hour", its records) of each piece in it
+    records: int
+    per_app: tuple[tuple[str, int], ...]  # (app, records) of the apps it holds, counted at the commit
 
     @classmethod
     def piece(cls, app: str, hour: str, data: bytes, records: int) -> "Frame":
-        return cls(app, hour, data, ((schema.app_hour(app, hour), records),))
+        return cls(app, hour, data, records, ((app, records),))
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Appender:
     def append_many(self, bid: str, frames: list[Frame]) -> int:
         """Append each frame of batch `bid` exactly once; returns how many this call appended.
 
-        A frame whose pieces were (any of them) appended by an earlier delivery is skipped. Four round trips to Redis
+        Pieces already appended by an earlier delivery are skipped. Four round trips to Redis
         for the whole bundle, whatever its size: acquire, check the leases under the file
         locks, (write each file, then make them durable at once), commit, release.
         """
@@ -195,9 +196,9 @@ class Appender:
         args: list[object] = [token, bid, self.settings.seal_size_bytes,
                               schema.SLOT_LOCK_PREFIX, schema.SLOT_STATE_PREFIX, schema.HOURLY_TTL_SECONDS]
         for (h, _), end in zip(files, ends):
-            args += [h.sid, h.fid, end, len(h.frame.pieces)]
-            for piece, records in h.frame.pieces:
-                args += [piece, records]
+            args += [h.sid, h.fid, end, h.frame.records, len(h.frame.per_app)]
+            for app, records in h.frame.per_app:
+                args += [app, records]
         *results, finished = self._commit(keys=keys, args=args)
         held.difference_update(h.sid for (h, _), result in zip(files, results) if result > 0)
         if finished:

@@ -29,7 +29,8 @@ import zstandard
 from sluice import schema
 from sluice.errors import Damaged
 
-__all__ = ["Damaged", "announce", "announce_tail", "announce_gathered", "read_frames", "tail_frames"]
+__all__ = ["Damaged", "announce", "announce_tail", "announce_gathered", "pack_tail_piece", "read_frames",
+           "tail_frames", "unpack_tail_piece"]
 
 MAGIC = 0x184D2A53  # three of the 16 skippable-frame magics of the zstd format
 TAIL_MAGIC = 0x184D2A54
@@ -40,6 +41,7 @@ _LENGTH = struct.Struct("<I")  # sluice's payload: the length of the frame that 
 _COUNT = struct.Struct("<IH")  # the length of the frame that follows, entries
 _TAIL_ENTRY = struct.Struct("<IIB")  # bytes, records, length of the app id that follows
 _SOURCE = struct.Struct("<8sI")  # tail file (fid's hex digits as bytes), bytes from it
+_PIECE_HEAD = struct.Struct("<I")  # entries of a tail piece in the spool (pack_tail_piece)
 
 
 class TailEntry(NamedTuple):
@@ -75,13 +77,47 @@ def announce(piece_id: str, frame: bytes) -> bytes:
 
 def announce_tail(bid: str, hour: str, entries: list[TailEntry], frame: bytes) -> bytes:
     """A tail frame (`frame` compresses the entries' bytes, in order) preceded by its announcement."""
-    parts = [_COUNT.pack(len(frame), len(entries))]
+    payload = _COUNT.pack(len(frame), len(entries)) + _pack_entries(entries) + f"{bid}|{hour}".encode()
+    return _HEAD.pack(TAIL_MAGIC, len(payload)) + payload + frame
+
+
+def pack_tail_piece(entries: list[TailEntry], data: bytes) -> bytes:
+    """The small pieces of one batch and hour as the split stores them for the compress task:
+    `<I n>`, the entries as a tail announcement lists them, then their bytes."""
+    return _PIECE_HEAD.pack(len(entries)) + _pack_entries(entries) + data
+
+
+def unpack_tail_piece(piece: bytes) -> tuple[list[TailEntry], bytes]:
+    """(entries, their bytes) of a tail piece; Damaged if they do not add up."""
+    try:
+        (n,) = _PIECE_HEAD.unpack_from(piece)
+        entries, at = _unpack_entries(piece, _PIECE_HEAD.size, n)
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise Damaged(f"a damaged tail piece: {exc}") from None
+    data = piece[at:]
+    if sum(e.size for e in entries) != len(data):
+        raise Damaged("a tail piece's entries do not add up to its data")
+    return entries, data
+
+
+def _pack_entries(entries: list[TailEntry]) -> bytes:
+    parts = []
     for app, size, records in entries:
         name = app.encode()
         parts += [_TAIL_ENTRY.pack(size, records, len(name)), name]
-    parts.append(f"{bid}|{hour}".encode())
-    payload = b"".join(parts)
-    return _HEAD.pack(TAIL_MAGIC, len(payload)) + payload + frame
+    return b"".join(parts)
+
+
+def _unpack_entries(buf: bytes, at: int, n: int) -> tuple[list[TailEntry], int]:
+    entries = []
+    for _ in range(n):
+        size, records, name_len = _TAIL_ENTRY.unpack_from(buf, at)
+        at += _TAIL_ENTRY.size
+        if at + name_len > len(buf):
+            raise struct.error("an app id runs past the end")
+        entries.append(TailEntry(buf[at:at + name_len].decode(), size, records))
+        at += name_len
+    return entries, at
 
 
 def announce_gathered(sources: list[tuple[str, int]], frame: bytes) -> bytes:
@@ -156,12 +192,7 @@ def _tail_payload(payload: bytes) -> tuple[int, list[TailEntry], str, str]:
     """(frame length, entries, batch id, hour) of a tail announcement."""
     try:
         length, n = _COUNT.unpack_from(payload)
-        at, entries = _COUNT.size, []
-        for _ in range(n):
-            size, records, name_len = _TAIL_ENTRY.unpack_from(payload, at)
-            at += _TAIL_ENTRY.size
-            entries.append(TailEntry(payload[at:at + name_len].decode(), size, records))
-            at += name_len
+        entries, at = _unpack_entries(payload, _COUNT.size, n)
         bid, _, hour = payload[at:].decode().rpartition("|")
     except (struct.error, UnicodeDecodeError) as exc:
         raise Damaged(f"a damaged tail announcement: {exc}") from None

@@ -146,23 +146,22 @@ end
 return out
 """
 
-# Commit the appends of a bundle: for each frame whose pieces are all still pending, retire
-# them, move the slot's committed size and release the lock, sealing the slot in the same step
-# when it has grown past the seal size (2). A frame with a piece no longer pending (0: a
-# duplicate delivery) keeps its lock, so its writer can cut its bytes off before anyone appends
-# after them; -1: the lease was lost. The last piece of a batch takes the batch's bytes off the
-# in-flight total, once; the last element of the reply says so (1), and the caller removes the
-# batch's pieces files. A frame holds one piece ("app|hour", its slot's own app-hour) or, in a
-# tail slot, several of many apps; records are counted to each piece's app. The sealed entry
-# ("app|hour|fid") is built from the slot id. A slot (then its sealed entry) is scored in
-# PENDING_OLDEST by the oldest first-record timestamp of the batches appended to it, and counts
-# its records.
+# Commit the appends of a bundle: for each piece still pending, retire it, move the slot's
+# committed size and release the lock, sealing the slot in the same step when it has grown past
+# the seal size (2). A piece no longer pending (0: a duplicate delivery) keeps its lock, so its
+# writer can cut its bytes off before anyone appends after them; -1: the lease was lost. The
+# last piece of a batch takes the batch's bytes off the in-flight total, once; the last element
+# of the reply says so (1), and the caller removes the batch's pieces files. The piece name
+# ("app|hour") and the sealed entry ("app|hour|fid") are built from the slot id. Records are
+# counted to each app the piece holds (one, or many for a tail piece). A slot (then its sealed
+# entry) is scored in PENDING_OLDEST by the oldest first-record timestamp of the batches
+# appended to it, and counts its records.
 # KEYS: 1 batch_pending(bid), 2 batch_groups(bid), 3 batch_state(bid), 4 INFLIGHT, 5 STATS,
 #       6 SEALED, 7 SLOTS, 8 INFLIGHT_BYTES, 9 BATCH_BYTES, 10 INFLIGHT_OLDEST,
 #       11 PENDING_OLDEST, 12 SEALED_RECORDS, 13 hourly_records(this hour)
 # ARGV: 1 token, 2 batch id, 3 seal size, 4 SLOT_LOCK_PREFIX, 5 SLOT_STATE_PREFIX,
-#       6 HOURLY_TTL_SECONDS, then per frame: slot id, fid, new size, n, then n pairs of a
-#       piece name and its records
+#       6 HOURLY_TTL_SECONDS, then per piece: slot id, fid, new size, records, m, then m pairs
+#       of an app and its records
 COMMIT = """
 local lockp, slotp = ARGV[4], ARGV[5]
 local t = redis.call('TIME')
@@ -172,35 +171,29 @@ local out = {}
 local appended = false
 local a = 6
 while a < #ARGV do
-  local sid, fid, size, n = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
-  local first = a + 5
-  a = a + 4 + 2 * n
+  local sid, fid, size, records, m = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], tonumber(ARGV[a + 5])
+  local apps = a + 6
+  a = a + 5 + 2 * m
   local lock, slot = lockp .. sid, slotp .. sid
+  local app, hour = string.match(sid, '^([^|]*)|([^|]*)|')
+  local piece = app .. '|' .. hour
   local r = 1
   if redis.call('GET', lock) ~= ARGV[1] then
     r = -1
+  elseif redis.call('SREM', KEYS[1], piece) == 0 then
+    r = 0
   else
-    for j = 0, n - 1 do
-      if redis.call('SISMEMBER', KEYS[1], ARGV[first + 2 * j]) == 0 then r = 0 break end
-    end
-  end
-  if r == 1 then
-    local records = 0
-    for j = 0, n - 1 do
-      local piece, count = ARGV[first + 2 * j], ARGV[first + 2 * j + 1]
-      local app = string.match(piece, '^([^|]*)|')
-      redis.call('SREM', KEYS[1], piece)
-      redis.call('HDEL', KEYS[2], piece)
-      redis.call('HINCRBY', KEYS[5], app, count)
-      redis.call('HINCRBY', KEYS[13], app, count)
-      records = records + tonumber(count)
-    end
     redis.call('HSET', slot, 'size', size, 'updated', now)
     redis.call('HINCRBY', slot, 'records', records)
+    redis.call('HDEL', KEYS[2], piece)
+    for j = apps, apps + 2 * m - 1, 2 do
+      redis.call('HINCRBY', KEYS[5], ARGV[j], ARGV[j + 1])
+      redis.call('HINCRBY', KEYS[13], ARGV[j], ARGV[j + 1])
+    end
     appended = true
     if oldest then redis.call('ZADD', KEYS[11], 'LT', oldest, sid) end
     if tonumber(size) >= tonumber(ARGV[3]) then
-      local entry = string.match(sid, '^(.*)|[^|]*$') .. '|' .. fid
+      local entry = piece .. '|' .. fid
       redis.call('HSET', KEYS[6], entry, size)
       redis.call('HSET', KEYS[12], entry, redis.call('HGET', slot, 'records'))
       local o = redis.call('ZSCORE', KEYS[11], sid)

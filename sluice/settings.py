@@ -70,9 +70,10 @@ class Settings(BaseSettings):
     # Pieces of a batch are compressed in tasks of about this many bytes (see bundle_pieces): two
     # tasks per full batch keep two cpu processes busy; smaller ones cost more in task overhead.
     compress_bundle_bytes: int = Field(8 * 1024 * 1024, gt=0)
-    # A piece (one app-hour of a batch) smaller than this shares a tail file with the other small
-    # pieces of its hour instead of going to a file of its app (sluice.tail): the long tail of
-    # quiet apps then costs a frame and a file per batch and hour, not per app. 0: never.
+    # A piece (one app-hour of a batch) smaller than this is packed with the other small pieces of
+    # its batch and hour into one tail piece, appended to a tail file instead of a file of its app
+    # (sluice.tail): the long tail of quiet apps then costs a piece, a frame and a file write per
+    # batch and hour, not per app. 0: never.
     tail_piece_bytes: int = Field(64 * 1024, ge=0)
     compress_time_limit: float = Field(120.0, gt=0)
     # A slot lock outlives the hard time limit of the task holding it, so a stalled writer is

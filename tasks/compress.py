@@ -23,7 +23,7 @@ _limit = get_settings().compress_time_limit
           retry_backoff=True, retry_backoff_max=30, max_retries=None,
           time_limit=_limit, soft_time_limit=_limit * 0.9)
 def compress(self: Task, bid: str, pieces: list[str]) -> int:
-    """Returns how many frames this call appended; pieces appended by an earlier delivery of
+    """Returns how many pieces this call appended; pieces appended by an earlier delivery of
     the same task (or by a redriven copy) are skipped."""
     queued_tasks().started(bid, self.request.id)
-    return compress_pieces(batches(), appender(), compressor(), bid, pieces, get_settings().tail_piece_bytes)
+    return compress_pieces(batches(), appender(), compressor(), bid, pieces)

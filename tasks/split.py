@@ -25,7 +25,7 @@ def split(self: Task, bid: str) -> int:
 
     Returns the number of compress tasks enqueued."""
     queued_tasks().started(bid, self.request.id)
-    split_batch(batches(), router(), bid)
+    split_batch(batches(), router(), bid, get_settings().tail_piece_bytes)
     bundles = bundle_pieces(batches().pending_sizes(bid), get_settings().compress_bundle_bytes)
     for bundle in bundles:
         enqueue("sluice.compress", bid, bundle)

@@ -13,12 +13,12 @@ import zstandard
 
 from devstack.serial_upload import upload_sealed
 from sluice import schema
-from sluice.appends import Appender, Frame
+from sluice.appends import Appender
 from sluice.batches import Batches
 from sluice.fetch import Fetch, Query, SpoolReader
 from sluice.sealing import Sealer
 from sluice.spool import SealedFile
-from sluice.stages import compress_pieces
+from sluice.stages import compress_pieces, tail_pieces
 from sluice.store import FileStore
 from sluice.tail import TailArchiver
 from sluice.uploader import Uploader
@@ -49,8 +49,10 @@ class Tail:
             self.n += 1
             self.lines[app].append(line)
             pieces[schema.app_hour(app, HOUR)] = line + b"\n"
-        split_batch(self.batches, bid, pieces)
-        assert compress_pieces(self.batches, self.appender, CCTX, bid, sorted(pieces), tail_piece_bytes=1024) == 1
+        packed = tail_pieces({piece: (data, 1) for piece, data in pieces.items()}, tail_piece_bytes=1024)
+        split_batch(self.batches, bid, {piece: data for piece, (data, _) in packed.items()})
+        assert list(packed) == [schema.app_hour(schema.TAIL_APP, HOUR)], "one tail piece"
+        assert compress_pieces(self.batches, self.appender, CCTX, bid, list(packed)) == 1
 
     def sealed(self) -> list[SealedFile]:
         Sealer(self.rds, self.settings).seal_due(now=FAR_FUTURE)
@@ -213,19 +215,12 @@ def test_a_damaged_tail_file_is_kept_and_fails_its_upload_loudly(rds, settings, 
     assert not list((tmp_path / "archive").rglob("*.zst"))
 
 
-def test_a_tail_frame_holding_a_piece_appended_already_is_not_appended_and_its_other_pieces_wait(rds, settings):
-    """Two deliveries of one batch's work that bundled its pieces differently (a redrive racing
-    the first task): neither doubles a piece."""
+def test_a_tail_piece_is_appended_once_however_often_it_is_delivered(rds, settings):
     tail = Tail(rds, settings)
-    bid = "logs:0:0-2"
-    pieces = {schema.app_hour(app, HOUR): b'{"app":"%s"}\n' % app.encode() for app in APPS[:3]}
-    split_batch(tail.batches, bid, pieces)
-    first, *rest = sorted(pieces)
-    assert compress_pieces(tail.batches, tail.appender, CCTX, bid, [first], tail_piece_bytes=1024) == 1
-    racing = Frame(schema.TAIL_APP, HOUR, b"", tuple((piece, 1) for piece in sorted(pieces)))
-    assert tail.appender.append_many(bid, [racing]) == 0, "holds a piece appended already"
-    assert tail.batches.pending_pieces(bid) == rest, "the others still wait for their own append"
-    assert compress_pieces(tail.batches, tail.appender, CCTX, bid, sorted(pieces), tail_piece_bytes=1024) == 1
-    assert tail.batches.pending_pieces(bid) == []
+    tail.batch()
+    bid, piece = "logs:0:0-3", schema.app_hour(schema.TAIL_APP, HOUR)
+    assert compress_pieces(tail.batches, tail.appender, CCTX, bid, [piece]) == 0, "a redelivery"
     [sealed] = tail.sealed()
-    assert rds.hget(schema.SEALED_RECORDS, sealed.entry) == b"3"
+    assert rds.hget(schema.SEALED_RECORDS, sealed.entry) == str(len(APPS)).encode()
+    counts = {k.decode(): int(v) for k, v in rds.hgetall(schema.STATS).items()}
+    assert counts == {app: 1 for app in APPS}, "records counted to each app, once"

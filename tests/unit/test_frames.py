@@ -15,8 +15,10 @@ from sluice.frames import (
     announce,
     announce_gathered,
     announce_tail,
+    pack_tail_piece,
     read_frames,
     tail_frames,
+    unpack_tail_piece,
 )
 
 CCTX = zstandard.ZstdCompressor(write_content_size=True, write_checksum=True)  # as compress writes them
@@ -93,6 +95,16 @@ def test_tail_frames_gives_entries_and_data_and_refuses_what_does_not_add_up():
         list(tail_frames(io.BytesIO(bad)))
     with pytest.raises(Damaged):
         list(tail_frames(io.BytesIO(stream(PIECES[0]))))  # not a tail file
+
+
+def test_a_tail_piece_packs_and_unpacks_and_a_damaged_one_is_refused():
+    entries = [TailEntry("a", 3, 1), TailEntry("b", 6, 2)]
+    packed = pack_tail_piece(entries, b"a1\nb1\nb2\n")
+    assert unpack_tail_piece(packed) == (entries, b"a1\nb1\nb2\n")
+    with pytest.raises(Damaged):
+        unpack_tail_piece(packed[:-1])  # entries add up to more than there is
+    with pytest.raises(Damaged):
+        unpack_tail_piece(packed[:9])  # cut inside the entries
 
 
 def test_a_gathered_frame_says_which_bytes_came_from_which_tail_file():

@@ -37,12 +37,13 @@ def test_the_scripts_build_names_by_the_schemas_patterns():
     assert "lockp .. sid" in scripts.ACQUIRE and "slotp .. sid" in scripts.ACQUIRE
     assert schema.slot_lock(sid) == schema.SLOT_LOCK_PREFIX + sid
     assert schema.slot_state(sid) == schema.SLOT_STATE_PREFIX + sid
-    assert "string.match(piece, '^([^|]*)|')" in scripts.COMMIT  # a piece's app
-    assert re.match(r"^([^|]*)\|", schema.app_hour(app, hour)).group(1) == app
-    assert "string.match(sid, '^(.*)|[^|]*$') .. '|' .. fid" in scripts.COMMIT  # a sealed entry
-    assert re.match(r"^(.*)\|[^|]*$", sid).group(1) + "|" + fid == schema.sealed_entry(app, hour, fid)
+    assert "string.match(sid, '^([^|]*)|([^|]*)|')" in scripts.COMMIT
+    assert re.match(r"^([^|]*)\|([^|]*)\|", sid).groups() == (app, hour)
     tail_sid = schema.slot_id(schema.TAIL_APP, hour, 0)
-    assert re.match(r"^(.*)\|[^|]*$", tail_sid).group(1) + "|" + fid == schema.sealed_entry(schema.TAIL_APP, hour, fid)
+    assert re.match(r"^([^|]*)\|([^|]*)\|", tail_sid).groups() == (schema.TAIL_APP, hour)
+    assert "local piece = app .. '|' .. hour" in scripts.COMMIT
+    assert "piece .. '|' .. fid" in scripts.COMMIT
+    assert schema.sealed_entry(app, hour, fid) == schema.app_hour(app, hour) + "|" + fid
 
 
 def test_the_scripts_use_the_batch_states_of_the_schema():
