@@ -33,7 +33,8 @@ class SealedRegistry:
     def plan_upload(self, sealed: SealedFile, plan: str) -> str:
         """Record how a sealed file is archived, unless a plan is recorded already; the plan in
         force. Decided once, so a repeated upload never decides differently."""
-        self.r.hsetnx(schema.UPLOAD_PLAN, sealed.entry, plan)
+        if self.r.hsetnx(schema.UPLOAD_PLAN, sealed.entry, plan):
+            return plan
         return self.upload_plan(sealed) or plan
 
     def planned(self) -> list[str]:

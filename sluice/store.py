@@ -112,10 +112,11 @@ class FileStore:
         self.root = root
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        """The path of a key (or listing prefix), refused if it would leave the store: checked
+        on the key's text, not by resolving the path (a syscall per component, per object)."""
+        if key.startswith("/") or ".." in key.split("/"):
             raise ValueError(f"object key {key!r} escapes the store")
-        return path
+        return self.root / key
 
     def put(self, local: Path, key: str) -> None:
         dest = self._path(key)
@@ -168,8 +169,7 @@ class FileStore:
         base = self._path(prefix)
         if not base.is_dir():
             return []
-        root = self.root.resolve()
-        return sorted(str(p.relative_to(root)) for p in base.rglob("*.jsonl.zst") if p.is_file())
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*.jsonl.zst") if p.is_file())
 
     def open(self, key: str) -> ObjectStream:
         return open(self._path(key), "rb")
