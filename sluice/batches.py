@@ -80,7 +80,8 @@ class Batches:
         return self.files.map_payload(bid)
 
     def commit_split(self, bid: str, groups: dict[str, bytes], records: dict[str, int] | None = None,
-                     quarantined: dict[str, int] | None = None) -> bool:
+                     quarantined: dict[str, int] | None = None,
+                     spans: dict[str, tuple[int, int]] | None = None) -> bool:
         """Record the pieces of a handed-over batch (and how many records, lines, each holds),
         and count its quarantined records by reason; False if it was already split.
 
@@ -97,7 +98,7 @@ class Batches:
         offset = 0
         for piece, data in groups.items():
             count = records[piece] if records is not None else data.count(b"\n")
-            args += [piece, schema.piece_ref(token, offset, len(data), count)]
+            args += [piece, schema.piece_ref(token, offset, len(data), count, spans.get(piece) if spans else None)]
             offset += len(data)
         write_durably(path, groups.values())
         try:
@@ -116,22 +117,23 @@ class Batches:
     def pending_pieces(self, bid: str) -> list[str]:
         return sorted(p.decode() for p in self.r.smembers(schema.batch_pending(bid)))
 
-    def _refs(self, bid: str, pieces: list[str]) -> list[tuple[str, int, int, int | None] | None]:
+    def _refs(self, bid: str, pieces: list[str]) -> list[schema.PieceRef | None]:
         refs = self.r.hmget(schema.batch_groups(bid), pieces) if pieces else []
         return [schema.parse_piece_ref(ref) if ref is not None else None for ref in refs]
 
-    def pieces_data(self, bid: str, pieces: list[str]) -> list[tuple[bytes, int] | None]:
-        """Data and record count of each piece; None for a piece already appended."""
+    def pieces_data(self, bid: str, pieces: list[str]) -> list[tuple[bytes, int, tuple[int, int] | None] | None]:
+        """Data, record count and event-time span (ms; None if not known) of each piece; None
+        for a piece already appended."""
         refs = self._refs(bid, pieces)
-        datas = self.files.read_pieces(bid, [ref[:3] if ref else None for ref in refs])
+        datas = self.files.read_pieces(bid, [(ref.token, ref.offset, ref.length) if ref else None for ref in refs])
         return [None if data is None or ref is None else
-                (data, ref[3] if ref[3] is not None else data.count(b"\n"))
+                (data, ref.records if ref.records is not None else data.count(b"\n"), ref.span)
                 for ref, data in zip(refs, datas)]
 
     def pending_sizes(self, bid: str) -> dict[str, int]:
         """Pending pieces of a batch and their sizes in bytes."""
         pieces = self.pending_pieces(bid)
-        return {piece: ref[2] for piece, ref in zip(pieces, self._refs(bid, pieces)) if ref}
+        return {piece: ref.length for piece, ref in zip(pieces, self._refs(bid, pieces)) if ref}
 
     # --- in flight ---------------------------------------------------------------------
     def stale(self, older_than: float) -> list[str]:

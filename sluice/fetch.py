@@ -14,24 +14,41 @@ Fetch only reads: it takes no lock and changes nothing in the spool.
 from __future__ import annotations
 
 import functools
+import io
+import math
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 import redis
+import zstandard
 
 from sluice import schema
+from sluice.errors import Damaged
 from sluice.external_sort import HourSorter
-from sluice.frames import Block, read_frames, tail_file_id
+from sluice.frames import (
+    SKIPPABLE_HEAD,
+    Block,
+    IndexEntry,
+    Prefixed,
+    Readable,
+    announced,
+    decode,
+    read_frames,
+    tail_file_id,
+    units,
+    wanted,
+)
 from sluice.read_ahead import Frames, read_ahead
 from sluice.records import QUARANTINE_APP, event_time, hour_start, valid_app_id
 from sluice.sealed import committed_files
 from sluice.spool import Spool
-from sluice.store import Store, hour_prefix, live_keys, open_newest
+from sluice.store import Store, hour_prefix, live_keys, open_newest, read_index
 from sluice.timewindow import hours_between
 
 # How often --follow looks for new records.
@@ -101,9 +118,33 @@ class _Enough(Exception):
 
 
 @dataclass
+class Stats:
+    """What a fetch read, for --stats."""
+
+    objects_listed: int = 0
+    frames_listed: int = 0  # in the indexes of the objects read by index
+    frames_skipped: int = 0  # by the index or an announcement: not read, or not decompressed
+    frames_read: int = 0
+    compressed_bytes: int = 0  # read from the store and the spool
+    decompressed_bytes: int = 0
+    lines_scanned: int = 0  # looked at one by one (the others were printed or counted whole)
+    lines_matched: int = 0
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        rate = self.compressed_bytes / self.seconds / 1e6 if self.seconds else 0.0
+        return [f"objects listed {self.objects_listed}",
+                f"frames listed {self.frames_listed}, skipped {self.frames_skipped}, read {self.frames_read}",
+                f"bytes compressed {self.compressed_bytes:,}, decompressed {self.decompressed_bytes:,}",
+                f"lines scanned {self.lines_scanned:,}, matched {self.lines_matched:,}",
+                f"seconds {self.seconds:.3f}, {rate:.1f} MB/s compressed"]
+
+
+@dataclass
 class _Printer:
     out: BinaryIO
     query: Query
+    stats: Stats
     count: int = 0
     sorter: HourSorter | None = None
 
@@ -111,15 +152,18 @@ class _Printer:
         if self.query.sort and not self.query.count_only:
             self.sorter = HourSorter(self.query.timestamp_field)
 
-    def block(self, data: bytes, hour: str) -> None:
-        """Print the matching lines of newline-terminated `data`, all filed under one event hour.
+    def block(self, data: bytes, hour: str, span: tuple[int, int] | None = None) -> None:
+        """Print the matching lines of newline-terminated `data`, all filed under one event hour,
+        their event times (ms) within `span` if it is known.
 
-        An hour wholly inside the window needs no line to be parsed for its time, and without
-        --grep, --limit or --sort not even split into lines."""
+        An hour or a frame wholly inside the window needs no line to be parsed for its time, and
+        without --grep, --limit or --sort not even split into lines."""
         q = self.query
         start, lo = hour_start(hour), q.since.timestamp()
         hi = q.until.timestamp() if q.until is not None else float("inf")
-        whole = lo <= start and start + 3600 <= hi
+        whole = (lo <= start and start + 3600 <= hi) or (
+            span is not None and lo * 1000 <= span[0] and span[1] < hi * 1000)
+        self.stats.lines_scanned += data.count(b"\n") if not whole or q.grep is not None else 0
         if whole and q.grep is None and q.limit is None and self.sorter is None:
             self.count += data.count(b"\n")
             if not q.count_only:
@@ -176,7 +220,8 @@ class Fetch:
 
     def __post_init__(self) -> None:
         self.query.check()
-        self.printer = _Printer(self.out, self.query)
+        self.stats = Stats()
+        self.printer = _Printer(self.out, self.query, self.stats)
 
     @property
     def count(self) -> int:
@@ -185,13 +230,24 @@ class Fetch:
     def run(self) -> int:
         """Print the window; returns how many records matched."""
         until = self.query.until or self.clock()
+        started = time.perf_counter()
         try:
             for hour in hours_between(self.query.since, until):
                 self._read_hour(hour)
                 self.printer.end_hour()
         except _Enough:
             pass
+        self.stats.seconds += time.perf_counter() - started
+        self.stats.lines_matched = self.count
         return self.count
+
+    def _window_ms(self, hour: str) -> tuple[int, int] | None:
+        """The window in ms, if it does not cover the whole hour (then frames may be skipped)."""
+        start = hour_start(hour)
+        lo, hi = self.query.since.timestamp(), self.query.until.timestamp() if self.query.until else float("inf")
+        if lo <= start and start + 3600 <= hi:
+            return None
+        return math.floor(lo * 1000), (math.ceil(hi * 1000) if hi != float("inf") else 2**62)
 
     def follow(self, stop: threading.Event) -> int:
         """After `run()`: print each new matching record as it is committed, until `stop`.
@@ -218,12 +274,18 @@ class Fetch:
             listed = live_keys(self.store.list(hour_prefix(self.query.app, hour)))
             sources: list[tuple[str, Callable[[], Frames]]] = []
             tails: dict[str, str] = {}  # source name -> tail file hex id
+            window = self._window_ms(hour)
+            self.stats.objects_listed += len(listed)
             for fid, fd, size, tail in local:
                 start = state.local.get(fid, 0)
                 if size > start:
                     state.local[fid] = size
+                    self.stats.compressed_bytes += size - start
                     name = f"spool file {fid}"
-                    sources.append((name, functools.partial(read_frames, _Range(fd, start, size), self.query.app)))
+                    # A tail file is read whole: what fetch read of it must be known to the byte
+                    # (see _unprinted), and it is small.
+                    sources.append((name, functools.partial(read_frames, _Range(fd, start, size), self.query.app,
+                                                            None if tail else window)))
                     if tail:
                         tails[name] = tail_file_id(fid)
             for key in listed:
@@ -234,14 +296,17 @@ class Fetch:
                 if isinstance(block, Exception):
                     self.damaged = True
                     self.warn(f"{name}: {block}; everything else is printed")
-                elif block.sources:
+                    continue
+                self.stats.frames_read += 1
+                self.stats.decompressed_bytes += len(block.data)
+                if block.sources:
                     self.printer.block(_unprinted(block, state.tail_bytes), hour)
                 elif block.ident is None or block.ident not in state.seen:
                     if block.ident is not None:
                         state.seen.add(block.ident)
                     if name in tails:
                         state.tail_bytes[tails[name]] = state.tail_bytes.get(tails[name], 0) + len(block.data)
-                    self.printer.block(block.data, hour)
+                    self.printer.block(block.data, hour, block.span)
         finally:
             for _, fd, _, _ in local:
                 os.close(fd)
@@ -257,8 +322,94 @@ class Fetch:
             return []
 
     def _object_frames(self, hour: str, key: str) -> Frames:
+        """The blocks of an object that may hold lines of the window: with a window narrower
+        than the hour, only the frames its index says overlap it, each read by a ranged read and
+        checked against the index; the whole object otherwise, or if its index is missing,
+        damaged or disagrees with a frame (then said on stderr: nothing is skipped because of a
+        damaged index)."""
+        window = self._window_ms(hour)
+        done: set[int] = set()  # offsets of frames read by index
+        if window is not None:
+            try:
+                yield from self._indexed(key, window, done)
+                return
+            except FileNotFoundError:
+                pass  # replaced by a merge since it was listed: its successor is read whole
+            except (Damaged, OSError) as exc:
+                if not isinstance(exc, Damaged) or "no index" not in str(exc):
+                    self.warn(f"{key}: its index cannot be used ({exc}); reading every frame")
         with open_newest(self.store, hour_prefix(self.query.app, hour), key) as stream:
-            yield from read_frames(stream)
+            counted = _Counted(stream)
+            try:
+                yield from _walk(counted, self.query.app, window, done, self.stats)
+            finally:
+                self.stats.compressed_bytes += counted.count
+
+    def _indexed(self, key: str, window: tuple[int, int], done: set[int]) -> Frames:
+        size = self.store.size(key)
+        if size is None:
+            raise FileNotFoundError(key)
+        entries = read_index(self.store, key, size)
+        lo, hi = window
+        chosen = [e for e in entries if e.meta.max_ms >= lo and e.meta.min_ms < hi]
+        self.stats.frames_listed += len(entries)
+        self.stats.frames_skipped += len(entries) - len(chosen)
+        dctx = zstandard.ZstdDecompressor()
+        for run in _runs(chosen):
+            start, end = run[0].offset, run[-1].offset + run[-1].length
+            data = self.store.read_range(key, start, end)
+            self.stats.compressed_bytes += len(data)
+            stream = io.BytesIO(data)
+            for entry, unit in zip(run, units(stream)):
+                if unit.length != entry.length or (unit.meta is not None and unit.meta != entry.meta):
+                    raise Damaged(f"the frame at {entry.offset} is not the one the index lists")
+                yield from decode(unit, dctx, self.query.app)
+                done.add(entry.offset)
+            if stream.tell() != len(data):
+                raise Damaged(f"the frames at {start}..{end} are not the ones the index lists")
+
+
+def _runs(entries: list[IndexEntry]) -> list[list[IndexEntry]]:
+    """Adjacent index entries grouped, so that each group is one ranged read."""
+    runs: list[list[IndexEntry]] = []
+    for entry in entries:
+        if runs and runs[-1][-1].offset + runs[-1][-1].length == entry.offset:
+            runs[-1].append(entry)
+        else:
+            runs.append([entry])
+    return runs
+
+
+def _walk(stream: "_Counted", app: str, window: tuple[int, int] | None, done: set[int], stats: Stats) -> Frames:
+    """Every frame of an object, in order, but those at offsets in `done` (read by index
+    already) and, with a window, those whose announcement shows no line in it. An object
+    written before announcements is read as one zstd stream."""
+    head = stream.read(SKIPPABLE_HEAD)
+    if not head:
+        return
+    if not announced(head):
+        yield from read_frames(Prefixed(head, stream), app)
+        return
+    dctx = zstandard.ZstdDecompressor()
+    at = 0
+    for unit in units(Prefixed(head, stream)):
+        if at not in done and (window is None or wanted(unit, app, *window)):
+            yield from decode(unit, dctx, app)
+        elif at not in done:
+            stats.frames_skipped += 1
+        at += unit.length
+
+
+class _Counted:
+    """A stream that counts the bytes read from it."""
+
+    def __init__(self, stream: Readable) -> None:
+        self.stream, self.count = stream, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.count += len(data)
+        return data
 
 
 def _unprinted(block: Block, printed: dict[str, int]) -> bytes:

@@ -1,27 +1,43 @@
-"""Archive files are zstd frames, each announced by a skippable frame that says what it holds.
+"""The archive format: zstd frames, each announced by a skippable frame that says what it holds,
+and, at the end of every object, an index of them.
 
-Before every zstd frame sluice writes a zstd *skippable frame*, which every zstd decoder passes
-over (the CLI, libzstd, DuckDB), holding the length of the frame that follows and one of:
+Every zstd decoder passes over skippable frames (the CLI, libzstd, DuckDB), so an archive reads as
+plain zstd everywhere. Before each zstd frame sluice writes one, holding the frame's *meta*,
+`<I length><I bytes><I records><q min><q max>`: the length of the zstd frame that follows, its
+decompressed size, its lines, and the earliest and latest event time of its lines in
+milliseconds (a frame with a line that has no event time spans its whole hour). Then one of:
 
-- `MAGIC`, a **piece**: the lines of one app-hour from one batch; payload `<I length>` and the
-  piece id (`bid|app|hour`, UTF-8).
+- `PIECE_MAGIC`, a **piece**: the lines of one app-hour from one batch; the piece id
+  (`bid|app|hour`, UTF-8).
 - `TAIL_MAGIC`, a **tail frame** (sluice.tail): the small pieces of many apps from one batch and
-  hour, one after the other; payload `<I length><H n>`, then per piece `<I bytes><I records>
-  <B len>` and its app id, then `bid|hour`. A reader wanting one app decompresses only the frames
-  that list it, and takes its bytes.
+  hour, one after the other; `<H n>`, then per piece `<I bytes><I records><q min><q max><B len>`
+  and its app id, then `bid|hour`. A reader wanting one app decompresses only the frames that
+  list it, and takes its bytes.
 - `GATHERED_MAGIC`, an app's lines **gathered from tail files** into one frame when they are
-  archived; payload `<I length><H n>`, then per tail file `<8s>` (the 16 hex digits of its fid,
-  as bytes) `<I bytes>`: which bytes of the frame came from which tail file, in order.
+  archived; `<H n>`, then per tail file `<8s>` (the 16 hex digits of its fid, as bytes) `<I bytes>`:
+  which bytes of the frame came from which tail file, in order.
 
-`sluice fetch` uses them to read a piece from the spool and again from the store (a seal or an
-upload moved its file while the fetch ran) without printing it twice, and to read an object one
-frame at a time, so its memory is bounded by a frame, not by the object. All integers are
-little-endian.
+Files written before this format announce pieces with `OLD_PIECE_MAGIC` (`<I length>` and the id,
+no meta), or not at all; both are still read.
+
+**The index.** Every object ends with a skippable frame `INDEX_MAGIC` listing its frames, so a
+reader finds the ones it needs from one ranged read of the object's tail: per frame
+`<Q offset><I length>` (where its announcement starts, and its length with the announcement)
+and its meta's `<I bytes><I records><q min><q max>`; then the footer `<I count><I crc32 of the
+entries><4s b"SLX1">`. Offsets run from 0, each frame starts where the one before ends, and the
+last ends where the index begins; a reader that finds otherwise (or a wrong CRC) must not trust
+it. Spool files have no index yet: readers walk their announcements.
+
+All integers are little-endian. `sluice fetch` uses the ids to print a piece once when it is
+read from the spool and again from the store (a seal or an upload moved its file meanwhile), the
+meta and the index to read only the frames a time window needs, and reads one frame at a time,
+so its memory is bounded by a frame, not by the object.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 from typing import IO, Iterator, NamedTuple, Protocol, cast
 
 import zstandard
@@ -29,19 +45,32 @@ import zstandard
 from sluice import schema
 from sluice.errors import Damaged
 
-__all__ = ["Damaged", "announce", "announce_tail", "announce_gathered", "pack_tail_piece", "read_frames",
-           "tail_frames", "unpack_tail_piece"]
-
-MAGIC = 0x184D2A53  # three of the 16 skippable-frame magics of the zstd format
+OLD_PIECE_MAGIC = 0x184D2A53  # five of the 16 skippable-frame magics of the zstd format
 TAIL_MAGIC = 0x184D2A54
 GATHERED_MAGIC = 0x184D2A55
+PIECE_MAGIC = 0x184D2A56
+INDEX_MAGIC = 0x184D2A5F
 _SKIPPABLE = range(0x184D2A50, 0x184D2A60)
 _HEAD = struct.Struct("<II")  # magic, payload size (every zstd skippable frame)
-_LENGTH = struct.Struct("<I")  # sluice's payload: the length of the frame that follows, then its id
-_COUNT = struct.Struct("<IH")  # the length of the frame that follows, entries
-_TAIL_ENTRY = struct.Struct("<IIB")  # bytes, records, length of the app id that follows
+_OLD_LENGTH = struct.Struct("<I")  # OLD_PIECE_MAGIC: the length of the frame that follows, then the id
+_META = struct.Struct("<IIIqq")  # frame length, decompressed bytes, records, min and max time (ms)
+_COUNT = struct.Struct("<H")
+_TAIL_ENTRY = struct.Struct("<IIqqB")  # bytes, records, min, max, length of the app id that follows
 _SOURCE = struct.Struct("<8sI")  # tail file (fid's hex digits as bytes), bytes from it
 _PIECE_HEAD = struct.Struct("<I")  # entries of a tail piece in the spool (pack_tail_piece)
+_INDEX_ENTRY = struct.Struct("<QIIIqq")  # offset, length with announcement, bytes, records, min, max
+_FOOTER = struct.Struct("<II4s")  # entries, crc32 of the entries, signature
+SIGNATURE = b"SLX1"
+UNKNOWN = 0xFFFFFFFF  # bytes or records of a frame announced before meta existed
+
+
+class Meta(NamedTuple):
+    """What an announcement says of its frame: decompressed bytes, lines, event-time span (ms)."""
+
+    size: int
+    records: int
+    min_ms: int
+    max_ms: int
 
 
 class TailEntry(NamedTuple):
@@ -50,6 +79,8 @@ class TailEntry(NamedTuple):
     app: str
     size: int
     records: int
+    min_ms: int
+    max_ms: int
 
 
 class Block(NamedTuple):
@@ -61,6 +92,29 @@ class Block(NamedTuple):
     ident: str | None
     data: bytes
     sources: tuple[tuple[str, int], ...] = ()
+    span: tuple[int, int] | None = None  # earliest and latest event time of its lines (ms), if announced
+
+
+class Unit(NamedTuple):
+    """One announced frame as it lies in a file, not decompressed: `head` is its announcement."""
+
+    magic: int
+    meta: Meta | None
+    ident: str | None
+    entries: tuple[TailEntry, ...]
+    sources: tuple[tuple[str, int], ...]
+    head: bytes
+    frame: bytes
+
+    @property
+    def length(self) -> int:
+        return len(self.head) + len(self.frame)
+
+
+class IndexEntry(NamedTuple):
+    offset: int
+    length: int
+    meta: Meta
 
 
 class Readable(Protocol):
@@ -69,16 +123,32 @@ class Readable(Protocol):
     def read(self, n: int = -1, /) -> bytes: ...
 
 
-def announce(piece_id: str, frame: bytes) -> bytes:
-    """`frame` preceded by its announcement."""
-    ident = piece_id.encode()
-    return _HEAD.pack(MAGIC, _LENGTH.size + len(ident)) + _LENGTH.pack(len(frame)) + ident + frame
+# --- writing --------------------------------------------------------------------------------
+
+def announce(piece_id: str, frame: bytes, meta: Meta) -> bytes:
+    """A piece's `frame` preceded by its announcement."""
+    payload = _META.pack(len(frame), *meta) + piece_id.encode()
+    return _HEAD.pack(PIECE_MAGIC, len(payload)) + payload + frame
 
 
 def announce_tail(bid: str, hour: str, entries: list[TailEntry], frame: bytes) -> bytes:
     """A tail frame (`frame` compresses the entries' bytes, in order) preceded by its announcement."""
-    payload = _COUNT.pack(len(frame), len(entries)) + _pack_entries(entries) + f"{bid}|{hour}".encode()
+    payload = (_META.pack(len(frame), *span_of(entries)) + _COUNT.pack(len(entries)) + _pack_entries(entries)
+               + f"{bid}|{hour}".encode())
     return _HEAD.pack(TAIL_MAGIC, len(payload)) + payload + frame
+
+
+def announce_gathered(sources: list[tuple[str, int]], frame: bytes, meta: Meta) -> bytes:
+    """An app's lines gathered from tail files: `sources` are (tail fid, bytes from it)."""
+    payload = _META.pack(len(frame), *meta) + _COUNT.pack(len(sources)) + b"".join(
+        _SOURCE.pack(bytes.fromhex(tail_file_id(fid)), size) for fid, size in sources)
+    return _HEAD.pack(GATHERED_MAGIC, len(payload)) + payload + frame
+
+
+def span_of(entries: list[TailEntry]) -> Meta:
+    """The meta of the lines of these entries together."""
+    return Meta(sum(e.size for e in entries), sum(e.records for e in entries),
+                min(e.min_ms for e in entries), max(e.max_ms for e in entries))
 
 
 def pack_tail_piece(entries: list[TailEntry], data: bytes) -> bytes:
@@ -100,31 +170,15 @@ def unpack_tail_piece(piece: bytes) -> tuple[list[TailEntry], bytes]:
     return entries, data
 
 
-def _pack_entries(entries: list[TailEntry]) -> bytes:
-    parts = []
-    for app, size, records in entries:
-        name = app.encode()
-        parts += [_TAIL_ENTRY.pack(size, records, len(name)), name]
-    return b"".join(parts)
+def index(entries: list[IndexEntry]) -> bytes:
+    """The index frame that ends an object of these frames."""
+    body = b"".join(_INDEX_ENTRY.pack(e.offset, e.length, *e.meta) for e in entries)
+    payload = body + _FOOTER.pack(len(entries), zlib.crc32(body), SIGNATURE)
+    return _HEAD.pack(INDEX_MAGIC, len(payload)) + payload
 
 
-def _unpack_entries(buf: bytes, at: int, n: int) -> tuple[list[TailEntry], int]:
-    entries = []
-    for _ in range(n):
-        size, records, name_len = _TAIL_ENTRY.unpack_from(buf, at)
-        at += _TAIL_ENTRY.size
-        if at + name_len > len(buf):
-            raise struct.error("an app id runs past the end")
-        entries.append(TailEntry(buf[at:at + name_len].decode(), size, records))
-        at += name_len
-    return entries, at
-
-
-def announce_gathered(sources: list[tuple[str, int]], frame: bytes) -> bytes:
-    """An app's lines gathered from tail files: `sources` are (tail fid, bytes from it)."""
-    payload = _COUNT.pack(len(frame), len(sources)) + b"".join(
-        _SOURCE.pack(bytes.fromhex(tail_file_id(fid)), size) for fid, size in sources)
-    return _HEAD.pack(GATHERED_MAGIC, len(payload)) + payload + frame
+def index_length(frames: int) -> int:
+    return _HEAD.size + frames * _INDEX_ENTRY.size + _FOOTER.size
 
 
 def tail_file_id(fid: str) -> str:
@@ -132,10 +186,83 @@ def tail_file_id(fid: str) -> str:
     return fid.rpartition("-")[2]
 
 
-def read_frames(stream: Readable, app: str | None = None) -> Iterator[Block]:
+def _pack_entries(entries: list[TailEntry]) -> bytes:
+    parts = []
+    for app, size, records, lo, hi in entries:
+        name = app.encode()
+        parts += [_TAIL_ENTRY.pack(size, records, lo, hi, len(name)), name]
+    return b"".join(parts)
+
+
+def _unpack_entries(buf: bytes, at: int, n: int) -> tuple[list[TailEntry], int]:
+    entries = []
+    for _ in range(n):
+        size, records, lo, hi, name_len = _TAIL_ENTRY.unpack_from(buf, at)
+        at += _TAIL_ENTRY.size
+        if at + name_len > len(buf):
+            raise struct.error("an app id runs past the end")
+        entries.append(TailEntry(buf[at:at + name_len].decode(), size, records, lo, hi))
+        at += name_len
+    return entries, at
+
+
+# --- reading --------------------------------------------------------------------------------
+
+def units(stream: Readable) -> Iterator[Unit]:
+    """Every announced frame of a stream, in order, not decompressed; index frames and other
+    skippable frames are passed over. Raises Damaged at the first zstd frame sluice did not
+    announce (a file written before announcements; `read_frames` reads those), on a damaged
+    announcement, or where the stream ends inside a frame."""
+    while head := _read_exactly(stream, _HEAD.size):
+        magic, size = _HEAD.unpack(head)
+        if magic not in _SKIPPABLE:
+            raise Damaged("a zstd frame without an announcement")
+        payload = _read_exactly(stream, size)
+        if magic not in (OLD_PIECE_MAGIC, PIECE_MAGIC, TAIL_MAGIC, GATHERED_MAGIC):
+            continue
+        length, meta, ident, entries, sources = _announcement(magic, payload)
+        yield Unit(magic, meta, ident, entries, sources, head + payload, _read_exactly(stream, length))
+
+
+def decode(unit: Unit, dctx: zstandard.ZstdDecompressor, app: str | None = None) -> list[Block]:
+    """The blocks of one unit: of a tail frame only `app`'s part (none if it has none, or no app
+    is asked for). Damaged if the frame is corrupt or does not hold what its announcement says."""
+    if unit.magic == TAIL_MAGIC and (app is None or all(e.app != app for e in unit.entries)):
+        return []
+    try:
+        data = dctx.decompress(unit.frame)
+    except zstandard.ZstdError as exc:
+        raise Damaged(f"corrupt frame: {exc}") from None
+    if unit.meta is not None and unit.meta.size != UNKNOWN and unit.meta.size != len(data):
+        raise Damaged(f"a frame of {len(data)} bytes announced as {unit.meta.size}")
+    if unit.magic != TAIL_MAGIC:
+        span = (unit.meta.min_ms, unit.meta.max_ms) if unit.meta is not None else None
+        return [Block(unit.ident, data, unit.sources, span)]
+    bid, _, hour = (unit.ident or "").rpartition("|")
+    blocks, at = [], 0
+    for entry in unit.entries:
+        if entry.app == app:
+            blocks.append(Block(schema.piece_id(bid, schema.app_hour(app, hour)), data[at:at + entry.size], (),
+                                (entry.min_ms, entry.max_ms)))
+        at += entry.size
+    return blocks
+
+
+def wanted(unit: Unit, app: str | None, lo_ms: int, hi_ms: int) -> bool:
+    """Whether a unit may hold lines of `app` with an event time in [lo_ms, hi_ms), by its
+    announcement alone; a unit without meta may."""
+    if unit.magic == TAIL_MAGIC:
+        return any(e.app == app and e.max_ms >= lo_ms and e.min_ms < hi_ms for e in unit.entries)
+    return unit.meta is None or (unit.meta.max_ms >= lo_ms and unit.meta.min_ms < hi_ms)
+
+
+def read_frames(stream: Readable, app: str | None = None,
+                window: tuple[int, int] | None = None) -> Iterator[Block]:
     """The Block of each frame in order.
 
     Of a tail frame, only `app`'s part, if the frame has one (the others are not decompressed).
+    With a `window` [lo_ms, hi_ms), frames whose announcement shows no line in it are not
+    decompressed either.
     A frame sluice did not announce (a file written before announcements) is decompressed with
     what follows it as one stream, in chunks, with the id None. Raises Damaged on a truncated
     or corrupt stream, after yielding everything before the damage.
@@ -146,64 +273,115 @@ def read_frames(stream: Readable, app: str | None = None) -> Iterator[Block]:
         if not head:
             return
         magic, size = _HEAD.unpack(head)
-        if magic == MAGIC:
-            payload = _read_exactly(stream, size)
-            (length,) = _LENGTH.unpack_from(payload)
-            yield Block(payload[_LENGTH.size:].decode(), _decompress(dctx, _read_exactly(stream, length)))
-        elif magic == TAIL_MAGIC:
-            length, entries, bid, hour = _tail_payload(_read_exactly(stream, size))
-            frame = _read_exactly(stream, length)
-            if app is None or all(e.app != app for e in entries):
-                continue
-            data, at = _decompress(dctx, frame), 0
-            for entry in entries:
-                if entry.app == app:
-                    yield Block(schema.piece_id(bid, schema.app_hour(app, hour)), data[at:at + entry.size])
-                at += entry.size
-        elif magic == GATHERED_MAGIC:
-            payload = _read_exactly(stream, size)
-            length, n = _COUNT.unpack_from(payload)
-            sources = tuple((raw.hex(), nbytes) for raw, nbytes in
-                            (_SOURCE.unpack_from(payload, _COUNT.size + i * _SOURCE.size) for i in range(n)))
-            yield Block(None, _decompress(dctx, _read_exactly(stream, length)), sources)
-        elif magic in _SKIPPABLE:
-            _read_exactly(stream, size)
-        else:
+        if magic not in _SKIPPABLE:
             yield from (Block(None, chunk) for chunk in _stream_rest(dctx, head, stream))
             return
+        payload = _read_exactly(stream, size)
+        if magic not in (OLD_PIECE_MAGIC, PIECE_MAGIC, TAIL_MAGIC, GATHERED_MAGIC):
+            continue
+        length, meta, ident, entries, sources = _announcement(magic, payload)
+        unit = Unit(magic, meta, ident, entries, sources, head + payload, _read_exactly(stream, length))
+        if window is None or wanted(unit, app, *window):
+            yield from decode(unit, dctx, app)
 
 
 def tail_frames(stream: Readable) -> Iterator[tuple[list[TailEntry], bytes]]:
     """(entries, decompressed data) of each frame of a tail file. Damaged if the file holds
     anything but tail frames, or is cut short."""
     dctx = zstandard.ZstdDecompressor()
-    while head := _read_exactly(stream, _HEAD.size):
-        magic, size = _HEAD.unpack(head)
-        if magic != TAIL_MAGIC:
-            raise Damaged(f"a frame of kind {magic:#x} in a tail file")
-        length, entries, _, _ = _tail_payload(_read_exactly(stream, size))
-        data = _decompress(dctx, _read_exactly(stream, length))
-        if sum(e.size for e in entries) != len(data):
+    for unit in units(stream):
+        if unit.magic != TAIL_MAGIC:
+            raise Damaged(f"a frame of kind {unit.magic:#x} in a tail file")
+        try:
+            data = dctx.decompress(unit.frame)
+        except zstandard.ZstdError as exc:
+            raise Damaged(f"corrupt frame: {exc}") from None
+        if sum(e.size for e in unit.entries) != len(data):
             raise Damaged("a tail frame's announcement does not add up to its data")
-        yield entries, data
+        yield list(unit.entries), data
 
 
-def _tail_payload(payload: bytes) -> tuple[int, list[TailEntry], str, str]:
-    """(frame length, entries, batch id, hour) of a tail announcement."""
+def index_entries(stream: Readable, hour_start_ms: int) -> list[IndexEntry]:
+    """The index of a file of announced frames, from their announcements (the frames are read
+    past, not decompressed). A frame announced before meta existed spans its whole hour, its
+    size and records UNKNOWN."""
+    out, at = [], 0
+    whole = Meta(UNKNOWN, UNKNOWN, hour_start_ms, hour_start_ms + 3_600_000 - 1)
+    for unit in units(stream):
+        out.append(IndexEntry(at, unit.length, unit.meta or whole))
+        at += unit.length
+    return out
+
+
+def parse_index(tail: bytes, object_size: int) -> list[IndexEntry]:
+    """The index at the end of an object of `object_size` bytes, given its last bytes (at
+    least the whole index frame; see `index_span`). Damaged if there is none or it cannot be
+    trusted: a wrong CRC, frames that overlap, leave gaps, or run past where the index starts."""
+    if len(tail) < _HEAD.size + _FOOTER.size:
+        raise Damaged("no index: the object is too short")
+    count, crc, signature = _FOOTER.unpack_from(tail, len(tail) - _FOOTER.size)
+    if signature != SIGNATURE:
+        raise Damaged("no index at the end of the object")
+    length = index_length(count)
+    if length > len(tail) or length > object_size:
+        raise Damaged(f"an index of {count} frames is longer than the object")
+    magic, size = _HEAD.unpack_from(tail, len(tail) - length)
+    if magic != INDEX_MAGIC or size != length - _HEAD.size:
+        raise Damaged("the index's frame header is damaged")
+    body = tail[len(tail) - length + _HEAD.size:len(tail) - _FOOTER.size]
+    if zlib.crc32(body) != crc:
+        raise Damaged("the index's CRC does not match")
+    entries = [IndexEntry(o, n, Meta(*rest)) for o, n, *rest in _INDEX_ENTRY.iter_unpack(body)]
+    at = 0
+    for entry in entries:
+        if entry.offset != at or entry.length <= 0:
+            raise Damaged(f"the index's frame at {entry.offset} does not follow the one before it (at {at})")
+        at += entry.length
+    if at != object_size - length:
+        raise Damaged(f"the index's frames end at {at}, the index starts at {object_size - length}")
+    return entries
+
+
+def index_span(tail: bytes) -> int | None:
+    """How many bytes from the end the index frame takes, from at least its footer; None if
+    there is no index footer."""
+    if len(tail) < _FOOTER.size:
+        return None
+    count, _, signature = _FOOTER.unpack_from(tail, len(tail) - _FOOTER.size)
+    return index_length(count) if signature == SIGNATURE else None
+
+
+def _announcement(magic: int, payload: bytes) -> tuple[int, Meta | None, str | None, tuple[TailEntry, ...],
+                                                         tuple[tuple[str, int], ...]]:
+    """(frame length, meta, id, tail entries, gathered sources) of an announcement."""
     try:
-        length, n = _COUNT.unpack_from(payload)
-        entries, at = _unpack_entries(payload, _COUNT.size, n)
-        bid, _, hour = payload[at:].decode().rpartition("|")
+        if magic == OLD_PIECE_MAGIC:
+            (length,) = _OLD_LENGTH.unpack_from(payload)
+            return length, None, payload[_OLD_LENGTH.size:].decode(), (), ()
+        length, *meta_fields = _META.unpack_from(payload)
+        meta = Meta(*meta_fields)
+        at = _META.size
+        if magic == PIECE_MAGIC:
+            return length, meta, payload[at:].decode(), (), ()
+        (n,) = _COUNT.unpack_from(payload, at)
+        at += _COUNT.size
+        if magic == TAIL_MAGIC:
+            entries, at = _unpack_entries(payload, at, n)
+            return length, meta, payload[at:].decode(), tuple(entries), ()
+        sources = tuple((raw.hex(), size) for raw, size in
+                        (_SOURCE.unpack_from(payload, at + i * _SOURCE.size) for i in range(n)))
+        return length, meta, None, (), sources
     except (struct.error, UnicodeDecodeError) as exc:
-        raise Damaged(f"a damaged tail announcement: {exc}") from None
-    return length, entries, bid, hour
+        raise Damaged(f"a damaged announcement: {exc}") from None
 
 
-def _decompress(dctx: zstandard.ZstdDecompressor, frame: bytes) -> bytes:
-    try:
-        return dctx.decompress(frame)
-    except zstandard.ZstdError as exc:
-        raise Damaged(f"corrupt frame: {exc}") from None
+def announced(head: bytes) -> bool:
+    """Whether a file whose first SKIPPABLE_HEAD bytes are `head` starts with an announcement
+    (else it is zstd written before announcements)."""
+    return len(head) == _HEAD.size and _HEAD.unpack(head)[0] in _SKIPPABLE
+
+
+SKIPPABLE_HEAD = _HEAD.size
 
 
 def _read_exactly(stream: Readable, n: int) -> bytes:
@@ -218,7 +396,9 @@ def _read_exactly(stream: Readable, n: int) -> bytes:
     return data
 
 
-class _Prefixed:
+class Prefixed:
+    """`first`, then the rest of a stream: what was read of it to look at it, given back."""
+
     def __init__(self, first: bytes, rest: Readable) -> None:
         self.first, self.rest = first, rest
 
@@ -231,7 +411,7 @@ class _Prefixed:
 
 def _stream_rest(dctx: zstandard.ZstdDecompressor, head: bytes, stream: Readable) -> Iterator[bytes]:
     """Whole lines, about a MiB at a time."""
-    reader = dctx.stream_reader(cast(IO[bytes], _Prefixed(head, stream)), read_across_frames=True)
+    reader = dctx.stream_reader(cast(IO[bytes], Prefixed(head, stream)), read_across_frames=True)
     rest = b""
     try:
         while chunk := reader.read(1024 * 1024):

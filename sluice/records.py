@@ -181,11 +181,12 @@ class Router:
 
     def route(self, record: KafkaRecord) -> tuple[str, str, bytes]:
         """(app, hour, line) for a good record; raises Rejected with the reason otherwise."""
-        app, hours, line = self._place(record)
+        app, hours, line, _ = self._place(record)
         return app, _hour_name(int(hours)), line
 
-    def _place(self, record: KafkaRecord) -> tuple[str, float, bytes]:
-        """`route`, with the hour as hours since the epoch."""
+    def _place(self, record: KafkaRecord) -> tuple[str, float, bytes, float | None]:
+        """`route`, with the hour as hours since the epoch, and the event time (None if the
+        record has none and was placed by its Kafka timestamp)."""
         if type(record) is Record and record.flaw:
             raise Rejected(record.flaw)
         value = record.value
@@ -216,23 +217,29 @@ class Router:
                 raise Rejected("bad_app_id") from None
         if not isinstance(app, str) or not valid_app_id(app):
             raise Rejected("bad_app_id")
-        seconds = None
+        event = None
         if self.timestamp_field and isinstance(doc, dict):
-            seconds = parse_timestamp(doc.get(self.timestamp_field))
-        if seconds is None:
-            seconds = ingest_seconds(record)
-        return app, seconds // 3600, value
+            event = parse_timestamp(doc.get(self.timestamp_field))
+        seconds = ingest_seconds(record) if event is None else event
+        return app, seconds // 3600, value, event
 
     def group(self, records: Iterable[KafkaRecord], topic: str, partition: int,
-              reasons: collections.Counter[str] | None = None) -> dict[tuple[str, str], list[bytes]]:
+              reasons: collections.Counter[str] | None = None,
+              spans: dict[tuple[str, str], tuple[float, float]] | None = None,
+              ) -> dict[tuple[str, str], list[bytes]]:
         """Every record lands in exactly one group; rejected ones in the quarantine app, each
-        counted by its reason in `reasons` if given.
+        counted by its reason in `reasons` if given. If `spans` is given, it receives each
+        group's earliest and latest event time (seconds); a group with a record that has none
+        (placed by its Kafka timestamp, or quarantined) spans its whole hour, so a reader that
+        skips what lies outside a time window never skips such a record.
 
         The usual record (one line of JSON with a valid app id and a numeric event time) takes
         a short path through the same checks as `route`, inline (the split's hot loop);
         anything else, or anything unusual about it, goes through `route` itself.
         """
         groups: dict[tuple[str, float], list[bytes]] = {}  # (app, hours since the epoch): lines
+        times: dict[tuple[str, float], list[float]] | None = {} if spans is not None else None
+        untimed: set[tuple[str, float]] = set()
         app_field, ts_field, max_bytes = self._json_app, self.timestamp_field, self.record_max_bytes
         loads, decode_error = orjson.loads, orjson.JSONDecodeError
         for record in records:
@@ -252,17 +259,39 @@ class Router:
                             lines = groups.get(key)
                             if lines is None and valid_app_id(app):  # checked once per group
                                 lines = groups[key] = []
+                                if times is not None:
+                                    times[key] = []
                             if lines is not None:
                                 lines.append(value)
+                                if times is not None:
+                                    times[key].append(seconds)
                                 continue
+            event: float | None = None
             try:
-                app, hours, line = self._place(record)
+                app, hours, line, event = self._place(record)
             except Rejected as why:
                 app, hours = QUARANTINE_APP, ingest_seconds(record) // 3600
                 line = quarantine_line(record, str(why), topic, partition)
                 if reasons is not None:
                     reasons[str(why)] += 1
-            groups.setdefault((app, hours), []).append(line)
+            key = (app, hours)
+            if key not in groups:
+                groups[key] = []
+                if times is not None:
+                    times[key] = []
+            groups[key].append(line)
+            if times is not None:
+                if event is None:
+                    untimed.add(key)
+                else:
+                    times[key].append(event)
+        if spans is not None and times is not None:
+            for key, seen in times.items():
+                start = key[1] * 3600
+                lo, hi = (min(seen), max(seen)) if seen else (start + 3600, start)
+                if key in untimed:
+                    lo, hi = min(lo, start), max(hi, start + 3600)
+                spans[(key[0], _hour_name(int(key[1])))] = (lo, hi)
         return {(app, _hour_name(int(hours))): lines for (app, hours), lines in groups.items()}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import re
+from typing import NamedTuple
 
 PREFIX = "sluice:"
 
@@ -205,16 +206,29 @@ def parse_plan(plan: str) -> tuple[str, int] | None:
     return key, int(size)
 
 
-def piece_ref(token: str, offset: int, length: int, records: int) -> str:
-    """Where a piece lies (BATCH_GROUPS values): pieces file token, offset, length, line count."""
-    return f"{token}:{offset}:{length}:{records}"
+class PieceRef(NamedTuple):
+    """Where a piece lies in its batch's pieces file, its lines, and the event-time span of
+    its lines in ms (None in refs written before counts or spans were kept)."""
+
+    token: str
+    offset: int
+    length: int
+    records: int | None
+    span: tuple[int, int] | None
 
 
-def parse_piece_ref(ref: bytes | str) -> tuple[str, int, int, int | None]:
-    """(token, offset, length, records); records is None in a ref written before counts were kept."""
+def piece_ref(token: str, offset: int, length: int, records: int, span: tuple[int, int] | None = None) -> str:
+    """BATCH_GROUPS values: "token:offset:length:records[:min_ms:max_ms]"."""
+    ref = f"{token}:{offset}:{length}:{records}"
+    return f"{ref}:{span[0]}:{span[1]}" if span is not None else ref
+
+
+def parse_piece_ref(ref: bytes | str) -> PieceRef:
     text = ref.decode() if isinstance(ref, bytes) else ref
-    token, offset, length, *count = text.split(":")
-    return token, int(offset), int(length), int(count[0]) if count else None
+    token, offset, length, *rest = text.split(":")
+    records = int(rest[0]) if rest else None
+    span = (int(rest[1]), int(rest[2])) if len(rest) >= 3 else None
+    return PieceRef(token, int(offset), int(length), records, span)
 
 
 def piece_id(bid: str, piece: str) -> str:

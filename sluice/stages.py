@@ -4,15 +4,17 @@ code the workers run."""
 from __future__ import annotations
 
 import collections
+import math
+from typing import NamedTuple
 
 import zstandard
 
 from sluice import schema
 from sluice.appends import Appender, Frame
 from sluice.batches import Batches
-from sluice.frames import TailEntry, announce, announce_tail, pack_tail_piece, unpack_tail_piece
+from sluice.frames import Meta, TailEntry, announce, announce_tail, pack_tail_piece, span_of, unpack_tail_piece
 from sluice.kafka_batches import records
-from sluice.records import Router
+from sluice.records import Router, hour_start
 from sluice.schema import BatchState
 
 
@@ -24,30 +26,45 @@ def split_batch(batches: Batches, router: Router, bid: str, tail_piece_bytes: in
         return
     topic, partition, first, last = schema.parse_batch_id(bid)
     reasons: collections.Counter[str] = collections.Counter()
-    groups = router.group(records(batches.load_payload(bid), first, last), topic, partition, reasons)
-    # An empty last line makes join end each piece with a newline, without copying it again.
-    pieces = {schema.app_hour(app, hour): (b"\n".join(lines + [b""]), len(lines))
-              for (app, hour), lines in groups.items()}
+    spans: dict[tuple[str, str], tuple[float, float]] = {}
+    groups = router.group(records(batches.load_payload(bid), first, last), topic, partition, reasons, spans)
+    pieces: dict[str, Piece] = {}
+    for (app, hour), lines in groups.items():
+        lo, hi = spans[(app, hour)]
+        lines.append(b"")  # so that join ends the piece with a newline, without copying it again
+        pieces[schema.app_hour(app, hour)] = Piece(b"\n".join(lines), len(lines) - 1,
+                                                   (math.floor(lo * 1000), math.ceil(hi * 1000)))
     pieces = tail_pieces(pieces, tail_piece_bytes)
-    batches.commit_split(bid, {piece: data for piece, (data, _) in pieces.items()},
-                         {piece: n for piece, (_, n) in pieces.items()}, dict(reasons))
+    batches.commit_split(bid, {name: p.data for name, p in pieces.items()},
+                         {name: p.records for name, p in pieces.items()}, dict(reasons),
+                         {name: p.span for name, p in pieces.items()})
 
 
-def tail_pieces(pieces: dict[str, tuple[bytes, int]], tail_piece_bytes: int) -> dict[str, tuple[bytes, int]]:
-    """The pieces (app-hour: data, records), with those under `tail_piece_bytes` of each hour
-    packed into one piece of the pseudo-app `schema.TAIL_APP` (sluice.tail): compressed as one
-    frame, they lose less to frame overheads, and cost one file write and one commit, not one per app."""
-    out: dict[str, tuple[bytes, int]] = {}
+class Piece(NamedTuple):
+    """An app-hour's lines of one batch, how many, and their event-time span in ms."""
+
+    data: bytes
+    records: int
+    span: tuple[int, int]
+
+
+def tail_pieces(pieces: dict[str, Piece], tail_piece_bytes: int) -> dict[str, Piece]:
+    """The pieces, with those under `tail_piece_bytes` of each hour packed into one piece of the
+    pseudo-app `schema.TAIL_APP` (sluice.tail): compressed as one frame, they lose less to frame
+    overheads, and cost one file write and one commit, not one per app."""
+    out: dict[str, Piece] = {}
     small: dict[str, list[tuple[TailEntry, bytes]]] = collections.defaultdict(list)
-    for piece, (data, n) in pieces.items():
-        if len(data) < tail_piece_bytes:
-            app, hour = schema.parse_app_hour(piece)
-            small[hour].append((TailEntry(app, len(data), n), data))
+    for name, piece in pieces.items():
+        if len(piece.data) < tail_piece_bytes:
+            app, hour = schema.parse_app_hour(name)
+            small[hour].append((TailEntry(app, len(piece.data), piece.records, *piece.span), piece.data))
         else:
-            out[piece] = (data, n)
+            out[name] = piece
     for hour, parts in small.items():
-        packed = pack_tail_piece([entry for entry, _ in parts], b"".join(data for _, data in parts))
-        out[schema.app_hour(schema.TAIL_APP, hour)] = (packed, sum(entry.records for entry, _ in parts))
+        entries = [entry for entry, _ in parts]
+        packed = pack_tail_piece(entries, b"".join(data for _, data in parts))
+        whole = span_of(entries)
+        out[schema.app_hour(schema.TAIL_APP, hour)] = Piece(packed, whole.records, (whole.min_ms, whole.max_ms))
     return out
 
 
@@ -80,12 +97,16 @@ def compress_pieces(batches: Batches, appender: Appender, cctx: zstandard.ZstdCo
     for piece, found in zip(pieces, batches.pieces_data(bid, pieces)):
         if found is None:  # appended by an earlier delivery
             continue
-        data, nrecords = found
+        data, nrecords, span = found
         app, hour = schema.parse_app_hour(piece)
         if app == schema.TAIL_APP:
             entries, lines = unpack_tail_piece(data)
             frame = announce_tail(bid, hour, entries, cctx.compress(lines))
             frames.append(Frame(app, hour, frame, nrecords, tuple((e.app, e.records) for e in entries)))
         else:
-            frames.append(Frame.piece(app, hour, announce(schema.piece_id(bid, piece), cctx.compress(data)), nrecords))
+            start_ms = int(hour_start(hour) * 1000)  # a piece split before spans were kept: its whole hour
+            lo, hi = span if span is not None else (start_ms, start_ms + 3_600_000 - 1)
+            meta = Meta(len(data), nrecords, lo, hi)
+            frames.append(Frame.piece(app, hour, announce(schema.piece_id(bid, piece), cctx.compress(data), meta),
+                                      nrecords))
     return appender.append_many(bid, frames) if frames else 0

@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
+from sluice.errors import Damaged
+from sluice.frames import IndexEntry, index_length, index_span, parse_index
 from sluice.settings import Settings
 from sluice.spool import can_sync_filesystem, fsync_dir, sync_filesystem
 
@@ -47,6 +49,16 @@ def next_generation(key: str) -> str:
     return f"{prefix}/{base}.g{generation + 1}.jsonl.zst"
 
 
+# Objects of an app's lines gathered from tail files (sluice.tail) are named
+# <app>.tail-<first tail file's fid>[.g<N>].jsonl.zst.
+TAIL_OBJECT = "tail-"
+
+
+def is_tail_object(app: str, key: str) -> bool:
+    """Whether an object of `app` holds its lines gathered from tail files."""
+    return lineage(key)[0].removeprefix(f"{app}.").startswith(TAIL_OBJECT)
+
+
 def live_keys(keys: list[str]) -> list[str]:
     """The newest generation of each object: what a reader reads, sorted."""
     newest: dict[str, tuple[int, str]] = {}
@@ -55,6 +67,33 @@ def live_keys(keys: list[str]) -> list[str]:
         if base not in newest or newest[base][0] < generation:
             newest[base] = (generation, key)
     return sorted(key for _, key in newest.values())
+
+
+# How much of an object's tail is read to find its index: the index of about 1,800 frames.
+INDEX_PROBE_BYTES = 64 * 1024
+
+
+def content_length(store: Store, key: str) -> int | None:
+    """Bytes of an object before its index (all of them if it has none: written before
+    indexes); None if there is no such object."""
+    size = store.size(key)
+    if size is None:
+        return None
+    try:
+        return size - index_length(len(read_index(store, key, size)))
+    except Damaged:
+        return size
+
+
+def read_index(store: Store, key: str, size: int) -> list[IndexEntry]:
+    """An object's index, from one ranged read of its tail (two if it is long); Damaged if it
+    has none or it cannot be trusted."""
+    tail = store.read_range(key, max(0, size - INDEX_PROBE_BYTES), size)
+    span = index_span(tail)
+    if span is not None and span > len(tail) and span <= size:
+        tail = store.read_range(key, size - span, size)
+    return parse_index(tail, size)
+
 
 
 class ObjectStream(Protocol):
@@ -94,6 +133,10 @@ class Store(Protocol):
 
     def size(self, key: str) -> int | None:
         """Size of an object, None if it does not exist."""
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of an object; IOError if fewer come back, FileNotFoundError if
+        there is no such object."""
 
     def list(self, prefix: str) -> list[str]:
         """Keys under a prefix, sorted."""
@@ -165,6 +208,13 @@ class FileStore:
         path = self._path(key)
         return path.stat().st_size if path.is_file() else None
 
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        with open(self._path(key), "rb") as fh:
+            data = os.pread(fh.fileno(), end - start, start)
+        if len(data) != end - start:
+            raise IOError(f"{key}: {len(data)} bytes at {start}, {end - start} asked for")
+        return data
+
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix)
         if not base.is_dir():
@@ -221,6 +271,18 @@ class OssStore:
             return self.bucket.head_object(self._key(key)).content_length
         except self._oss2.exceptions.NotFound:
             return None
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        """A ranged GET, its length checked (a range past the end would come back short)."""
+        try:
+            result = self.bucket.get_object(self._key(key), byte_range=(start, end - 1),
+                                            headers={"x-oss-range-behavior": "standard"})
+        except self._oss2.exceptions.NoSuchKey:
+            raise FileNotFoundError(key) from None
+        data = result.read()
+        if len(data) != end - start:
+            raise IOError(f"{key}: {len(data)} bytes at {start}, {end - start} asked for")
+        return data
 
     def list(self, prefix: str) -> list[str]:
         strip = len(self.prefix) + 1 if self.prefix else 0

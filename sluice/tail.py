@@ -37,26 +37,29 @@ from __future__ import annotations
 import collections
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import redis
 import zstandard
 
 from sluice import schema, scripts
-from sluice.frames import announce_gathered, read_frames, tail_file_id, tail_frames
+from sluice.frames import IndexEntry, Meta, announce_gathered, decode, index, tail_file_id, tail_frames, units
 from sluice.settings import Settings
 from sluice.spool import SealedFile, Spool, remove_empty_dirs
-from sluice.store import Store, hour_prefix, lineage, live_keys, next_generation, object_key, open_newest
+from sluice.store import (
+    TAIL_OBJECT,
+    Store,
+    hour_prefix,
+    is_tail_object,
+    live_keys,
+    next_generation,
+    object_key,
+    open_newest,
+)
 from sluice.uploader import app_hour_lease
 
 log = logging.getLogger(__name__)
 
-# Objects of an app's tail lines are named <app>.tail-<first tail file's fid>[.g<N>].jsonl.zst.
-TAIL_OBJECT = "tail-"
-
-
-def is_tail_object(app: str, key: str) -> bool:
-    """Whether an object of `app` holds its lines gathered from tail files."""
-    return lineage(key)[0].removeprefix(f"{app}.").startswith(TAIL_OBJECT)
 
 
 class TailArchiver:
@@ -107,14 +110,14 @@ class TailArchiver:
             objects: list[tuple[str, bytes]] = []
             superseded: list[str] = []
             for app in sorted(gathered):
-                data, sources, records = gathered[app]
-                placed = self._place(app, hour, plan, data, sources, first_round)
+                lines = gathered[app]
+                placed = self._place(app, hour, plan, lines, first_round)
                 if placed is None:
                     continue  # an earlier try of this plan merged it already
                 key, payload, old = placed
                 objects.append((key, payload))
                 superseded += old
-                counts += [app, records, len(payload)]
+                counts += [app, lines.meta.records, len(payload)]
             self.store.put_objects(objects)
             for key in superseded:
                 self.store.delete(key)  # after its successor is stored: readers switch to that
@@ -131,11 +134,12 @@ class TailArchiver:
         log.info("archived %d tail files of %s as %d objects", len(plan), hour, written)
         return written
 
-    def _gather(self, plan: list[SealedFile], paths: list[Path]) -> dict[str, tuple[bytes, list[tuple[str, int]], int]]:
-        """Each app's bytes from these tail files, in order: (data, (fid, bytes) per file, records)."""
+    def _gather(self, plan: list[SealedFile], paths: list[Path]) -> dict[str, _Lines]:
+        """Each app's lines from these tail files, in order."""
         parts: dict[str, list[bytes]] = collections.defaultdict(list)
         sources: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
         records: collections.Counter[str] = collections.Counter()
+        spans: dict[str, tuple[int, int]] = {}
         for sealed, path in zip(plan, paths):
             if path.stat().st_size != sealed.size:
                 raise IOError(f"{path} has {path.stat().st_size} bytes, {sealed.size} were committed")
@@ -147,12 +151,18 @@ class TailArchiver:
                         parts[entry.app].append(data[at:at + entry.size])
                         from_file[entry.app] += entry.size
                         records[entry.app] += entry.records
+                        lo, hi = spans.get(entry.app, (entry.min_ms, entry.max_ms))
+                        spans[entry.app] = (min(lo, entry.min_ms), max(hi, entry.max_ms))
                         at += entry.size
             for app, nbytes in from_file.items():
                 sources[app].append((sealed.fid, nbytes))
-        return {app: (b"".join(parts[app]), sources[app], records[app]) for app in parts}
+        out = {}
+        for app, chunks in parts.items():
+            data = b"".join(chunks)
+            out[app] = _Lines(data, sources[app], Meta(len(data), records[app], *spans[app]))
+        return out
 
-    def _place(self, app: str, hour: str, plan: list[SealedFile], data: bytes, sources: list[tuple[str, int]],
+    def _place(self, app: str, hour: str, plan: list[SealedFile], lines: _Lines,
                first_round: bool) -> tuple[str, bytes, list[str]] | None:
         """(key, bytes, keys it supersedes) of the object an app's gathered lines go to, or None
         if an earlier try of this plan stored it already.
@@ -163,29 +173,50 @@ class TailArchiver:
         it starts a new one. Before any of that, an object whose frame names a file of this plan
         means this plan was stored already."""
         key = object_key(app, hour, TAIL_OBJECT + plan[0].fid)
-        cctx = zstandard.ZstdCompressor(level=self.level, write_checksum=True)  # one per call: not thread-safe
         if first_round:
-            return key, announce_gathered(sources, cctx.compress(data)), []
+            return key, self._object(lines), []
         listed = self.store.list(hour_prefix(app, hour))
         live = live_keys(listed)
         stale = sorted(set(listed) - set(live))  # left by a merge cut short after its successor was stored
         planned = {tail_file_id(sealed.fid) for sealed in plan}
-        tails: dict[str, tuple[bytes, list[tuple[str, int]]]] = {}
+        tails: dict[str, _Lines] = {}
+        dctx = zstandard.ZstdDecompressor()
         for other in live:
             if not is_tail_object(app, other):
                 continue
             with open_newest(self.store, hour_prefix(app, hour), other) as stream:
-                blocks = list(read_frames(stream))
-            earlier = [source for block in blocks for source in block.sources]
+                found = [(unit, decode(unit, dctx)) for unit in units(stream)]
+            earlier = [source for unit, _ in found for source in unit.sources]
             if planned & {tail for tail, _ in earlier}:
                 for old in stale:
                     self.store.delete(old)
                 return None
-            tails[other] = (b"".join(block.data for block in blocks), earlier)
+            data = b"".join(block.data for _, blocks in found for block in blocks)
+            metas = [unit.meta for unit, _ in found if unit.meta is not None]
+            tails[other] = _Lines(data, earlier, Meta(len(data), data.count(b"\n"),
+                                                      min((m.min_ms for m in metas), default=lines.meta.min_ms),
+                                                      max((m.max_ms for m in metas), default=lines.meta.max_ms)))
         sizes = {other: self.store.size(other) or 0 for other in tails}
         smallest = min(sizes, key=lambda other: sizes[other], default=None)
         if smallest is None or (sizes[smallest] >= self.small_bytes and len(live) < self.n):
-            return key, announce_gathered(sources, cctx.compress(data)), stale
-        before, earlier = tails[smallest]
-        merged = announce_gathered(earlier + sources, cctx.compress(before + data))
-        return next_generation(smallest), merged, stale + [smallest]
+            return key, self._object(lines), stale
+        before = tails[smallest]
+        data = before.data + lines.data
+        both = _Lines(data, before.sources + lines.sources,
+                      Meta(len(data), before.meta.records + lines.meta.records,
+                           min(before.meta.min_ms, lines.meta.min_ms), max(before.meta.max_ms, lines.meta.max_ms)))
+        return next_generation(smallest), self._object(both), stale + [smallest]
+
+    def _object(self, lines: _Lines) -> bytes:
+        """An object of one gathered frame, and its index."""
+        cctx = zstandard.ZstdCompressor(level=self.level, write_checksum=True)  # one per call: not thread-safe
+        frame = announce_gathered(lines.sources, cctx.compress(lines.data), lines.meta)
+        return frame + index([IndexEntry(0, len(frame), lines.meta)])
+
+
+class _Lines(NamedTuple):
+    """An app's lines gathered from tail files: which bytes came from which, and their meta."""
+
+    data: bytes
+    sources: list[tuple[str, int]]
+    meta: Meta

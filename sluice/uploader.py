@@ -19,17 +19,19 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import redis
 from redis.exceptions import LockError, RedisError
 
 from sluice import schema
-from sluice.errors import UploadFailed
+from sluice.errors import Damaged, UploadFailed
+from sluice.frames import IndexEntry, index, index_entries
+from sluice.records import hour_start
 from sluice.sealed import SealedRegistry
 from sluice.settings import Settings
 from sluice.spool import SealedFile, Spool, remove_empty_dirs
-from sluice.store import Store, hour_prefix, live_keys, next_generation, object_key
+from sluice.store import Store, content_length, hour_prefix, is_tail_object, live_keys, next_generation, object_key
 
 log = logging.getLogger(__name__)
 
@@ -132,16 +134,18 @@ class Uploader:
             source, source_size = merge
             key = next_generation(source)
         uploaded = 0
-        if self.store.size(key) != source_size + sealed.size:
+        source_content = None if source is None else content_length(self.store, source)
+        if not stored_whole(self.store, key, source_content if source is not None else 0, sealed.size):
             if not path.exists():
                 raise IOError(f"{key} is neither in the spool nor complete in the store")
             on_disk = path.stat().st_size
-            if on_disk != sealed.size:
+            if on_disk < sealed.size:
                 raise IOError(f"{path} has {on_disk} bytes, {sealed.size} were committed")
             if source is None:
+                _add_index(path, sealed)
                 self.store.put(path, key)
             else:
-                _merge(self.store, self.spool.root / "merge", source, source_size, path, key)
+                _merge(self.store, self.spool.root / "merge", source, source_size, path, sealed, key)
             uploaded = 1
         if source is not None:
             self.store.delete(source)  # after its successor is complete: readers switch to that
@@ -162,27 +166,96 @@ class Uploader:
         if len(live) < self.slots_per_app:
             return schema.NEW_OBJECT
         busy = {merge[0] for plan in self.registry.planned() if (merge := schema.parse_plan(plan))}
-        sizes = {key: self.store.size(key) for key in live if key not in busy}
+        # Tail objects (sluice.tail) take only lines gathered from tail files.
+        sizes = {key: self.store.size(key) for key in live if key not in busy and not is_tail_object(sealed.app, key)}
         if not sizes:
             raise IOError(f"every object of {sealed.app} {sealed.hour} is being merged; next sweep")
         smallest = min(sizes, key=lambda key: sizes[key] or 0)
         return schema.merge_plan(smallest, sizes[smallest] or 0)
 
 
-def _merge(store: Store, workdir: Path, source: str, source_size: int, path: Path, key: str) -> None:
-    """Write source + the sealed file as `key`; the source must still have `source_size` bytes."""
+def _add_index(path: Path, sealed: SealedFile) -> int:
+    """End the sealed file with the index of its committed frames (sluice.frames), past its
+    committed size, where no reader of the spool looks; the same bytes however often it runs.
+    Returns the file's size with it. A file of zstd frames sluice did not announce (written
+    before announcements) gets none: readers read such objects whole."""
+    try:
+        trailer = index(_entries(path, 0, sealed.size, sealed.hour))
+    except Damaged:
+        return sealed.size
+    with open(path, "r+b") as fh:
+        if os.pread(fh.fileno(), len(trailer) + 1, sealed.size) != trailer:
+            fh.truncate(sealed.size)
+            os.pwrite(fh.fileno(), trailer, sealed.size)
+            os.fsync(fh.fileno())
+    return sealed.size + len(trailer)
+
+
+def _entries(path: Path, start: int, end: int, hour: str) -> list[IndexEntry]:
+    """The index entries of the frames in bytes [start, end) of a file, offsets from `start`."""
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        return index_entries(_Bounded(fh, end - start), int(hour_start(hour) * 1000))
+
+
+class _Bounded:
+    """The next `left` bytes of a file, as a stream."""
+
+    def __init__(self, fh: BinaryIO, left: int) -> None:
+        self.fh, self.left = fh, left
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.fh.read(n) if n > 0 else b""
+        self.left -= len(data)
+        return data
+
+
+def stored_whole(store: Store, key: str, before: int | None, committed: int) -> bool:
+    """Whether `key` holds `before` bytes of an earlier object and the `committed` bytes of a
+    sealed file, and an index of them. `before` None: the object merged into is gone, which
+    happens only once its successor was stored whole."""
+    content = content_length(store, key)
+    if content is None:
+        return False
+    return before is None or content == before + committed
+
+
+def _merge(store: Store, workdir: Path, source: str, source_size: int, path: Path, sealed: SealedFile,
+           key: str) -> None:
+    """Write the source's frames + the sealed file's + an index of both as `key`; the source
+    must still have `source_size` bytes."""
     workdir.mkdir(parents=True, exist_ok=True)
     merged = workdir / path.name
+    before = content_length(store, source)
+    if before is None:
+        raise IOError(f"{source}, planned to merge into, is gone")
     try:
         with open(merged, "wb") as out:
             with store.open(source) as stream:
                 shutil.copyfileobj(stream, out, 1024 * 1024)
             if out.tell() != source_size:
                 raise IOError(f"{source} has {out.tell()} bytes, {source_size} were planned")
+            out.truncate(before)  # its index: the merged object gets one of its own
+            out.seek(before)
             with open(path, "rb") as new:
-                shutil.copyfileobj(new, out, 1024 * 1024)
+                out.write(_read_committed(new, sealed.size))
+            out.flush()
+        try:
+            trailer = index(_entries(merged, 0, before + sealed.size, sealed.hour))
+        except Damaged:  # an object written before announcements: plain zstd, no index
+            trailer = b""
+        with open(merged, "ab") as out:
+            out.write(trailer)
             out.flush()
             os.fsync(out.fileno())
         store.put(merged, key)
     finally:
         merged.unlink(missing_ok=True)
+
+
+def _read_committed(fh: BinaryIO, size: int) -> bytes:
+    data = fh.read(size)
+    if len(data) != size:
+        raise IOError(f"a sealed file has {len(data)} bytes, {size} were committed")
+    return data

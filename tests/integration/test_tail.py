@@ -16,14 +16,16 @@ from sluice import schema
 from sluice.appends import Appender
 from sluice.batches import Batches
 from sluice.fetch import Fetch, Query, SpoolReader
+from sluice.records import hour_start
+from sluice.schema import BatchState
 from sluice.sealing import Sealer
 from sluice.spool import SealedFile
-from sluice.stages import compress_pieces, tail_pieces
+from sluice.stages import Piece, compress_pieces, tail_pieces
 from sluice.store import FileStore
 from sluice.tail import TailArchiver
 from sluice.uploader import Uploader
 from tests.integration.test_live_fetch import window
-from tests.integration.test_slots import FAR_FUTURE, split_batch, zstd_cli
+from tests.integration.test_slots import FAR_FUTURE, zstd_cli
 
 pytestmark = pytest.mark.integration
 
@@ -49,8 +51,13 @@ class Tail:
             self.n += 1
             self.lines[app].append(line)
             pieces[schema.app_hour(app, HOUR)] = line + b"\n"
-        packed = tail_pieces({piece: (data, 1) for piece, data in pieces.items()}, tail_piece_bytes=1024)
-        split_batch(self.batches, bid, {piece: data for piece, (data, _) in packed.items()})
+        start = int(hour_start(HOUR) * 1000)
+        packed = tail_pieces({piece: Piece(data, 1, (start, start + 10)) for piece, data in pieces.items()},
+                             tail_piece_bytes=1024)
+        self.rds.set(schema.batch_state(bid), BatchState.HANDED.value)  # as the split finds it
+        assert self.batches.commit_split(bid, {name: p.data for name, p in packed.items()},
+                                         {name: p.records for name, p in packed.items()}, None,
+                                         {name: p.span for name, p in packed.items()})
         assert list(packed) == [schema.app_hour(schema.TAIL_APP, HOUR)], "one tail piece"
         assert compress_pieces(self.batches, self.appender, CCTX, bid, list(packed)) == 1
 

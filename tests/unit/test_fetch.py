@@ -13,7 +13,7 @@ import zstandard
 
 import sluice.external_sort as external_sort
 from sluice.fetch import Fetch, Query, fetch
-from sluice.frames import Damaged, announce, read_frames
+from sluice.frames import Damaged, Meta, announce, read_frames
 from sluice.records import QUARANTINE_APP, Record, Router
 from sluice.store import FileStore, object_key
 from sluice.timewindow import hours_between, parse_when
@@ -384,7 +384,8 @@ def shuffled(tmp_path):
     cctx = zstandard.ZstdCompressor()
     for n in range(3):
         part = records[n::3]
-        data = b"".join(announce(f"b{n}:{k}|gamma|2024030110", cctx.compress(b"\n".join(part[k::4]) + b"\n"))
+        data = b"".join(announce(f"b{n}:{k}|gamma|2024030110", cctx.compress(b"\n".join(part[k::4]) + b"\n"),
+                                 Meta(len(b"\n".join(part[k::4]) + b"\n"), len(part[k::4]), 0, 2**62))
                         for k in range(4))
         put(store, tmp_path, "gamma", "2024030110", f"f{n}", data)
     return store, records

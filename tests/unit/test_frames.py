@@ -11,6 +11,7 @@ import zstandard
 from sluice.frames import (
     Block,
     Damaged,
+    Meta,
     TailEntry,
     announce,
     announce_gathered,
@@ -25,7 +26,11 @@ CCTX = zstandard.ZstdCompressor(write_content_size=True, write_checksum=True)  #
 
 
 def stream(*pieces: tuple[str, bytes]) -> bytes:
-    return b"".join(announce(ident, CCTX.compress(data)) for ident, data in pieces)
+    return b"".join(announce(ident, CCTX.compress(data), meta(data)) for ident, data in pieces)
+
+
+def meta(data: bytes, lo: int = 0, hi: int = 3_600_000) -> Meta:
+    return Meta(len(data), data.count(b"\n"), lo, hi)
 
 
 def pairs(blocks) -> list[tuple[str | None, bytes]]:
@@ -72,7 +77,7 @@ def test_plain_frames_after_announced_ones_are_read_as_a_stream():
 
 
 def tail(bid: str, parts: list[tuple[str, bytes, int]]) -> bytes:
-    entries = [TailEntry(app, len(data), records) for app, data, records in parts]
+    entries = [TailEntry(app, len(data), records, 0, 1) for app, data, records in parts]
     return announce_tail(bid, "2026010100", entries, CCTX.compress(b"".join(data for _, data, _ in parts)))
 
 
@@ -88,8 +93,9 @@ def test_a_tail_frame_gives_one_app_its_part_with_the_piece_id_and_skips_frames_
 
 def test_tail_frames_gives_entries_and_data_and_refuses_what_does_not_add_up():
     data = tail("logs:0:0-9", [("a", b"a1\n", 1), ("b", b"b1\nb2\n", 2)])
-    assert list(tail_frames(io.BytesIO(data))) == [([TailEntry("a", 3, 1), TailEntry("b", 6, 2)], b"a1\nb1\nb2\n")]
-    entries = [TailEntry("a", 3, 1), TailEntry("b", 7, 2)]  # one byte more than there is
+    entries = [TailEntry("a", 3, 1, 0, 1), TailEntry("b", 6, 2, 0, 1)]
+    assert list(tail_frames(io.BytesIO(data))) == [(entries, b"a1\nb1\nb2\n")]
+    entries = [TailEntry("a", 3, 1, 0, 1), TailEntry("b", 7, 2, 0, 1)]  # one byte more than there is
     bad = announce_tail("logs:0:0-9", "2026010100", entries, CCTX.compress(b"a1\nb1\nb2\n"))
     with pytest.raises(Damaged):
         list(tail_frames(io.BytesIO(bad)))
@@ -98,7 +104,7 @@ def test_tail_frames_gives_entries_and_data_and_refuses_what_does_not_add_up():
 
 
 def test_a_tail_piece_packs_and_unpacks_and_a_damaged_one_is_refused():
-    entries = [TailEntry("a", 3, 1), TailEntry("b", 6, 2)]
+    entries = [TailEntry("a", 3, 1, 0, 1), TailEntry("b", 6, 2, 0, 1)]
     packed = pack_tail_piece(entries, b"a1\nb1\nb2\n")
     assert unpack_tail_piece(packed) == (entries, b"a1\nb1\nb2\n")
     with pytest.raises(Damaged):
@@ -109,9 +115,9 @@ def test_a_tail_piece_packs_and_unpacks_and_a_damaged_one_is_refused():
 
 def test_a_gathered_frame_says_which_bytes_came_from_which_tail_file():
     data = announce_gathered([("2026010100-00000000000000aa", 3), ("2026010100-ffffffffffffffff", 6)],
-                             CCTX.compress(b"a1\na2\na3a4\n"))
+                             CCTX.compress(b"a1\na2\na3a4\n"), Meta(11, 3, 5, 7))
     assert list(read_frames(io.BytesIO(data))) == [
-        Block(None, b"a1\na2\na3a4\n", (("00000000000000aa", 3), ("ffffffffffffffff", 6)))]
+        Block(None, b"a1\na2\na3a4\n", (("00000000000000aa", 3), ("ffffffffffffffff", 6)), (5, 7))]
 
 
 def test_duckdb_reads_an_archive_of_announced_frames(tmp_path):

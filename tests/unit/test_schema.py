@@ -22,8 +22,9 @@ def test_formats_round_trip():
     assert schema.parse_plan(schema.NEW_OBJECT) is None
     assert schema.parse_plan(schema.merge_plan("app=a/dt=2026-01-01/hour=09/a.x.jsonl.zst", 123)) == \
         ("app=a/dt=2026-01-01/hour=09/a.x.jsonl.zst", 123)
-    assert schema.parse_piece_ref(schema.piece_ref("tok", 10, 20, 3)) == ("tok", 10, 20, 3)
-    assert schema.parse_piece_ref(b"tok:10:20") == ("tok", 10, 20, None)  # written before counts
+    assert schema.parse_piece_ref(schema.piece_ref("tok", 10, 20, 3, (5, 9))) == ("tok", 10, 20, 3, (5, 9))
+    assert schema.parse_piece_ref(schema.piece_ref("tok", 10, 20, 3)) == ("tok", 10, 20, 3, None)  # before spans
+    assert schema.parse_piece_ref(b"tok:10:20") == ("tok", 10, 20, None, None)  # written before counts
     assert schema.parse_batch_id(schema.batch_id("logs.v2", 3, 10, 99, incarnation=2)) == ("logs.v2", 3, 10, 99)
 
 
