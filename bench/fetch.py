@@ -2,10 +2,13 @@
 
     .venv/bin/python bench/fetch.py [--mb 1000] [--freshness-seconds 30]
 
-Speed: the bench data set (bench/dataset.py) archived as one app-hour, as compress writes it
-(announced frames of about 16 MB of lines, spread over 4 objects of a file store), then read
-whole by the `zstd -dc` CLI and by `sluice fetch` for that hour, both into /dev/null, in the same
-run. Printed side by side: MB/s of lines out, the ratio, and each process's peak memory.
+Speed: the bench data set (bench/dataset.py) archived as one app-hour in time order (its event
+times squeezed into the hour), as compress and the uploader write it: announced frames of about
+2 MB of lines (a batch's piece of a busy app), spread over 4 objects of a file store, each ending
+with its index. Then read whole by the `zstd -dc` CLI and by `sluice fetch` for that hour, and a
+five-minute window of it by `sluice fetch --stats`, all into /dev/null, in the same run. Printed
+side by side: MB/s of lines out, the ratio, each process's peak memory, and what share of the
+hour's compressed bytes the window read.
 
 Freshness: a whole pipeline (Redis, Tansu, workers, Beat, bridge) with default settings, one
 record produced every 0.1 s, `sluice fetch --follow` reading them: p50 and p99 of the time from
@@ -15,7 +18,9 @@ the produce call to the line reaching fetch's output.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,44 +36,60 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.dataset import dataset  # noqa: E402
 from devstack.local import FAST_GROUP_JOIN, start_pipeline, wait_until  # noqa: E402
-from sluice.frames import announce  # noqa: E402
+from sluice.frames import IndexEntry, Meta, announce, index  # noqa: E402
 from sluice.store import object_key  # noqa: E402
 
 APP, HOUR = "big", "2026010100"
-PIECE_BYTES = 16 * 1024 * 1024
+PIECE_BYTES = 2 * 1024 * 1024
 OBJECTS = 4
+START = 1_767_225_600.0  # HOUR's start, and the data set's
 
 
 def archive_one_hour(source: Path, root: Path) -> list[Path]:
-    """The data set as APP's HOUR: announced frames of about PIECE_BYTES, over OBJECTS objects."""
+    """The data set as APP's HOUR: announced frames of about PIECE_BYTES, over OBJECTS objects,
+    each ending with its index; the data set's two hours of event times squeezed into one."""
     cctx = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True)
     paths = [root / object_key(APP, HOUR, f"{HOUR}-bench{i}") for i in range(OBJECTS)]
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
     outs = [open(path, "wb") for path in paths]
+    entries: list[list[IndexEntry]] = [[] for _ in paths]
     try:
         with open(source, "rb") as src:
             n = 0
             while chunk := src.read(PIECE_BYTES):
                 chunk += src.readline()  # whole lines, as a piece is
-                outs[n % OBJECTS].write(announce(f"bench:{n}|{APP}|{HOUR}", cctx.compress(chunk)))
+                docs = [orjson.loads(line) for line in chunk.splitlines()]
+                for doc in docs:
+                    doc["ts"] = round(START + (doc["ts"] - START) / 2, 3)
+                data = b"\n".join(orjson.dumps(doc) for doc in docs) + b"\n"
+                times = [doc["ts"] for doc in docs]
+                meta = Meta(len(data), len(docs), math.floor(min(times) * 1000), math.ceil(max(times) * 1000))
+                unit = announce(f"bench:{n}|{APP}|{HOUR}", cctx.compress(data), meta)
+                out = outs[n % OBJECTS]
+                entries[n % OBJECTS].append(IndexEntry(out.tell(), len(unit), meta))
+                out.write(unit)
                 n += 1
+        for out, listed in zip(outs, entries):
+            out.write(index(listed))
     finally:
         for out in outs:
             out.close()
     return paths
 
 
-def timed_run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (MB) of a command whose output goes to /dev/null."""
+def timed_run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (MB) and stderr of a command whose output goes to /dev/null."""
     start = time.perf_counter()
-    with open(os.devnull, "wb") as sink:
-        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.PIPE, env=env)
+    with open(os.devnull, "wb") as sink, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdout=sink, stderr=err, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
+        err.seek(0)
+        stderr = err.read().decode()
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{argv[0]} failed: {proc.stderr.read().decode()}")
-    return wall, usage.ru_maxrss // 1024
+        raise SystemExit(f"{argv[0]} failed: {stderr}")
+    return wall, usage.ru_maxrss // 1024, stderr
 
 
 def speed(mb: int) -> None:
@@ -80,21 +101,28 @@ def speed(mb: int) -> None:
         stored = sum(p.stat().st_size for p in paths)
         env = {**os.environ, "SLUICE_STORE_URL": f"file://{root}", "SLUICE_REDIS_URL": "redis://127.0.0.1:1/0",
                "SLUICE_SPOOL_DIR": str(Path(tmp) / "spool")}
-        fetch_argv = [sys.executable, "-m", "sluice.cli", "fetch", "--app", APP,
+        fetch_argv = [sys.executable, "-m", "sluice.cli", "fetch", "--app", APP, "--stats",
                       "--since", "2026-01-01T00:00:00Z", "--until", "2026-01-01T01:00:00Z"]
-        best: dict[str, tuple[float, int]] = {}
+        window_argv = [*fetch_argv[:-4], "--since", "2026-01-01T00:30:00Z", "--until", "2026-01-01T00:35:00Z"]
+        best: dict[str, tuple[float, int, str]] = {}
         for _ in range(3):  # best of three, alternating, on a noisy machine
             for name, argv, run_env in (("zstd -dc CLI (reference)", ["zstd", "-dcq", *map(str, paths)], None),
-                                        ("sluice fetch, whole hour", fetch_argv, env)):
-                wall, rss = timed_run(argv, run_env)
+                                        ("sluice fetch, whole hour", fetch_argv, env),
+                                        ("sluice fetch, 5 minutes", window_argv, env)):
+                wall, rss, stderr = timed_run(argv, run_env)
                 if name not in best or wall < best[name][0]:
-                    best[name] = (wall, rss)
+                    best[name] = (wall, rss, stderr)
     print(f"\none app-hour: {nbytes / 1e6:.0f} MB of lines in {OBJECTS} objects ({stored / 1e6:.0f} MB), "
           f"frames of about {PIECE_BYTES >> 20} MiB")
-    print(f"{'reader':<30}{'MB/s':>9}{'x zstd CLI':>12}{'peak RSS MB':>13}")
+    print(f"{'reader':<30}{'seconds':>9}{'MB/s':>9}{'x zstd CLI':>12}{'peak RSS MB':>13}")
     ref = nbytes / best["zstd -dc CLI (reference)"][0]
-    for name, (wall, rss) in best.items():
-        print(f"{name:<30}{nbytes / wall / 1e6:>9.1f}{nbytes / wall / ref:>12.3f}{rss:>13}")
+    for name, (wall, rss, _) in best.items():
+        print(f"{name:<30}{wall:>9.3f}{nbytes / wall / 1e6:>9.1f}{nbytes / wall / ref:>12.3f}{rss:>13}")
+    window, whole = best["sluice fetch, 5 minutes"], best["sluice fetch, whole hour"]
+    read = int(re.search(r"bytes compressed ([\d,]+)", window[2]).group(1).replace(",", ""))  # type: ignore[union-attr]
+    print(f"\nthe 5-minute window read {read / stored:.1%} of the hour's compressed bytes "
+          f"and took {window[0] / whole[0]:.3f}x the whole hour's time")
+    print("its --stats:\n" + "".join(f"  {line}\n" for line in window[2].splitlines() if "records" not in line))
 
 
 def freshness(seconds: int) -> None:

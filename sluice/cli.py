@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="after the window, print new matching records as they are committed, until Ctrl-C")
     f.add_argument("--limit", type=int, help="stop after this many matching records")
     f.add_argument("--count", action="store_true", help="print only how many records match")
+    f.add_argument("--stats", action="store_true",
+                   help="then say on stderr what was read: objects, frames listed, skipped by the index and "
+                        "read, bytes compressed and decompressed, lines scanned and matched, seconds, MB/s")
     f.add_argument("--sort", action="store_true",
                    help="print in event-time order (parses every line's time; sorts an hour at a time, "
                         "spilling to temporary files beyond 64 MiB); the default is archive order")
@@ -174,6 +177,9 @@ def _fetch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if not args.count:
         _warn(f"{count} records")
+    if args.stats:
+        for line in job.stats.lines():
+            _warn(line)
     return 1 if job.damaged else 0
 
 

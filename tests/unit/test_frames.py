@@ -11,12 +11,16 @@ import zstandard
 from sluice.frames import (
     Block,
     Damaged,
+    IndexEntry,
     Meta,
     TailEntry,
     announce,
     announce_gathered,
     announce_tail,
+    index,
+    index_entries,
     pack_tail_piece,
+    parse_index,
     read_frames,
     tail_frames,
     unpack_tail_piece,
@@ -127,3 +131,66 @@ def test_duckdb_reads_an_archive_of_announced_frames(tmp_path):
     path.write_bytes(stream(("a|billing|h", b'{"app":"billing","n":1}\n{"app":"billing","n":2}\n'),
                             ("b|billing|h", b'{"app":"billing","n":3}\n')))
     assert duckdb.sql(f"select count(*), sum(n) from read_json_auto('{path}')").fetchall() == [(3, 6)]
+
+
+# --------------------------------------------------------------------------- the index
+
+
+def indexed(*pieces: tuple[str, bytes, int, int]) -> tuple[bytes, list]:
+    """An object of these pieces (id, lines, min ms, max ms) and its index entries."""
+    body, entries = b"", []
+    for ident, data, lo, hi in pieces:
+        unit = announce(ident, CCTX.compress(data), meta(data, lo, hi))
+        entries.append(IndexEntry(len(body), len(unit), meta(data, lo, hi)))
+        body += unit
+    return body + index(entries), entries
+
+
+OBJECT, ENTRIES = indexed(("b:0|a|h", b"one\ntwo\n", 0, 10), ("b:1|a|h", b"three\n", 20, 30),
+                          ("b:2|a|h", b"four\n", 40, 50))
+
+
+def test_the_index_is_found_from_the_tail_and_lists_every_frame():
+    assert parse_index(OBJECT[-200:], len(OBJECT)) == ENTRIES
+    assert index_entries(io.BytesIO(OBJECT), 0) == ENTRIES, "the same entries as walking the announcements"
+    assert pairs(read_frames(io.BytesIO(OBJECT))) == [("b:0|a|h", b"one\ntwo\n"), ("b:1|a|h", b"three\n"),
+                                                     ("b:2|a|h", b"four\n")], "readers pass over it"
+    out = subprocess.run(["zstd", "-dcq"], input=OBJECT, capture_output=True, check=True).stdout
+    assert out == b"one\ntwo\nthree\nfour\n"
+
+
+def test_a_window_skips_frames_by_their_announcements():
+    blocks = read_frames(io.BytesIO(OBJECT), window=(15, 35))
+    assert pairs(blocks) == [("b:1|a|h", b"three\n")]
+
+
+def flip(data: bytes, at: int) -> bytes:
+    out = bytearray(data)
+    out[at] ^= 0x01
+    return bytes(out)
+
+
+FOOTER = 12
+ENTRY = 36
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: d[:-1],  # truncated: no footer
+    lambda d: flip(d, len(d) - 1),  # signature
+    lambda d: flip(d, len(d) - 5),  # CRC
+    lambda d: flip(d, len(d) - FOOTER),  # entry count
+    lambda d: d[:-(FOOTER + 3 * ENTRY + 8)] + b"\0" * 8 + d[-(FOOTER + 3 * ENTRY):],  # index frame header
+    lambda d: flip(d, len(d) - FOOTER - 3 * ENTRY),  # first offset
+    lambda d: flip(d, len(d) - FOOTER - 2 * ENTRY + 8),  # a length
+    lambda d: flip(d, len(d) - FOOTER - ENTRY + 12),  # a size (CRC catches it)
+    lambda d: b"\0" * 10 + d,  # the table points short of where the index starts
+], ids=["truncated", "signature", "crc", "count", "header", "offset", "length", "size", "shifted"])
+def test_an_index_that_cannot_be_trusted_is_refused(damage):
+    damaged = damage(OBJECT)
+    with pytest.raises(Damaged):
+        parse_index(damaged[-400:], len(damaged))
+
+
+def test_an_object_without_an_index_says_so():
+    with pytest.raises(Damaged, match="no index"):
+        parse_index(stream(*PIECES)[-100:], len(stream(*PIECES)))

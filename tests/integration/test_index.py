@@ -1,0 +1,132 @@
+"""The time index (sluice.frames): an uploaded object ends with an index of its frames, and a fetch
+of a narrow window reads only the frames that overlap it; a damaged index is never trusted."""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime, timezone
+from pathlib import Path
+
+import orjson
+import pytest
+import zstandard
+
+from devstack.serial_upload import upload_sealed
+from sluice import schema
+from sluice.appends import Appender
+from sluice.batches import Batches
+from sluice.fetch import Fetch, Query
+from sluice.frames import parse_index
+from sluice.records import hour_start
+from sluice.schema import BatchState
+from sluice.sealing import Sealer
+from sluice.stages import compress_pieces
+from sluice.store import FileStore
+from sluice.uploader import Uploader
+from tests.integration.test_slots import FAR_FUTURE
+
+pytestmark = pytest.mark.integration
+
+APP, HOUR = "billing", "2026010109"
+START = hour_start(HOUR)
+CCTX = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True)
+
+
+def archive(rds, settings, tmp_path: Path) -> tuple[FileStore, Path, list[list[bytes]]]:
+    """Six batches of one app-hour, each ten minutes of it, archived as one object."""
+    batches, appender = Batches(rds, settings), Appender(rds, settings)
+    slices = []
+    for n in range(6):
+        lines = [orjson.dumps({"app": APP, "ts": START + n * 600 + i * 6, "n": n, "i": i}) for i in range(100)]
+        bid, piece = f"logs:0:{n * 100}-{n * 100 + 99}", schema.app_hour(APP, HOUR)
+        rds.set(schema.batch_state(bid), BatchState.HANDED.value)
+        span = (int((START + n * 600) * 1000), int((START + n * 600 + 594) * 1000))
+        assert batches.commit_split(bid, {piece: b"\n".join(lines) + b"\n"}, {piece: 100}, None, {piece: span})
+        assert compress_pieces(batches, appender, CCTX, bid, [piece]) == 1
+        slices.append(lines)
+    Sealer(rds, settings).seal_due(now=FAR_FUTURE)
+    store = FileStore(tmp_path / "archive")
+    assert upload_sealed(Uploader(rds, settings, store)) == 1
+    [path] = (tmp_path / "archive").rglob("*.zst")
+    return store, path, slices
+
+
+def fetch(store: FileStore, since: float, until: float) -> tuple[list[bytes], Fetch, list[str]]:
+    out, warnings = io.BytesIO(), []
+    job = Fetch(store, Query(APP, datetime.fromtimestamp(since, timezone.utc),
+                             datetime.fromtimestamp(until, timezone.utc)), out, warn=warnings.append)
+    job.run()
+    return out.getvalue().split(b"\n")[:-1], job, warnings
+
+
+def test_an_object_ends_with_an_index_and_a_window_reads_only_its_frames(rds, settings, tmp_path):
+    store, path, slices = archive(rds, settings, tmp_path)
+    data = path.read_bytes()
+    entries = parse_index(data[-4096:], len(data))
+    assert [e.meta.records for e in entries] == [100] * 6
+    lines, job, warnings = fetch(store, START + 1200, START + 1800)  # the third batch's ten minutes
+    assert lines == slices[2] and not warnings and not job.damaged
+    assert (job.stats.frames_listed, job.stats.frames_skipped, job.stats.frames_read) == (6, 5, 1)
+    assert job.stats.compressed_bytes < len(data) / 4, "one frame's bytes read, not the object's"
+    assert job.stats.lines_scanned == 0, "a frame wholly inside the window is printed without parsing"
+    lines, job, _ = fetch(store, START, START + 3600)
+    assert lines == [line for part in slices for line in part], "the whole hour, in order"
+
+
+def test_a_window_across_frames_prints_exactly_its_lines(rds, settings, tmp_path):
+    store, _, slices = archive(rds, settings, tmp_path)
+    lines, job, _ = fetch(store, START + 900, START + 1500)
+    expected = [line for part in slices for line in part if START + 900 <= orjson.loads(line)["ts"] < START + 1500]
+    assert lines == expected and job.stats.frames_read == 2
+
+
+@pytest.mark.parametrize("at", [-1, -5, -20, -60], ids=["signature", "crc", "entry", "offsets"])
+def test_a_damaged_index_is_said_and_every_frame_read(rds, settings, tmp_path, at):
+    store, path, slices = archive(rds, settings, tmp_path)
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    lines, job, warnings = fetch(store, START + 1200, START + 1800)
+    assert lines == slices[2], "every record of the window, from walking the frames"
+    assert not job.damaged, "nothing was lost"
+    if at != -1:  # without its signature the object just has no index, as one written before indexes
+        assert len(warnings) == 1 and path.name in warnings[0] and "index" in warnings[0]
+
+
+def test_a_frame_that_disagrees_with_the_index_is_not_skipped(rds, settings, tmp_path):
+    store, path, slices = archive(rds, settings, tmp_path)
+    data = path.read_bytes()
+    entries = parse_index(data[-4096:], len(data))
+    # The third frame's announcement claims other times than the index (as if the table were
+    # of another object): the index is not trusted, and nothing is skipped on its word.
+    third = entries[2].offset
+    forged = bytearray(data)
+    forged[third + 8 + 12] ^= 0x01  # the announced earliest time
+    path.write_bytes(bytes(forged))
+    lines, job, warnings = fetch(store, START + 1200, START + 1800)
+    assert lines == slices[2] and not job.damaged
+    assert warnings and "index" in warnings[0]
+
+
+def test_a_corrupt_frame_in_the_window_is_named_and_fetch_exits_damaged(rds, settings, tmp_path):
+    store, path, slices = archive(rds, settings, tmp_path)
+    data = path.read_bytes()
+    entries = parse_index(data[-4096:], len(data))
+    third = entries[2]
+    forged = bytearray(data)
+    forged[third.offset + third.length - 6] ^= 0xFF  # inside the zstd frame
+    path.write_bytes(bytes(forged))
+    lines, job, warnings = fetch(store, START, START + 3600)
+    assert job.damaged and any(path.name in w for w in warnings)
+    assert lines[:200] == slices[0] + slices[1], "everything before the damage is printed"
+
+
+def test_an_object_uploaded_before_indexes_is_still_read(rds, settings, tmp_path):
+    store, path, slices = archive(rds, settings, tmp_path)
+    data = path.read_bytes()
+    entries = parse_index(data[-4096:], len(data))
+    end = entries[-1].offset + entries[-1].length
+    path.write_bytes(data[:end])  # as the uploader wrote objects before this version
+    lines, job, warnings = fetch(store, START + 1200, START + 1800)
+    assert lines == slices[2] and not warnings and not job.damaged
+    assert job.stats.frames_skipped == 5, "announcements alone let it skip the other frames' decompression"
