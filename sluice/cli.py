@@ -1,4 +1,7 @@
-"""The `sluice` command."""
+"""The `sluice` command.
+
+Each subcommand imports what it needs when it runs: `sluice status` needs the Kafka client and
+Celery, a fetch of five minutes should not wait for them to load."""
 
 from __future__ import annotations
 
@@ -12,11 +15,8 @@ import threading
 
 import redis
 
-from sluice import ledger_repair, status
 from sluice.fetch import Fetch, Query, SpoolReader
-from sluice.marks import Marks
 from sluice.settings import Settings, SettingsError, get_settings
-from sluice.status import Thresholds
 from sluice.store import open_store
 from sluice.timewindow import parse_when
 
@@ -102,6 +102,9 @@ def _redis(settings: Settings) -> redis.Redis:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from sluice import status
+    from sluice.status import Thresholds
+
     thresholds = Thresholds(args.max_lag_seconds, args.max_lag_records, args.max_unarchived_age, args.min_workers)
     try:
         found = status.gather(settings, _redis(settings), thresholds, ask_workers=not args.no_workers)
@@ -113,6 +116,9 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _ledger(args: argparse.Namespace, settings: Settings) -> int:
+    from sluice import ledger_repair
+    from sluice.marks import Marks
+
     marks = Marks(_redis(settings))
     try:
         if args.action == "show":

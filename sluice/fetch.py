@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 import redis
-import zstandard
 
 from sluice import schema
 from sluice.errors import Damaged
@@ -37,14 +36,15 @@ from sluice.frames import (
     IndexEntry,
     Prefixed,
     Readable,
+    Unit,
     announced,
-    decode,
+    frames_to_decode,
     read_frames,
     tail_file_id,
     units,
     wanted,
 )
-from sluice.read_ahead import Frames, read_ahead
+from sluice.read_ahead import Frames, Undecoded, read_ahead
 from sluice.records import QUARANTINE_APP, event_time, hour_start, valid_app_id
 from sluice.sealed import committed_files
 from sluice.spool import Spool
@@ -284,7 +284,7 @@ class Fetch:
                     name = f"spool file {fid}"
                     # A tail file is read whole: what fetch read of it must be known to the byte
                     # (see _unprinted), and it is small.
-                    sources.append((name, functools.partial(read_frames, _Range(fd, start, size), self.query.app,
+                    sources.append((name, functools.partial(_pending, _Range(fd, start, size), self.query.app,
                                                             None if tail else window)))
                     if tail:
                         tails[name] = tail_file_id(fid)
@@ -354,7 +354,6 @@ class Fetch:
         chosen = [e for e in entries if e.meta.max_ms >= lo and e.meta.min_ms < hi]
         self.stats.frames_listed += len(entries)
         self.stats.frames_skipped += len(entries) - len(chosen)
-        dctx = zstandard.ZstdDecompressor()
         for run in _runs(chosen):
             start, end = run[0].offset, run[-1].offset + run[-1].length
             data = self.store.read_range(key, start, end)
@@ -363,7 +362,7 @@ class Fetch:
             for entry, unit in zip(run, units(stream)):
                 if unit.length != entry.length or (unit.meta is not None and unit.meta != entry.meta):
                     raise Damaged(f"the frame at {entry.offset} is not the one the index lists")
-                yield from decode(unit, dctx, self.query.app)
+                yield Undecoded(unit, self.query.app)
                 done.add(entry.offset)
             if stream.tell() != len(data):
                 raise Damaged(f"the frames at {start}..{end} are not the ones the index lists")
@@ -390,14 +389,19 @@ def _walk(stream: "_Counted", app: str, window: tuple[int, int] | None, done: se
     if not announced(head):
         yield from read_frames(Prefixed(head, stream), app)
         return
-    dctx = zstandard.ZstdDecompressor()
     at = 0
     for unit in units(Prefixed(head, stream)):
         if at not in done and (window is None or wanted(unit, app, *window)):
-            yield from decode(unit, dctx, app)
+            yield Undecoded(unit, app)
         elif at not in done:
             stats.frames_skipped += 1
         at += unit.length
+
+
+def _pending(stream: Readable, app: str, window: tuple[int, int] | None) -> Frames:
+    """The frames of a spool file, to decompress in the pool."""
+    for item in frames_to_decode(stream, app, window):
+        yield Undecoded(item, app) if isinstance(item, Unit) else item
 
 
 class _Counted:

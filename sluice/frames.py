@@ -256,24 +256,18 @@ def wanted(unit: Unit, app: str | None, lo_ms: int, hi_ms: int) -> bool:
     return unit.meta is None or (unit.meta.max_ms >= lo_ms and unit.meta.min_ms < hi_ms)
 
 
-def read_frames(stream: Readable, app: str | None = None,
-                window: tuple[int, int] | None = None) -> Iterator[Block]:
-    """The Block of each frame in order.
-
-    Of a tail frame, only `app`'s part, if the frame has one (the others are not decompressed).
-    With a `window` [lo_ms, hi_ms), frames whose announcement shows no line in it are not
-    decompressed either.
-    A frame sluice did not announce (a file written before announcements) is decompressed with
-    what follows it as one stream, in chunks, with the id None. Raises Damaged on a truncated
-    or corrupt stream, after yielding everything before the damage.
-    """
-    dctx = zstandard.ZstdDecompressor()
+def frames_to_decode(stream: Readable, app: str | None = None,
+                     window: tuple[int, int] | None = None) -> Iterator[Unit | Block]:
+    """What `read_frames` gives, but each announced frame still compressed (a Unit, for the
+    caller to `decode`, perhaps in another thread); frames that cannot hold lines of `app` in
+    `window` are left out, and a stream written before announcements comes as Blocks."""
     while True:
         head = _read_exactly(stream, _HEAD.size)
         if not head:
             return
         magic, size = _HEAD.unpack(head)
         if magic not in _SKIPPABLE:
+            dctx = zstandard.ZstdDecompressor()
             yield from (Block(None, chunk) for chunk in _stream_rest(dctx, head, stream))
             return
         payload = _read_exactly(stream, size)
@@ -281,8 +275,23 @@ def read_frames(stream: Readable, app: str | None = None,
             continue
         length, meta, ident, entries, sources = _announcement(magic, payload)
         unit = Unit(magic, meta, ident, entries, sources, head + payload, _read_exactly(stream, length))
-        if window is None or wanted(unit, app, *window):
-            yield from decode(unit, dctx, app)
+        if (window is None or wanted(unit, app, *window)) and (magic != TAIL_MAGIC or app is not None):
+            yield unit
+
+
+def read_frames(stream: Readable, app: str | None = None,
+                window: tuple[int, int] | None = None) -> Iterator[Block]:
+    """The Block of each frame in order.
+
+    Of a tail frame, only `app`'s part, if the frame has one (the others are not decompressed).
+    With a `window` [lo_ms, hi_ms), frames whose announcement shows no line in it are not
+    decompressed either. A frame sluice did not announce (a file written before announcements)
+    is decompressed with what follows it as one stream, in chunks, with the id None. Raises
+    Damaged on a truncated or corrupt stream, after yielding everything before the damage.
+    """
+    dctx = zstandard.ZstdDecompressor()
+    for item in frames_to_decode(stream, app, window):
+        yield from (decode(item, dctx, app) if isinstance(item, Unit) else [item])
 
 
 def tail_frames(stream: Readable) -> Iterator[tuple[list[TailEntry], bytes]]:

@@ -1,33 +1,63 @@
-"""Read several frame sources at once, in threads, and hand their frames on in source order.
+"""Read several frame sources at once, decompress their frames on every core, and hand the lines
+on in source order.
 
-Store reads are network-bound and zstd releases the GIL while it decompresses, so `sluice fetch`
-reads the objects of an hour together, each a bounded number of frames ahead of the printer.
+Store reads are network-bound, so `sluice fetch` reads the objects of an hour together in
+threads, each a bounded number of frames ahead of the printer. Frames are independent and zstd
+releases the GIL while it decompresses, so the frames are decompressed by a pool of threads, as
+many as there are cores, several frames ahead of the one being printed; the output keeps the
+order of the sources and of their frames. Memory is bounded by the frames in flight, not by the
+size of an object.
 """
 
 from __future__ import annotations
 
+import collections
+import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterator, NamedTuple
+
+import zstandard
 
 from sluice.errors import Damaged
-from sluice.frames import Block
+from sluice.frames import Block, Unit, decode
 
 # Sources read at once.
 READ_THREADS = 8
-# Decompressed frames a reader may hold ahead of the caller, per source.
-READ_AHEAD = 1
+# Frames (compressed) a reader may hold ahead of the caller, per source.
+READ_AHEAD = 4
+# Threads that decompress, and the frames they may work on ahead of the one being printed.
+DECODERS = max(2, os.cpu_count() or 2)
+DECODE_AHEAD = 2 * DECODERS
 
-# The blocks of each frame of a source.
-Frames = Iterator[Block]
+
+class Undecoded(NamedTuple):
+    """A frame to decompress (only `app`'s part of a tail frame)."""
+
+    unit: Unit
+    app: str | None
+
+
+# What a source yields: frames to decompress, or lines read already (a stream written before
+# announcements is decompressed as it is read).
+Frames = Iterator[Undecoded | Block]
+
+_local = threading.local()
+
+
+def _decode(job: Undecoded) -> list[Block]:
+    if not hasattr(_local, "dctx"):
+        _local.dctx = zstandard.ZstdDecompressor()  # not thread-safe: one per thread
+    return decode(job.unit, _local.dctx, job.app)
 
 
 def read_ahead(sources: list[tuple[str, Callable[[], Frames]]],
-                ) -> Iterator[tuple[str, Block | Exception]]:
-    """(source name, block) of every source in order. READ_THREADS threads read and
-    decompress the sources at once, each at most READ_AHEAD frames ahead of the caller; a
-    source that fails ends with the exception as its data."""
+               ) -> Iterator[tuple[str, Block | Exception]]:
+    """(source name, block) of every source in order. READ_THREADS threads read the sources at
+    once, each at most READ_AHEAD frames ahead; DECODERS threads decompress up to DECODE_AHEAD
+    frames ahead of the caller. A frame that cannot be decompressed, or a source that fails,
+    comes as an exception in its place; the source's other frames still come."""
     if not sources:
         return
     stop = threading.Event()
@@ -52,13 +82,31 @@ def read_ahead(sources: list[tuple[str, Callable[[], Frames]]],
             put(q, exc)
         put(q, end)
 
-    pool = ThreadPoolExecutor(max_workers=min(READ_THREADS, len(sources)), thread_name_prefix="fetch")
+    readers = ThreadPoolExecutor(max_workers=min(READ_THREADS, len(sources)), thread_name_prefix="fetch-read")
+    decoders = ThreadPoolExecutor(max_workers=DECODERS, thread_name_prefix="fetch-decode")
+    pending: collections.deque[tuple[str, Future[list[Block]] | Block | Exception]] = collections.deque()
+
+    def ready(name: str, item: Future[list[Block]] | Block | Exception) -> Iterator[tuple[str, Block | Exception]]:
+        if isinstance(item, Future):
+            try:
+                for block in item.result():
+                    yield name, block
+            except Damaged as exc:
+                yield name, exc
+        else:
+            yield name, item
+
     try:
         for (_, frames), q in zip(sources, queues):
-            pool.submit(pump, frames, q)
+            readers.submit(pump, frames, q)
         for (name, _), q in zip(sources, queues):
             while (item := q.get()) is not end:
-                yield name, item
+                pending.append((name, decoders.submit(_decode, item) if isinstance(item, Undecoded) else item))
+                while len(pending) > DECODE_AHEAD or (pending and not isinstance(pending[0][1], Future)):
+                    yield from ready(*pending.popleft())
+        while pending:
+            yield from ready(*pending.popleft())
     finally:
         stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
+        readers.shutdown(wait=True, cancel_futures=True)
+        decoders.shutdown(wait=True, cancel_futures=True)
