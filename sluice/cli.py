@@ -12,21 +12,31 @@ import re
 import signal
 import sys
 import threading
-
-import redis
+from typing import TYPE_CHECKING
 
 from sluice.fetch import Fetch, Query, SpoolReader
 from sluice.settings import Settings, SettingsError, get_settings
 from sluice.store import open_store
 from sluice.timewindow import parse_when
 
+if TYPE_CHECKING:
+    import redis
+
 
 def _warn(message: str) -> None:
     print(f"sluice fetch: {message}", file=sys.stderr, flush=True)
 
 
-def _spool(settings: Settings) -> SpoolReader | None:
-    """The spool, if this machine can read it: Redis reachable and the spool directory here."""
+def _spool(settings: Settings, follow: bool) -> SpoolReader | None:
+    """The spool, if this machine can read it: Redis reachable and the spool directory here.
+    Without the directory and without --follow there is nothing to read in it: Redis is not
+    even asked (nor its client loaded)."""
+    if not follow and not settings.spool_dir.is_dir():
+        _warn(f"no spool at {settings.spool_dir} on this machine: records not yet uploaded are not shown, "
+              "only what the store has")
+        return None
+    import redis
+
     client = _redis(settings)
     try:
         client.ping()
@@ -98,10 +108,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _redis(settings: Settings) -> redis.Redis:
+    import redis
+
     return redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_connect_timeout=2, socket_timeout=5)
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+
     from sluice import status
     from sluice.status import Thresholds
 
@@ -116,6 +130,8 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _ledger(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+
     from sluice import ledger_repair
     from sluice.marks import Marks
 
@@ -165,7 +181,7 @@ def _fetch(args: argparse.Namespace, settings: Settings) -> int:
         _warn(str(exc))
         return 2
     out = sys.stdout.buffer
-    job = Fetch(open_store(settings), query, out, _spool(settings), _warn)
+    job = Fetch(open_store(settings), query, out, _spool(settings, args.follow), _warn)
     try:
         count = job.run()
         if args.follow:

@@ -7,10 +7,13 @@ commit that fills it, sluice.appends) and leaves it, with its plan, once its obj
 
 from __future__ import annotations
 
-import redis
+from typing import TYPE_CHECKING
 
 from sluice import schema, scripts
 from sluice.spool import SealedFile
+
+if TYPE_CHECKING:  # `sluice fetch` imports this module and should start fast; it may need no Redis
+    import redis
 
 
 class SealedRegistry:
