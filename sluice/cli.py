@@ -18,6 +18,7 @@ from sluice.fetch import Fetch, Query, SpoolReader
 from sluice.settings import Settings, SettingsError, get_settings
 from sluice.store import open_store
 from sluice.timewindow import parse_when
+from sluice.where import parse_where
 
 if TYPE_CHECKING:
     import redis
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--follow", "-f", action="store_true",
                    help="after the window, print new matching records as they are committed, until Ctrl-C")
     f.add_argument("--limit", type=int, help="stop after this many matching records")
+    f.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE|FIELD~REGEX",
+                   help="only JSON records whose FIELD (a key, or keys joined by dots) equals VALUE, or matches "
+                        "REGEX; repeat for several, all must hold")
     f.add_argument("--count", action="store_true", help="print only how many records match")
     f.add_argument("--stats", action="store_true",
                    help="then say on stderr what was read: objects, frames listed, skipped by the index and "
@@ -175,7 +179,7 @@ def _fetch(args: argparse.Namespace, settings: Settings) -> int:
         until = None if args.follow else parse_when(args.until or "now")
         grep = re.compile(args.grep.encode()) if args.grep else None
         query = Query(args.app, since, until, grep, settings.timestamp_field, args.limit, args.count,
-                      args.sort)
+                      args.sort, tuple(parse_where(w) for w in args.where))
         query.check()
     except (ValueError, re.error) as exc:
         _warn(str(exc))

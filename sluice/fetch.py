@@ -30,6 +30,7 @@ from sluice.errors import Damaged
 from sluice.external_sort import HourSorter
 from sluice.frames import (
     SKIPPABLE_HEAD,
+    UNKNOWN,
     Block,
     IndexEntry,
     Prefixed,
@@ -48,6 +49,7 @@ from sluice.sealed import committed_files
 from sluice.spool import Spool
 from sluice.store import Store, hour_prefix, live_keys, open_newest, read_index
 from sluice.timewindow import hours_between
+from sluice.where import Filters, Where, lines_containing, lines_matching
 
 if TYPE_CHECKING:  # loaded only when the spool is read: a fetch from the store alone starts faster
     import redis
@@ -68,6 +70,7 @@ class Query:
     limit: int | None = None
     count_only: bool = False
     sort: bool = False
+    where: tuple[Where, ...] = ()
 
     def check(self) -> None:
         if self.app != QUARANTINE_APP and not valid_app_id(self.app):
@@ -152,6 +155,7 @@ class _Printer:
     def __post_init__(self) -> None:
         if self.query.sort and not self.query.count_only:
             self.sorter = HourSorter(self.query.timestamp_field)
+        self.filters = Filters(self.query.where)
 
     def block(self, data: bytes, hour: str, span: tuple[int, int] | None = None) -> None:
         """Print the matching lines of newline-terminated `data`, all filed under one event hour,
@@ -164,14 +168,24 @@ class _Printer:
         hi = q.until.timestamp() if q.until is not None else float("inf")
         whole = (lo <= start and start + 3600 <= hi) or (
             span is not None and lo * 1000 <= span[0] and span[1] < hi * 1000)
-        self.stats.lines_scanned += data.count(b"\n") if not whole or q.grep is not None else 0
-        if whole and q.grep is None and q.limit is None and self.sorter is None:
+        if whole and q.grep is None and not self.filters and q.limit is None and self.sorter is None:
             self.count += data.count(b"\n")
             if not q.count_only:
                 self.out.write(data)
             return
-        for line in data.split(b"\n")[:-1]:
-            if q.grep is not None and not q.grep.search(line):
+        # Only lines that can match are looked at one by one: found by searching the whole block
+        # for the filters' literal, or for the --grep pattern.
+        if self.filters.literal is not None:
+            lines = lines_containing(data, self.filters.literal)
+        elif q.grep is not None:
+            lines = lines_matching(data, q.grep)
+        else:
+            lines = data.split(b"\n")[:-1]
+        self.stats.lines_scanned += len(lines)
+        for line in lines:
+            if q.grep is not None and self.filters.literal is not None and not q.grep.search(line):
+                continue
+            if self.filters and not self.filters.holds(line):
                 continue
             if not whole:
                 ts = event_time(line, q.timestamp_field)
@@ -289,10 +303,15 @@ class Fetch:
                                                             None if tail else window)))
                     if tail:
                         tails[name] = tail_file_id(fid)
+            from_index = window is None and not local and self._counts_only()
             for key in listed:
                 if key not in state.keys:
                     state.keys.add(key)
-                    sources.append((key, functools.partial(self._object_frames, hour, key)))
+                    counted = self._count_from_index(key) if from_index else None
+                    if counted is not None:
+                        self.printer.count += counted  # a whole hour, nothing to filter: the index knows
+                    else:
+                        sources.append((key, functools.partial(self._object_frames, hour, key)))
             for name, block in read_ahead(sources):
                 if isinstance(block, Exception):
                     self.damaged = True
@@ -347,6 +366,24 @@ class Fetch:
                 yield from _walk(counted, self.query.app, window, done, self.stats)
             finally:
                 self.stats.compressed_bytes += counted.count
+
+    def _counts_only(self) -> bool:
+        q = self.query
+        return q.count_only and q.grep is None and not q.where and q.limit is None
+
+    def _count_from_index(self, key: str) -> int | None:
+        """The records of an object by its index, without reading its frames; None if it has no
+        index to trust, or one with frames of unknown size."""
+        try:
+            size = self.store.size(key)
+            entries = read_index(self.store, key, size) if size is not None else None
+        except (Damaged, OSError):
+            return None
+        if not entries or any(e.meta.records == UNKNOWN for e in entries):
+            return None
+        self.stats.frames_listed += len(entries)
+        self.stats.frames_skipped += len(entries)
+        return sum(e.meta.records for e in entries)
 
     def _indexed(self, key: str, window: tuple[int, int], done: set[int]) -> Frames:
         size = self.store.size(key)

@@ -23,6 +23,7 @@ from sluice.sealing import Sealer
 from sluice.stages import compress_pieces
 from sluice.store import FileStore
 from sluice.uploader import Uploader
+from sluice.where import parse_where
 from tests.integration.test_slots import FAR_FUTURE
 
 pytestmark = pytest.mark.integration
@@ -130,3 +131,24 @@ def test_an_object_uploaded_before_indexes_is_still_read(rds, settings, tmp_path
     lines, job, warnings = fetch(store, START + 1200, START + 1800)
     assert lines == slices[2] and not warnings and not job.damaged
     assert job.stats.frames_skipped == 5, "announcements alone let it skip the other frames' decompression"
+
+
+def test_where_keeps_matching_records_and_parses_only_lines_that_can_match(rds, settings, tmp_path):
+    store, _, slices = archive(rds, settings, tmp_path)
+    out = io.BytesIO()
+    job = Fetch(store, Query(APP, datetime.fromtimestamp(START, timezone.utc),
+                             datetime.fromtimestamp(START + 3600, timezone.utc),
+                             where=(parse_where("n=3"), parse_where("i~^[0-4]$"))), out)
+    job.run()
+    assert out.getvalue().split(b"\n")[:-1] == [line for line in slices[3] if orjson.loads(line)["i"] < 5]
+    # The literal "3" is in many lines' times and numbers, but far from all: not every line is parsed.
+    assert 0 < job.stats.lines_scanned < 600
+
+
+def test_count_of_whole_hours_comes_from_the_index(rds, settings, tmp_path):
+    store, _, _ = archive(rds, settings, tmp_path)
+    out = io.BytesIO()
+    job = Fetch(store, Query(APP, datetime.fromtimestamp(START, timezone.utc),
+                             datetime.fromtimestamp(START + 3600, timezone.utc), count_only=True), out)
+    assert job.run() == 600
+    assert job.stats.frames_read == 0 and job.stats.decompressed_bytes == 0, "nothing decompressed"
