@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--sort", action="store_true",
                    help="print in event-time order (parses every line's time; sorts an hour at a time, "
                         "spilling to temporary files beyond 64 MiB); the default is archive order")
+    ls = sub.add_parser("ls", help="the apps in the store, or one app's hours: objects, records, bytes",
+                        description="From the store's listings and the objects' indexes; nothing is decompressed.")
+    ls.add_argument("--app", help="list this app's hours; without it, the apps present")
+    ls.add_argument("--since", default="-24h", help="as for fetch; default -24h")
+    ls.add_argument("--until", help="as for fetch; default now")
     st = sub.add_parser("status", help="the pipeline on one screen; exit 1 when unhealthy by the thresholds given",
                         description="Lag per topic, ages of what is not yet fetchable and not yet archived, "
                                     "what is in flight and sealed, quarantine, top apps, workers. Exit status: "
@@ -108,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return _status(args, settings)
     if args.command == "ledger":
         return _ledger(args, settings)
+    if args.command == "ls":
+        return _ls(args, settings)
     return _fetch(args, settings)
 
 
@@ -167,6 +174,23 @@ def _ledger(args: argparse.Namespace, settings: Settings) -> int:
     except redis.RedisError as exc:
         print(f"sluice ledger: Redis is not reachable ({type(exc).__name__})", file=sys.stderr)
         return 2
+
+
+def _ls(args: argparse.Namespace, settings: Settings) -> int:
+    from sluice import listing
+
+    store = open_store(settings)
+    if args.app is None:
+        print("\n".join(store.apps()))
+        return 0
+    try:
+        since, until = parse_when(args.since), parse_when(args.until or "now")
+        Query(args.app, since, until).check()
+    except ValueError as exc:
+        print(f"sluice ls: {exc}", file=sys.stderr)
+        return 2
+    print(listing.render(listing.list_hours(store, args.app, since, until)))
+    return 0
 
 
 def _fetch(args: argparse.Namespace, settings: Settings) -> int:

@@ -138,6 +138,9 @@ class Store(Protocol):
         """Bytes [start, end) of an object; IOError if fewer come back, FileNotFoundError if
         there is no such object."""
 
+    def apps(self) -> list[str]:
+        """The apps with objects (the `app=` prefixes), sorted."""
+
     def list(self, prefix: str) -> list[str]:
         """Keys under a prefix, sorted."""
 
@@ -215,6 +218,11 @@ class FileStore:
             raise IOError(f"{key}: {len(data)} bytes at {start}, {end - start} asked for")
         return data
 
+    def apps(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name[len("app="):] for p in self.root.iterdir() if p.name.startswith("app=") and p.is_dir())
+
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix)
         if not base.is_dir():
@@ -283,6 +291,13 @@ class OssStore:
         if len(data) != end - start:
             raise IOError(f"{key}: {len(data)} bytes at {start}, {end - start} asked for")
         return data
+
+    def apps(self) -> list[str]:
+        """One delimited listing: the common prefixes, not the objects."""
+        base = f"{self.prefix}/app=" if self.prefix else "app="
+        found = [obj.key for obj in self._oss2.ObjectIterator(self.bucket, prefix=base, delimiter="/")
+                 if obj.is_prefix()]
+        return sorted(key[len(base):].rstrip("/") for key in found)
 
     def list(self, prefix: str) -> list[str]:
         strip = len(self.prefix) + 1 if self.prefix else 0

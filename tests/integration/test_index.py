@@ -4,6 +4,9 @@ of a narrow window reads only the frames that overlap it; a damaged index is nev
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from sluice.appends import Appender
 from sluice.batches import Batches
 from sluice.fetch import Fetch, Query
 from sluice.frames import parse_index
+from sluice.listing import list_hours
 from sluice.records import hour_start
 from sluice.schema import BatchState
 from sluice.sealing import Sealer
@@ -152,3 +156,18 @@ def test_count_of_whole_hours_comes_from_the_index(rds, settings, tmp_path):
                              datetime.fromtimestamp(START + 3600, timezone.utc), count_only=True), out)
     assert job.run() == 600
     assert job.stats.frames_read == 0 and job.stats.decompressed_bytes == 0, "nothing decompressed"
+
+
+def test_ls_lists_an_apps_hours_from_the_indexes_and_the_apps_present(rds, settings, tmp_path):
+    store, path, _ = archive(rds, settings, tmp_path)
+    since = datetime.fromtimestamp(START - 7200, timezone.utc)
+    [row] = list_hours(store, APP, since, datetime.fromtimestamp(START + 7200, timezone.utc))
+    assert (row.hour, row.objects, row.records, row.compressed_bytes) == (HOUR, 1, 600, path.stat().st_size)
+    assert store.apps() == [APP]
+    env = {**os.environ, "SLUICE_STORE_URL": f"file://{tmp_path / 'archive'}", "SLUICE_METRICS_PORT": "0"}
+    listed = subprocess.run([sys.executable, "-m", "sluice.cli", "ls"], env=env, capture_output=True, text=True,
+                            check=True)
+    assert listed.stdout.split() == [APP]
+    hours = subprocess.run([sys.executable, "-m", "sluice.cli", "ls", "--app", APP, "--since", "2026-01-01T00:00Z",
+                            "--until", "2026-01-02T00:00Z"], env=env, capture_output=True, text=True, check=True)
+    assert "2026-01-01 09h" in hours.stdout and "600" in hours.stdout

@@ -150,3 +150,18 @@ def test_the_ecs_ram_role_credentials_come_from_the_metadata_service(server, buc
         assert asked and asked[0].endswith("/security-credentials/sluice-writer")
     finally:
         metadata.shutdown()
+
+
+def test_ranged_reads_many_small_objects_and_the_apps_present(server, bucket_name):
+    store = open_store(settings_for(server, bucket_name))
+    data = os.urandom(10_000)
+    keys = [f"app={app}/dt=2026-11-24/hour=09/{app}.f.jsonl.zst" for app in ("billing", "auth", "web")]
+    store.put_objects([(key, data) for key in keys])
+    assert [store.size(key) for key in keys] == [10_000] * 3
+    assert store.read_range(keys[0], 100, 356) == data[100:356]
+    assert store.read_range(keys[0], 9_000, 10_000) == data[9_000:]
+    with pytest.raises(IOError):
+        store.read_range(keys[0], 9_990, 10_010)  # past the end: short, an error, not silent
+    with pytest.raises(FileNotFoundError):
+        store.read_range(keys[0] + ".x", 0, 10)
+    assert store.apps() == ["auth", "billing", "web"]
