@@ -171,3 +171,25 @@ def test_ls_lists_an_apps_hours_from_the_indexes_and_the_apps_present(rds, setti
     hours = subprocess.run([sys.executable, "-m", "sluice.cli", "ls", "--app", APP, "--since", "2026-01-01T00:00Z",
                             "--until", "2026-01-02T00:00Z"], env=env, capture_output=True, text=True, check=True)
     assert "2026-01-01 09h" in hours.stdout and "600" in hours.stdout
+
+
+def test_a_late_data_merge_keeps_a_correct_index(rds, settings, tmp_path):
+    one = settings.model_copy(update={"slots_per_app": 1})
+    store, path, slices = archive(rds, one, tmp_path)  # the app-hour has its one object
+    batches, appender = Batches(rds, one), Appender(rds, one)
+    late = [orjson.dumps({"app": APP, "ts": START + 3000 + i, "n": 9, "i": i}) for i in range(50)]
+    bid, piece = "logs:1:0-49", schema.app_hour(APP, HOUR)
+    rds.set(schema.batch_state(bid), BatchState.HANDED.value)
+    span = (int((START + 3000) * 1000), int((START + 3049) * 1000))
+    assert batches.commit_split(bid, {piece: b"\n".join(late) + b"\n"}, {piece: 50}, None, {piece: span})
+    assert compress_pieces(batches, appender, CCTX, bid, [piece]) == 1
+    Sealer(rds, one).seal_due(now=FAR_FUTURE)
+    assert upload_sealed(Uploader(rds, one, store)) == 1
+    [merged] = (tmp_path / "archive").rglob("*.zst")
+    assert merged.name.endswith(".g1.jsonl.zst")
+    data = merged.read_bytes()
+    entries = parse_index(data[-4096:], len(data))
+    assert [e.meta.records for e in entries] == [100] * 6 + [50], "the old frames and the late one"
+    lines, job, _ = fetch(store, START + 3000, START + 3060)
+    earlier = [line for line in slices[5] if orjson.loads(line)["ts"] < START + 3060]
+    assert lines == earlier + late and job.stats.frames_read == 2
