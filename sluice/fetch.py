@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, BinaryIO, Callable
 
 from sluice import schema
 from sluice.errors import Damaged
-from sluice.external_sort import HourSorter
 from sluice.frames import (
     SKIPPABLE_HEAD,
     UNKNOWN,
@@ -51,8 +50,10 @@ from sluice.store import Store, hour_prefix, live_keys, open_newest, read_index
 from sluice.timewindow import hours_between
 from sluice.where import Filters, Where, lines_containing, lines_matching
 
-if TYPE_CHECKING:  # loaded only when the spool is read: a fetch from the store alone starts faster
+if TYPE_CHECKING:  # loaded only when needed: a fetch starts faster without them
     import redis
+
+    from sluice.external_sort import HourSorter
 
 # How often --follow looks for new records.
 FOLLOW_SECONDS = 0.5
@@ -154,10 +155,16 @@ class _Printer:
 
     def __post_init__(self) -> None:
         if self.query.sort and not self.query.count_only:
+            from sluice.external_sort import HourSorter
+
             self.sorter = HourSorter(self.query.timestamp_field)
         self.filters = Filters(self.query.where)
+        # A --grep pattern that is plain text is searched for as bytes, faster than the regex engine.
+        grep = self.query.grep
+        self.grep_literal = grep.pattern if grep is not None and grep.pattern and not grep.flags & re.IGNORECASE \
+            and re.escape(grep.pattern) == grep.pattern else None
 
-    def block(self, data: bytes, hour: str, span: tuple[int, int] | None = None) -> None:
+    def block(self, data: bytes, hour: str, span: tuple[int, int] | None = None, records: int | None = None) -> None:
         """Print the matching lines of newline-terminated `data`, all filed under one event hour,
         their event times (ms) within `span` if it is known.
 
@@ -169,7 +176,7 @@ class _Printer:
         whole = (lo <= start and start + 3600 <= hi) or (
             span is not None and lo * 1000 <= span[0] and span[1] < hi * 1000)
         if whole and q.grep is None and not self.filters and q.limit is None and self.sorter is None:
-            self.count += data.count(b"\n")
+            self.count += records if records is not None else data.count(b"\n")
             if not q.count_only:
                 self.out.write(data)
             return
@@ -177,11 +184,19 @@ class _Printer:
         # for the filters' literal, or for the --grep pattern.
         if self.filters.literal is not None:
             lines = lines_containing(data, self.filters.literal)
+        elif self.grep_literal is not None:
+            lines = lines_containing(data, self.grep_literal)
         elif q.grep is not None:
             lines = lines_matching(data, q.grep)
         else:
             lines = data.split(b"\n")[:-1]
         self.stats.lines_scanned += len(lines)
+        if whole and not self.filters and q.limit is None and self.sorter is None:
+            # every line found matches --grep (or there is none): printed at once
+            self.count += len(lines)
+            if lines and not q.count_only:
+                self.out.write(b"\n".join(lines) + b"\n")
+            return
         for line in lines:
             if q.grep is not None and self.filters.literal is not None and not q.grep.search(line):
                 continue
@@ -326,7 +341,7 @@ class Fetch:
                         state.seen.add(block.ident)
                     if name in tails:
                         state.tail_bytes[tails[name]] = state.tail_bytes.get(tails[name], 0) + len(block.data)
-                    self.printer.block(block.data, hour, block.span)
+                    self.printer.block(block.data, hour, block.span, block.records)
         finally:
             for _, fd, _, _ in local:
                 os.close(fd)

@@ -93,6 +93,7 @@ class Block(NamedTuple):
     data: bytes
     sources: tuple[tuple[str, int], ...] = ()
     span: tuple[int, int] | None = None  # earliest and latest event time of its lines (ms), if announced
+    records: int | None = None  # its lines, if announced
 
 
 class Unit(NamedTuple):
@@ -236,14 +237,16 @@ def decode(unit: Unit, dctx: zstandard.ZstdDecompressor, app: str | None = None)
     if unit.meta is not None and unit.meta.size != UNKNOWN and unit.meta.size != len(data):
         raise Damaged(f"a frame of {len(data)} bytes announced as {unit.meta.size}")
     if unit.magic != TAIL_MAGIC:
-        span = (unit.meta.min_ms, unit.meta.max_ms) if unit.meta is not None else None
-        return [Block(unit.ident, data, unit.sources, span)]
+        if unit.meta is None:
+            return [Block(unit.ident, data, unit.sources)]
+        records = unit.meta.records if unit.meta.records != UNKNOWN else None
+        return [Block(unit.ident, data, unit.sources, (unit.meta.min_ms, unit.meta.max_ms), records)]
     bid, _, hour = (unit.ident or "").rpartition("|")
     blocks, at = [], 0
     for entry in unit.entries:
         if entry.app == app:
             blocks.append(Block(schema.piece_id(bid, schema.app_hour(app, hour)), data[at:at + entry.size], (),
-                                (entry.min_ms, entry.max_ms)))
+                                (entry.min_ms, entry.max_ms), entry.records))
         at += entry.size
     return blocks
 

@@ -121,7 +121,7 @@ def test_a_gathered_frame_says_which_bytes_came_from_which_tail_file():
     data = announce_gathered([("2026010100-00000000000000aa", 3), ("2026010100-ffffffffffffffff", 6)],
                              CCTX.compress(b"a1\na2\na3a4\n"), Meta(11, 3, 5, 7))
     assert list(read_frames(io.BytesIO(data))) == [
-        Block(None, b"a1\na2\na3a4\n", (("00000000000000aa", 3), ("ffffffffffffffff", 6)), (5, 7))]
+        Block(None, b"a1\na2\na3a4\n", (("00000000000000aa", 3), ("ffffffffffffffff", 6)), (5, 7), 3)]
 
 
 def test_duckdb_reads_an_archive_of_announced_frames(tmp_path):
