@@ -55,6 +55,9 @@ if TYPE_CHECKING:  # loaded only when needed: a fetch starts faster without them
 
     from sluice.external_sort import HourSorter
 
+# Bytes that make a --grep pattern more than plain text.
+_REGEX_SPECIAL = set(b".^$*+?{}[]\\|()")
+
 # How often --follow looks for new records.
 FOLLOW_SECONDS = 0.5
 
@@ -162,7 +165,7 @@ class _Printer:
         # A --grep pattern that is plain text is searched for as bytes, faster than the regex engine.
         grep = self.query.grep
         self.grep_literal = grep.pattern if grep is not None and grep.pattern and not grep.flags & re.IGNORECASE \
-            and re.escape(grep.pattern) == grep.pattern else None
+            and not set(grep.pattern) & _REGEX_SPECIAL else None
 
     def block(self, data: bytes, hour: str, span: tuple[int, int] | None = None, records: int | None = None) -> None:
         """Print the matching lines of newline-terminated `data`, all filed under one event hour,
