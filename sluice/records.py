@@ -237,8 +237,8 @@ class Router:
         a short path through the same checks as `route`, inline (the split's hot loop);
         anything else, or anything unusual about it, goes through `route` itself.
         """
-        groups: dict[tuple[str, float], list[bytes]] = {}  # (app, hours since the epoch): lines
-        times: dict[tuple[str, float], list[float]] | None = {} if spans is not None else None
+        # (app, hours since the epoch): its lines and their event times, found with one lookup
+        groups: dict[tuple[str, float], tuple[list[bytes], list[float]]] = {}
         untimed: set[tuple[str, float]] = set()
         app_field, ts_field, max_bytes = self._json_app, self.timestamp_field, self.record_max_bytes
         loads, decode_error = orjson.loads, orjson.JSONDecodeError
@@ -256,15 +256,12 @@ class Router:
                         seconds = ts / 1000.0 if ts > _MS_THRESHOLD else ts
                         if 0 <= seconds < _MAX_SECONDS:
                             key = (app, seconds // 3600)
-                            lines = groups.get(key)
-                            if lines is None and valid_app_id(app):  # checked once per group
-                                lines = groups[key] = []
-                                if times is not None:
-                                    times[key] = []
-                            if lines is not None:
-                                lines.append(value)
-                                if times is not None:
-                                    times[key].append(seconds)
+                            entry = groups.get(key)
+                            if entry is None and valid_app_id(app):  # checked once per group
+                                entry = groups[key] = ([], [])
+                            if entry is not None:
+                                entry[0].append(value)
+                                entry[1].append(seconds)
                                 continue
             event: float | None = None
             try:
@@ -275,24 +272,22 @@ class Router:
                 if reasons is not None:
                     reasons[str(why)] += 1
             key = (app, hours)
-            if key not in groups:
-                groups[key] = []
-                if times is not None:
-                    times[key] = []
-            groups[key].append(line)
-            if times is not None:
-                if event is None:
-                    untimed.add(key)
-                else:
-                    times[key].append(event)
-        if spans is not None and times is not None:
-            for key, seen in times.items():
+            entry = groups.get(key)
+            if entry is None:
+                entry = groups[key] = ([], [])
+            entry[0].append(line)
+            if event is None:
+                untimed.add(key)
+            else:
+                entry[1].append(event)
+        if spans is not None:
+            for key, (_, seen) in groups.items():
                 start = key[1] * 3600
                 lo, hi = (min(seen), max(seen)) if seen else (start + 3600, start)
                 if key in untimed:
                     lo, hi = min(lo, start), max(hi, start + 3600)
                 spans[(key[0], _hour_name(int(key[1])))] = (lo, hi)
-        return {(app, _hour_name(int(hours))): lines for (app, hours), lines in groups.items()}
+        return {(app, _hour_name(int(hours))): lines for (app, hours), (lines, _) in groups.items()}
 
 
 def _is_utf8(value: bytes) -> bool:
