@@ -14,7 +14,8 @@ from celery.utils.log import get_task_logger
 
 from sluice import schema
 from sluice.queues import waiting_task_ids
-from sluice.redis_client import get_redis
+from sluice.records import hour_of
+from sluice.redis_client import get_redis, server_time
 from sluice.sealed import SealedRegistry
 from sluice.settings import get_settings
 from sluice.spool import SealedFile
@@ -38,6 +39,13 @@ def upload() -> int:
         batches().drop_orphan_pieces(older_than=settings.redrive_after_seconds)
         sealed = sealer().seal_due()
         groups = by_app_hour(SealedRegistry(r).sealed_files())
+        # A past hour's tail files are archived once all of them are sealed (they will be within
+        # the seal age): one archive writes each app's object, where several would merge into it.
+        open_tails = {schema.parse_slot_id(sid.decode())[1] for sid in r.smembers(schema.SLOTS)
+                      if sid.startswith(schema.TAIL_APP.encode() + b"|")}
+        current = hour_of(server_time(r))
+        groups = {(app_name, hour): files for (app_name, hour), files in groups.items()
+                  if not (app_name == schema.TAIL_APP and hour in open_tails and hour != current)}
         with r.pipeline(transaction=False) as pipe:  # one round trip, however many files wait
             for app_name, hour in groups:
                 pipe.get(schema.upload_queued(app_name, hour))
