@@ -31,14 +31,13 @@ def split_batch(batches: Batches, router: Router, bid: str, tail_piece_bytes: in
     spans: dict[tuple[str, str], tuple[float, float]] = {}
     with _no_cycle_collection():
         groups = router.group(records(batches.load_payload(bid), first, last), topic, partition, reasons, spans)
-        pieces: dict[str, Piece] = {}
-        for (app, hour), lines in groups.items():
-            lo, hi = spans[(app, hour)]
+        grouped: dict[tuple[str, str], Piece] = {}
+        for key, lines in groups.items():
+            lo, hi = spans[key]
             lines.append(b"")  # so that join ends the piece with a newline, without copying it again
-            pieces[schema.app_hour(app, hour)] = Piece(b"\n".join(lines), len(lines) - 1,
-                                                       (math.floor(lo * 1000), math.ceil(hi * 1000)))
+            grouped[key] = Piece(b"\n".join(lines), len(lines) - 1, (math.floor(lo * 1000), math.ceil(hi * 1000)))
         del groups
-        pieces = tail_pieces(pieces, tail_piece_bytes)
+        pieces = tail_pieces(grouped, tail_piece_bytes)
     batches.commit_split(bid, {name: p.data for name, p in pieces.items()},
                          {name: p.records for name, p in pieces.items()}, dict(reasons),
                          {name: p.span for name, p in pieces.items()})
@@ -67,18 +66,18 @@ class Piece(NamedTuple):
     span: tuple[int, int]
 
 
-def tail_pieces(pieces: dict[str, Piece], tail_piece_bytes: int) -> dict[str, Piece]:
-    """The pieces, with those under `tail_piece_bytes` of each hour packed into one piece of the
-    pseudo-app `schema.TAIL_APP` (sluice.tail): compressed as one frame, they lose less to frame
-    overheads, and cost one file write and one commit, not one per app."""
+def tail_pieces(pieces: dict[tuple[str, str], Piece], tail_piece_bytes: int) -> dict[str, Piece]:
+    """The pieces of (app, hour), by piece name ("app|hour"), with those under `tail_piece_bytes`
+    of each hour packed into one piece of the pseudo-app `schema.TAIL_APP` (sluice.tail):
+    compressed as one frame, they lose less to frame overheads, and cost one file write and one
+    commit, not one per app."""
     out: dict[str, Piece] = {}
     small: dict[str, list[tuple[TailEntry, bytes]]] = collections.defaultdict(list)
-    for name, piece in pieces.items():
+    for (app, hour), piece in pieces.items():
         if len(piece.data) < tail_piece_bytes:
-            app, hour = schema.parse_app_hour(name)
             small[hour].append((TailEntry(app, len(piece.data), piece.records, *piece.span), piece.data))
         else:
-            out[name] = piece
+            out[schema.app_hour(app, hour)] = piece
     for hour, parts in small.items():
         entries = [entry for entry, _ in parts]
         packed = pack_tail_piece(entries, b"".join(data for _, data in parts))

@@ -52,8 +52,8 @@ class Tail:
             self.lines[app].append(line)
             pieces[schema.app_hour(app, HOUR)] = line + b"\n"
         start = int(hour_start(HOUR) * 1000)
-        packed = tail_pieces({piece: Piece(data, 1, (start, start + 10)) for piece, data in pieces.items()},
-                             tail_piece_bytes=1024)
+        packed = tail_pieces({schema.parse_app_hour(piece): Piece(data, 1, (start, start + 10))
+                              for piece, data in pieces.items()}, tail_piece_bytes=1024)
         self.rds.set(schema.batch_state(bid), BatchState.HANDED.value)  # as the split finds it
         assert self.batches.commit_split(bid, {name: p.data for name, p in packed.items()},
                                          {name: p.records for name, p in packed.items()}, None,
