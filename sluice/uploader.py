@@ -9,6 +9,11 @@ as that object's next generation, and only then is the old generation deleted (s
 sluice.store.live_keys). How each file is archived is recorded in Redis before anything is
 written (sluice.sealed), so a repeat after a crash finishes the same plan instead of deciding
 anew.
+
+Every object ends with the index of its frames (sluice.frames). For a new object it is written
+past the sealed file's committed size, where no reader of the spool looks, and is the same bytes
+however often that runs; a merge drops the old object's index and writes one of both. An object
+counts as stored whole once its content before the index is what the plan says it holds.
 """
 
 from __future__ import annotations
