@@ -38,3 +38,7 @@ class UploadFailed(SluiceError, IOError):
 
 class Damaged(SluiceError):
     """An archive stream ends inside a frame, or holds something that is not zstd."""
+
+
+class NoIndex(Damaged):
+    """An object ends without an index: written before indexes existed, or cut short."""

@@ -26,18 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable
 
 from sluice import schema
-from sluice.errors import Damaged
+from sluice.errors import Damaged, NoIndex
 from sluice.frames import (
-    SKIPPABLE_HEAD,
     UNKNOWN,
     Block,
     IndexEntry,
-    Prefixed,
     Readable,
     Unit,
-    announced,
     frames_to_decode,
-    read_frames,
     tail_file_id,
     units,
     wanted,
@@ -373,11 +369,11 @@ class Fetch:
             try:
                 yield from self._indexed(key, window, done)
                 return
-            except FileNotFoundError:
-                pass  # replaced by a merge since it was listed: its successor is read whole
+            except (FileNotFoundError, NoIndex):
+                pass  # replaced by a merge since it was listed (its successor is read whole), or
+                # archived before indexes existed
             except (Damaged, OSError) as exc:
-                if not isinstance(exc, Damaged) or "no index" not in str(exc):
-                    self.warn(f"{key}: its index cannot be used ({exc}); reading every frame")
+                self.warn(f"{key}: its index cannot be used ({exc}); reading every frame")
         with open_newest(self.store, hour_prefix(self.query.app, hour), key) as stream:
             counted = _Counted(stream)
             try:
@@ -437,23 +433,20 @@ def _runs(entries: list[IndexEntry]) -> list[list[IndexEntry]]:
     return runs
 
 
-def _walk(stream: "_Counted", app: str, window: tuple[int, int] | None, done: set[int], stats: Stats) -> Frames:
+def _walk(stream: Readable, app: str, window: tuple[int, int] | None, done: set[int], stats: Stats) -> Frames:
     """Every frame of an object, in order, but those at offsets in `done` (read by index
-    already) and, with a window, those whose announcement shows no line in it. An object
+    already) and, with a window, those whose announcement shows no line in it. What was
     written before announcements is read as one zstd stream."""
-    head = stream.read(SKIPPABLE_HEAD)
-    if not head:
-        return
-    if not announced(head):
-        yield from read_frames(Prefixed(head, stream), app)
-        return
     at = 0
-    for unit in units(Prefixed(head, stream)):
-        if at not in done and (window is None or wanted(unit, app, *window)):
-            yield Undecoded(unit, app)
+    for item in frames_to_decode(stream, app):
+        if isinstance(item, Block):
+            yield item
+            continue
+        if at not in done and (window is None or wanted(item, app, *window)):
+            yield Undecoded(item, app)
         elif at not in done:
             stats.frames_skipped += 1
-        at += unit.length
+        at += item.length
 
 
 def _pending(stream: Readable, app: str, window: tuple[int, int] | None) -> Frames:

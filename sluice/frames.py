@@ -43,7 +43,7 @@ from typing import IO, Iterator, NamedTuple, Protocol, cast
 import zstandard
 
 from sluice import schema
-from sluice.errors import Damaged
+from sluice.errors import Damaged, NoIndex
 
 OLD_PIECE_MAGIC = 0x184D2A53  # five of the 16 skippable-frame magics of the zstd format
 TAIL_MAGIC = 0x184D2A54
@@ -212,12 +212,22 @@ def _unpack_entries(buf: bytes, at: int, n: int) -> tuple[list[TailEntry], int]:
 def units(stream: Readable) -> Iterator[Unit]:
     """Every announced frame of a stream, in order, not decompressed; index frames and other
     skippable frames are passed over. Raises Damaged at the first zstd frame sluice did not
-    announce (a file written before announcements; `read_frames` reads those), on a damaged
+    announce (a file written before announcements; `frames_to_decode` reads those), on a damaged
     announcement, or where the stream ends inside a frame."""
+    return cast(Iterator[Unit], _walk(stream, plain=False))  # only Units: plain zstd raises
+
+
+def _walk(stream: Readable, plain: bool) -> Iterator[Unit | Block]:
+    """The announced frames of a stream as Units, in order. At the first zstd frame sluice did
+    not announce: with `plain`, it and all that follows decompressed as one stream, in Blocks of
+    whole lines; else Damaged."""
     while head := _read_exactly(stream, _HEAD.size):
         magic, size = _HEAD.unpack(head)
         if magic not in _SKIPPABLE:
-            raise Damaged("a zstd frame without an announcement")
+            if not plain:
+                raise Damaged("a zstd frame without an announcement")
+            yield from (Block(None, chunk) for chunk in _stream_rest(zstandard.ZstdDecompressor(), head, stream))
+            return
         payload = _read_exactly(stream, size)
         if magic not in (OLD_PIECE_MAGIC, PIECE_MAGIC, TAIL_MAGIC, GATHERED_MAGIC):
             continue
@@ -264,22 +274,10 @@ def frames_to_decode(stream: Readable, app: str | None = None,
     """What `read_frames` gives, but each announced frame still compressed (a Unit, for the
     caller to `decode`, perhaps in another thread); frames that cannot hold lines of `app` in
     `window` are left out, and a stream written before announcements comes as Blocks."""
-    while True:
-        head = _read_exactly(stream, _HEAD.size)
-        if not head:
-            return
-        magic, size = _HEAD.unpack(head)
-        if magic not in _SKIPPABLE:
-            dctx = zstandard.ZstdDecompressor()
-            yield from (Block(None, chunk) for chunk in _stream_rest(dctx, head, stream))
-            return
-        payload = _read_exactly(stream, size)
-        if magic not in (OLD_PIECE_MAGIC, PIECE_MAGIC, TAIL_MAGIC, GATHERED_MAGIC):
-            continue
-        length, meta, ident, entries, sources = _announcement(magic, payload)
-        unit = Unit(magic, meta, ident, entries, sources, head + payload, _read_exactly(stream, length))
-        if (window is None or wanted(unit, app, *window)) and (magic != TAIL_MAGIC or app is not None):
-            yield unit
+    for item in _walk(stream, plain=True):
+        if isinstance(item, Block) or ((window is None or wanted(item, app, *window))
+                                       and (item.magic != TAIL_MAGIC or app is not None)):
+            yield item
 
 
 def read_frames(stream: Readable, app: str | None = None,
@@ -330,10 +328,10 @@ def parse_index(tail: bytes, object_size: int) -> list[IndexEntry]:
     least the whole index frame; see `index_span`). Damaged if there is none or it cannot be
     trusted: a wrong CRC, frames that overlap, leave gaps, or run past where the index starts."""
     if len(tail) < _HEAD.size + _FOOTER.size:
-        raise Damaged("no index: the object is too short")
+        raise NoIndex("no index: the object is too short")
     count, crc, signature = _FOOTER.unpack_from(tail, len(tail) - _FOOTER.size)
     if signature != SIGNATURE:
-        raise Damaged("no index at the end of the object")
+        raise NoIndex("no index at the end of the object")
     length = index_length(count)
     if length > len(tail) or length > object_size:
         raise Damaged(f"an index of {count} frames is longer than the object")
@@ -387,15 +385,6 @@ def _announcement(magic: int, payload: bytes) -> tuple[int, Meta | None, str | N
         raise Damaged(f"a damaged announcement: {exc}") from None
 
 
-def announced(head: bytes) -> bool:
-    """Whether a file whose first SKIPPABLE_HEAD bytes are `head` starts with an announcement
-    (else it is zstd written before announcements)."""
-    return len(head) == _HEAD.size and _HEAD.unpack(head)[0] in _SKIPPABLE
-
-
-SKIPPABLE_HEAD = _HEAD.size
-
-
 def _read_exactly(stream: Readable, n: int) -> bytes:
     data = stream.read(n)
     while data and len(data) < n:
@@ -408,9 +397,7 @@ def _read_exactly(stream: Readable, n: int) -> bytes:
     return data
 
 
-class Prefixed:
-    """`first`, then the rest of a stream: what was read of it to look at it, given back."""
-
+class _Prefixed:
     def __init__(self, first: bytes, rest: Readable) -> None:
         self.first, self.rest = first, rest
 
@@ -423,7 +410,7 @@ class Prefixed:
 
 def _stream_rest(dctx: zstandard.ZstdDecompressor, head: bytes, stream: Readable) -> Iterator[bytes]:
     """Whole lines, about a MiB at a time."""
-    reader = dctx.stream_reader(cast(IO[bytes], Prefixed(head, stream)), read_across_frames=True)
+    reader = dctx.stream_reader(cast(IO[bytes], _Prefixed(head, stream)), read_across_frames=True)
     rest = b""
     try:
         while chunk := reader.read(1024 * 1024):
