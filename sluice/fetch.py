@@ -41,7 +41,7 @@ from sluice.frames import (
 from sluice.read_ahead import Frames, Undecoded, read_ahead
 from sluice.records import QUARANTINE_APP, event_time, hour_start, valid_app_id
 from sluice.sealed import committed_files
-from sluice.spool import Spool
+from sluice.spool import FileRange, Spool
 from sluice.store import Store, hour_prefix, live_keys, open_newest, read_index
 from sluice.timewindow import hours_between
 from sluice.where import Filters, Where, lines_containing, lines_matching
@@ -102,19 +102,6 @@ class SpoolReader:
                     except FileNotFoundError:
                         continue  # sealed or uploaded since: the next place, or the store, has it
         return opened
-
-
-class _Range:
-    """Bytes [start, end) of a descriptor, as a stream."""
-
-    def __init__(self, fd: int, start: int, end: int) -> None:
-        self.fd, self.pos, self.end = fd, start, end
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.end - self.pos if n < 0 else min(n, self.end - self.pos)
-        data = os.pread(self.fd, n, self.pos) if n > 0 else b""
-        self.pos += len(data)
-        return data
 
 
 class _Enough(Exception):
@@ -313,7 +300,7 @@ class Fetch:
                     name = f"spool file {fid}"
                     # A tail file is read whole: what fetch read of it must be known to the byte
                     # (see _unprinted), and it is small.
-                    sources.append((name, functools.partial(_pending, _Range(fd, start, size), self.query.app,
+                    sources.append((name, functools.partial(_pending, FileRange(fd, start, size), self.query.app,
                                                             None if tail else window)))
                     if tail:
                         tails[name] = tail_file_id(fid)

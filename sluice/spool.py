@@ -205,6 +205,20 @@ def sync_filesystem(path: Path) -> None:
         os.close(fd)
 
 
+class FileRange:
+    """Bytes [start, end) of an open descriptor, as a stream: a spool file up to the size
+    committed for it, whatever lies past that (a torn write, an index)."""
+
+    def __init__(self, fd: int, start: int, end: int) -> None:
+        self.fd, self.pos, self.end = fd, start, end
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.end - self.pos if n < 0 else min(n, self.end - self.pos)
+        data = os.pread(self.fd, n, self.pos) if n > 0 else b""
+        self.pos += len(data)
+        return data
+
+
 def cut_back(fd: int, size: int) -> None:
     """Take uncommitted bytes back off a file we hold the lock of; shrinking needs no space.
 

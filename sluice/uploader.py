@@ -35,7 +35,7 @@ from sluice.frames import IndexEntry, index, index_entries
 from sluice.records import hour_start
 from sluice.sealed import SealedRegistry
 from sluice.settings import Settings
-from sluice.spool import SealedFile, Spool, remove_empty_dirs
+from sluice.spool import FileRange, SealedFile, Spool, remove_empty_dirs
 from sluice.store import Store, content_length, hour_prefix, is_tail_object, live_keys, next_generation, object_key
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,8 @@ class Uploader:
             source, source_size = merge
             key = next_generation(source)
         uploaded = 0
-        source_content = None if source is None else content_length(self.store, source)
-        if not stored_whole(self.store, key, source_content if source is not None else 0, sealed.size):
+        before = 0 if source is None else content_length(self.store, source)  # None: the source is gone
+        if not _stored_whole(self.store, key, before, sealed.size):
             if not path.exists():
                 raise IOError(f"{key} is neither in the spool nor complete in the store")
             on_disk = path.stat().st_size
@@ -150,7 +150,7 @@ class Uploader:
                 _add_index(path, sealed)
                 self.store.put(path, key)
             else:
-                _merge(self.store, self.spool.root / "merge", source, source_size, path, sealed, key)
+                _merge(self.store, self.spool.root / "merge", source, source_size, before, path, sealed, key)
             uploaded = 1
         if source is not None:
             self.store.delete(source)  # after its successor is complete: readers switch to that
@@ -179,44 +179,32 @@ class Uploader:
         return schema.merge_plan(smallest, sizes[smallest] or 0)
 
 
-def _add_index(path: Path, sealed: SealedFile) -> int:
+def _add_index(path: Path, sealed: SealedFile) -> None:
     """End the sealed file with the index of its committed frames (sluice.frames), past its
     committed size, where no reader of the spool looks; the same bytes however often it runs.
-    Returns the file's size with it. A file of zstd frames sluice did not announce (written
-    before announcements) gets none: readers read such objects whole."""
+    A file of zstd frames sluice did not announce (written before announcements) gets none:
+    readers read such objects whole."""
     try:
-        trailer = index(_entries(path, 0, sealed.size, sealed.hour))
+        trailer = index(_entries(path, sealed.size, sealed.hour))
     except Damaged:
-        return sealed.size
+        return
     with open(path, "r+b") as fh:
         if os.pread(fh.fileno(), len(trailer) + 1, sealed.size) != trailer:
             fh.truncate(sealed.size)
             os.pwrite(fh.fileno(), trailer, sealed.size)
             os.fsync(fh.fileno())
-    return sealed.size + len(trailer)
 
 
-def _entries(path: Path, start: int, end: int, hour: str) -> list[IndexEntry]:
-    """The index entries of the frames in bytes [start, end) of a file, offsets from `start`."""
-    with open(path, "rb") as fh:
-        fh.seek(start)
-        return index_entries(_Bounded(fh, end - start), int(hour_start(hour) * 1000))
+def _entries(path: Path, size: int, hour: str) -> list[IndexEntry]:
+    """The index entries of the frames in the first `size` bytes of a file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return index_entries(FileRange(fd, 0, size), int(hour_start(hour) * 1000))
+    finally:
+        os.close(fd)
 
 
-class _Bounded:
-    """The next `left` bytes of a file, as a stream."""
-
-    def __init__(self, fh: BinaryIO, left: int) -> None:
-        self.fh, self.left = fh, left
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n < 0 else min(n, self.left)
-        data = self.fh.read(n) if n > 0 else b""
-        self.left -= len(data)
-        return data
-
-
-def stored_whole(store: Store, key: str, before: int | None, committed: int) -> bool:
+def _stored_whole(store: Store, key: str, before: int | None, committed: int) -> bool:
     """Whether `key` holds `before` bytes of an earlier object and the `committed` bytes of a
     sealed file, and an index of them. `before` None: the object merged into is gone, which
     happens only once its successor was stored whole."""
@@ -226,15 +214,14 @@ def stored_whole(store: Store, key: str, before: int | None, committed: int) -> 
     return before is None or content == before + committed
 
 
-def _merge(store: Store, workdir: Path, source: str, source_size: int, path: Path, sealed: SealedFile,
-           key: str) -> None:
-    """Write the source's frames + the sealed file's + an index of both as `key`; the source
-    must still have `source_size` bytes."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    merged = workdir / path.name
-    before = content_length(store, source)
+def _merge(store: Store, workdir: Path, source: str, source_size: int, before: int | None, path: Path,
+           sealed: SealedFile, key: str) -> None:
+    """Write the source's frames (its first `before` bytes: all but its index) + the sealed
+    file's + an index of both as `key`; the source must still have `source_size` bytes."""
     if before is None:
         raise IOError(f"{source}, planned to merge into, is gone")
+    workdir.mkdir(parents=True, exist_ok=True)
+    merged = workdir / path.name
     try:
         with open(merged, "wb") as out:
             with store.open(source) as stream:
@@ -244,10 +231,9 @@ def _merge(store: Store, workdir: Path, source: str, source_size: int, path: Pat
             out.truncate(before)  # its index: the merged object gets one of its own
             out.seek(before)
             with open(path, "rb") as new:
-                out.write(_read_committed(new, sealed.size))
-            out.flush()
+                _copy_exactly(new, out, sealed.size)
         try:
-            trailer = index(_entries(merged, 0, before + sealed.size, sealed.hour))
+            trailer = index(_entries(merged, before + sealed.size, sealed.hour))
         except Damaged:  # an object written before announcements: plain zstd, no index
             trailer = b""
         with open(merged, "ab") as out:
@@ -259,8 +245,11 @@ def _merge(store: Store, workdir: Path, source: str, source_size: int, path: Pat
         merged.unlink(missing_ok=True)
 
 
-def _read_committed(fh: BinaryIO, size: int) -> bytes:
-    data = fh.read(size)
-    if len(data) != size:
-        raise IOError(f"a sealed file has {len(data)} bytes, {size} were committed")
-    return data
+def _copy_exactly(src: BinaryIO, dst: BinaryIO, size: int) -> None:
+    """The first `size` bytes of a sealed file, a MiB at a time; IOError if it has fewer."""
+    left = size
+    while left and (chunk := src.read(min(left, 1024 * 1024))):
+        dst.write(chunk)
+        left -= len(chunk)
+    if left:
+        raise IOError(f"a sealed file has {size - left} bytes, {size} were committed")
