@@ -157,10 +157,8 @@ class _Printer:
         An hour or a frame wholly inside the window needs no line to be parsed for its time, and
         without --grep, --limit or --sort not even split into lines."""
         q = self.query
-        start, lo = hour_start(hour), q.since.timestamp()
-        hi = q.until.timestamp() if q.until is not None else float("inf")
-        whole = (lo <= start and start + 3600 <= hi) or (
-            span is not None and lo * 1000 <= span[0] and span[1] < hi * 1000)
+        lo, hi = _bounds(q)
+        whole = _covers_hour(q, hour) or (span is not None and lo * 1000 <= span[0] and span[1] < hi * 1000)
         if whole and q.grep is None and not self.filters and q.limit is None and self.sorter is None:
             self.count += records if records is not None else data.count(b"\n")
             if not q.count_only:
@@ -259,10 +257,9 @@ class Fetch:
 
     def _window_ms(self, hour: str) -> tuple[int, int] | None:
         """The window in ms, if it does not cover the whole hour (then frames may be skipped)."""
-        start = hour_start(hour)
-        lo, hi = self.query.since.timestamp(), self.query.until.timestamp() if self.query.until else float("inf")
-        if lo <= start and start + 3600 <= hi:
+        if _covers_hour(self.query, hour):
             return None
+        lo, hi = _bounds(self.query)
         return math.floor(lo * 1000), (math.ceil(hi * 1000) if hi != float("inf") else 2**62)
 
     def follow(self, stop: threading.Event) -> int:
@@ -407,6 +404,18 @@ class Fetch:
                 done.add(entry.offset)
             if stream.tell() != len(data):
                 raise Damaged(f"the frames at {start}..{end} are not the ones the index lists")
+
+
+def _bounds(query: Query) -> tuple[float, float]:
+    """The window in epoch seconds; no end (follow): infinity."""
+    return query.since.timestamp(), query.until.timestamp() if query.until is not None else float("inf")
+
+
+def _covers_hour(query: Query, hour: str) -> bool:
+    """Whether the window holds the whole hour: then no line needs its time looked at."""
+    lo, hi = _bounds(query)
+    start = hour_start(hour)
+    return lo <= start and start + 3600 <= hi
 
 
 def _runs(entries: list[IndexEntry]) -> list[list[IndexEntry]]:

@@ -61,7 +61,6 @@ from sluice.uploader import app_hour_lease
 log = logging.getLogger(__name__)
 
 
-
 class TailArchiver:
     """Archives the sealed tail files of an hour as one object per app."""
 
