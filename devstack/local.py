@@ -145,8 +145,21 @@ class LocalStack:
                                         # other hosts (namespaces) of a test reach it on `address`
                                         "--protected-mode", "no" if self.address != "127.0.0.1" else "yes",
                                         "--appendfsync", "always", "--save", ""])
-        wait_until(lambda: port_open(self.redis_port, self.address), 20, "redis-server")
+        # Ready once it answers: after a crash it accepts connections while it loads its AOF,
+        # answering LOADING to every command until that is done.
+        wait_until(self._redis_ready, 60, "redis-server to load its data")
         return service
+
+    def _redis_ready(self) -> bool:
+        import redis
+
+        client = redis.Redis(host=self.address, port=self.redis_port, socket_connect_timeout=0.5, socket_timeout=2)
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:  # not listening yet, or loading (BusyLoadingError)
+            return False
+        finally:
+            client.close()
 
     def start_services(self, partitions: int = 4) -> None:
         """redis-server and Tansu, with topic "logs" of `partitions` partitions."""

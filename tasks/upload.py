@@ -95,7 +95,9 @@ def archive_tail(hour: str, files: list[list]) -> int:
     on a failure the task shows as failed in Flower, and the next sweep sends it again."""
     try:
         return tail_archiver().archive_hour(hour, [SealedFile(schema.TAIL_APP, hour, fid, size) for fid, size in files])
-    except Exception:
+    except Exception as exc:
+        # Said as the uploader says it of an app-hour's file, for an operator reading the log.
+        log.error("archiving the tail files of %s failed, will retry: %s", hour, exc)
         SealedRegistry(get_redis()).upload_failed()
         raise
     finally:
