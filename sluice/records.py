@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
 import orjson
 
+from sluice.errors import SluiceError
+
 APP_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Starts with "_", so no valid app id can ever collide with it.
 QUARANTINE_APP = "_quarantine"
@@ -60,7 +62,7 @@ class KafkaRecord(Protocol):
     headers: list[tuple[str | bytes, bytes | None]]
 
 
-class Rejected(Exception):
+class Rejected(SluiceError):
     """A record that cannot be archived under an app id; the message is the quarantine reason."""
 
 

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 import orjson
 import pytest
 
+from sluice.errors import SluiceError
 from sluice.records import (
     QUARANTINE_APP,
     Record,
@@ -42,6 +43,11 @@ def reason(router: Router, record: Record) -> str:
     with pytest.raises(Rejected) as info:
         router.route(record)
     return str(info.value)
+
+
+def test_a_rejection_is_a_sluice_error():
+    with pytest.raises(SluiceError, match="missing_app_id"):
+        Router("json:app").route(rec(doc(msg="no app")))
 
 
 # --------------------------------------------------------------------------- app id sources
