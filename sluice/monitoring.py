@@ -8,6 +8,7 @@ partition (sum() or max() over targets).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from sluice import queues, schema
 from sluice.kafka_probe import Prober
 from sluice.marks import Marks, records_handed_over
 from sluice.records import hour_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -168,10 +171,24 @@ class SpoolSpace:
     free: int
 
 
+# The last statvfs failure spool_space logged, so a scrape every few seconds logs it once.
+_spool_space_error: str | None = None
+
+
 def spool_space(spool_dir: Path) -> SpoolSpace | None:
-    """Bytes used and free on the spool's file system, as this machine sees it."""
+    """Bytes used and free on the spool's file system, as this machine sees it; None (and a
+    WARNING, once per distinct error) if it cannot be read: the spool gauges then go missing,
+    and with them the spool-full alert."""
+    global _spool_space_error
     try:
         st = os.statvfs(spool_dir)
-    except OSError:
+    except OSError as exc:
+        error = f"{spool_dir}: {exc.strerror or exc}"
+        if error != _spool_space_error:
+            _spool_space_error = error
+            log.warning("cannot read the free space of the spool directory %s (%s): "
+                        "sluice_spool_used_bytes and sluice_spool_free_bytes are left out until it can",
+                        spool_dir, exc.strerror or exc)
         return None
+    _spool_space_error = None
     return SpoolSpace((st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize)

@@ -1,14 +1,17 @@
-"""Pure parts of monitoring: bounded per-app labels, batch timestamps, topic settings and the
-one-line settings error."""
+"""Pure parts of monitoring: bounded per-app labels, the warning of an unreadable spool, batch
+timestamps, topic settings and the one-line settings error."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.record.legacy_records import LegacyRecordBatchBuilder
 
+from sluice import monitoring
 from sluice.kafka_batches import Chunk
-from sluice.monitoring import OTHER_APPS, top_apps
+from sluice.monitoring import OTHER_APPS, spool_space, top_apps
 from sluice.settings import Settings, SettingsError, get_settings
 
 
@@ -18,6 +21,22 @@ def test_top_apps_keeps_k_and_sums_the_rest_as_other():
     assert top_apps(per_app, 10) == per_app
     assert top_apps({"a": 1, "b": 2}, 1, by={"a": 100, "b": 1}) == {"a": 1, OTHER_APPS: 2}
     assert top_apps({}, 3) == {}
+
+
+def test_an_unreadable_spool_is_logged_once_per_error(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(monitoring, "_spool_space_error", None)
+    missing = tmp_path / "no-such-spool"
+    with caplog.at_level(logging.WARNING, logger="sluice.monitoring"):
+        assert spool_space(missing) is None
+        assert spool_space(missing) is None  # the next scrape: the same error, not logged again
+    (warning,) = [r for r in caplog.records if r.name == "sluice.monitoring"]
+    assert warning.levelno == logging.WARNING
+    assert str(missing) in warning.getMessage() and "No such file or directory" in warning.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sluice.monitoring"):
+        assert spool_space(tmp_path) is not None  # readable again: nothing logged
+        assert spool_space(missing) is None  # ... and the same failure again is logged again
+    assert len([r for r in caplog.records if r.name == "sluice.monitoring"]) == 1
 
 
 def test_other_is_no_valid_app_id():
