@@ -20,10 +20,14 @@ from devstack import sample
 from devstack.local import wait_until
 from devstack.progress import compressed, handed_over
 from sluice import queues, schema
+from sluice.schema import BatchState
 from tests.integration.conftest import Traffic, assert_exactly_once, read_archive, wait_archived
 from tests.integration.kcat import kcat
 
 pytestmark = pytest.mark.integration
+
+# A split batch's state as Redis returns it (bytes), from the schema's BatchState.
+SPLIT = BatchState.SPLIT.value.encode()
 
 
 @pytest.fixture
@@ -175,7 +179,7 @@ def test_redrive_leaves_work_alone_while_it_waits_in_the_queue(stack_factory):
         # message in its queue's unacked hash until it returns (acks_late; sluice.queues).
         batches = r.zrange(schema.INFLIGHT, 0, -1)
         return handed_over(r) >= 20_000 and r.llen("io") == 0 and queues.unacked(r, "io") == 0 and all(
-            r.get(schema.batch_state(b.decode())) == b"split" for b in batches)
+            r.get(schema.batch_state(b.decode())) == SPLIT for b in batches)
 
     wait_until(all_split, 120, "every batch split, its compress tasks queued")
     queued = r.llen("cpu")
@@ -204,7 +208,7 @@ def test_backpressure_keeps_redis_and_the_spool_under_the_bound(stack_factory):
 
     def settled_while_paused() -> bool:
         batches = r.zrange(schema.INFLIGHT, 0, -1)
-        return r.llen("io") == 0 and all(r.get(schema.batch_state(b.decode())) == b"split" for b in batches)
+        return r.llen("io") == 0 and all(r.get(schema.batch_state(b.decode())) == SPLIT for b in batches)
 
     wait_until(settled_while_paused, 60, "every handed-over batch split")
     assert handed_over(r) < 80_000 / 2, "most records still wait in Kafka"
