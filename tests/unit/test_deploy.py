@@ -4,7 +4,7 @@ kubernetes-validate's schemas of one Kubernetes version, KEDA's against its CRDs
 schemas vendored in tests/schemas/keda/. Then what the schemas cannot say: the numbers that must
 agree with sluice's settings and broker (grace periods, time limits, visibility timeout), what
 KEDA and the Deployments must agree on, commands in exec form, the secret's keys, Flower's
-privacy, the probes and the resources.
+privacy, the probes, the resources and the spool's NFS mount options.
 
 There is no kustomize binary here: `render` below does what the base uses of kustomize (the
 namespace on every namespaced object, the resources in order) and refuses any other field.
@@ -496,10 +496,40 @@ def test_health_files_and_probes():
         assert c["livenessProbe"]["periodSeconds"] * c["livenessProbe"]["failureThreshold"] >= stale_after
 
 
+def nfs_mount_problems(mount_options: list[str]) -> list[str]:
+    """What is wrong for the spool with NFS mount options (an entry may hold several, comma-
+    separated): sluice fences slot files with flock, which must reach the server (no nolock or
+    local_lock), on a hard NFSv4 mount (README.md, "Several hosts")."""
+    options = [option.strip() for entry in mount_options for option in entry.split(",") if option.strip()]
+    names = {option.split("=", 1)[0] for option in options}
+    versions = [option.split("=", 1)[1] for option in options
+                if option.split("=", 1)[0] in ("vers", "nfsvers") and "=" in option]
+    problems = [f"{name}: flock would lock on one node only" for name in sorted(names & {"nolock", "local_lock"})]
+    if "soft" in names:
+        problems.append("soft: a timed-out write fails as an I/O error")
+    if "hard" not in names:
+        problems.append("no hard")
+    if not versions or not all(version.split(".")[0] == "4" for version in versions):
+        problems.append(f"not NFSv4: vers={versions}")
+    return problems
+
+
+def test_nfs_mount_problems():
+    assert nfs_mount_problems(["vers=4,minorversion=0,hard,noresvport"]) == []
+    assert nfs_mount_problems(["hard", "nfsvers=4.1"]) == []
+    assert nfs_mount_problems(["nolock,tcp,noresvport", "vers=3"]) == [
+        "nolock: flock would lock on one node only", "no hard", "not NFSv4: vers=['3']"]
+    assert nfs_mount_problems(["vers=4", "local_lock=all", "soft"]) == [
+        "local_lock: flock would lock on one node only", "soft: a timed-out write fails as an I/O error", "no hard"]
+
+
 def test_the_spool_is_shared_nas():
     spool = the("PersistentVolumeClaim", "sluice-spool")
     assert spool["spec"]["accessModes"] == ["ReadWriteMany"]
-    assert spool["spec"]["storageClassName"] == "alicloud-nas"
+    storage_class = the("StorageClass", spool["spec"]["storageClassName"])
+    assert storage_class["provisioner"] == "nasplugin.csi.alibabacloud.com"
+    assert storage_class["reclaimPolicy"] == "Retain", "a deleted claim must not take unarchived slot files"
+    assert not nfs_mount_problems(storage_class["mountOptions"]), nfs_mount_problems(storage_class["mountOptions"])
     spool_dir = settings_data()["SLUICE_SPOOL_DIR"]
     for name in ("bridge", "io-worker", "cpu-worker", "beat"):
         spec = workloads()[name]["spec"]["template"]["spec"]
