@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable, NamedTuple
 
 from sluice import schema
 from sluice.errors import Damaged, NoIndex
@@ -131,6 +131,16 @@ class Stats:
                 f"seconds {self.seconds:.3f}, {rate:.1f} MB/s compressed"]
 
 
+class Found(NamedTuple):
+    """The lines of a block a query wants, and how many of its lines were looked at one by one."""
+
+    lines: list[bytes]
+    scanned: int
+
+
+_UNKNOWN = object()  # a block's Found not worked out yet
+
+
 @dataclass
 class _Printer:
     out: BinaryIO
@@ -150,22 +160,18 @@ class _Printer:
         self.grep_literal = grep.pattern if grep is not None and grep.pattern and not grep.flags & re.IGNORECASE \
             and not set(grep.pattern) & _REGEX_SPECIAL else None
 
-    def block(self, data: bytes, hour: str, span: tuple[int, int] | None = None, records: int | None = None) -> None:
-        """Print the matching lines of newline-terminated `data`, all filed under one event hour,
-        their event times (ms) within `span` if it is known.
-
-        An hour or a frame wholly inside the window needs no line to be parsed for its time, and
-        without --grep, --limit or --sort not even split into lines."""
-        q = self.query
+    def matching(self, hour: str, block: Block) -> Found | None:
+        """The lines of `block` (filed under `hour`) that the query wants, or None if it wants
+        all of them: an hour or a frame wholly inside the window needs no line parsed for its
+        time, and without --grep or --where not even split into lines. The lines that can match
+        are found by searching the whole block for the filters' literal or the --grep pattern.
+        Pure, so fetch calls it in the thread that decompressed the block, beside the others."""
+        q, data = self.query, block.data
         lo, hi = _bounds(q)
+        span = block.span
         whole = _covers_hour(q, hour) or (span is not None and lo * 1000 <= span[0] and span[1] < hi * 1000)
-        if whole and q.grep is None and not self.filters and q.limit is None and self.sorter is None:
-            self.count += records if records is not None else data.count(b"\n")
-            if not q.count_only:
-                self.out.write(data)
-            return
-        # Only lines that can match are looked at one by one: found by searching the whole block
-        # for the filters' literal, or for the --grep pattern.
+        if whole and q.grep is None and not self.filters:
+            return None
         if self.filters.literal is not None:
             lines = lines_containing(data, self.filters.literal)
         elif self.grep_literal is not None:
@@ -174,26 +180,45 @@ class _Printer:
             lines = lines_matching(data, q.grep)
         else:
             lines = data.split(b"\n")[:-1]
-        self.stats.lines_scanned += len(lines)
-        if whole and not self.filters and q.limit is None and self.sorter is None:
-            # every line found matches --grep (or there is none): printed at once
-            self.count += len(lines)
-            if lines and not q.count_only:
-                self.out.write(b"\n".join(lines) + b"\n")
-            return
-        for line in lines:
-            if q.grep is not None and self.filters.literal is not None and not q.grep.search(line):
-                continue
-            if self.filters and not self.filters.holds(line):
-                continue
-            if not whole:
-                ts = event_time(line, q.timestamp_field)
-                if ts is not None and not lo <= ts < hi:
-                    continue
-            if self.sorter is not None:
+        scanned = len(lines)
+        if q.grep is not None and self.filters.literal is not None:
+            lines = [line for line in lines if q.grep.search(line)]
+        if self.filters:
+            lines = [line for line in lines if self.filters.holds(line)]
+        if not whole:
+            field = q.timestamp_field
+            lines = [line for line in lines if (ts := event_time(line, field)) is None or lo <= ts < hi]
+        return Found(lines, scanned)
+
+    def block(self, hour: str, block: Block, found: Found | None | object = _UNKNOWN) -> None:
+        """Print the lines of `block` (filed under `hour`) the query wants; `found`: its
+        `matching`, if already known."""
+        if found is _UNKNOWN:
+            found = self.matching(hour, block)
+        q = self.query
+        if found is None:
+            if self.sorter is None and q.limit is None:
+                self.count += block.records if block.records is not None else block.data.count(b"\n")
+                if not q.count_only:
+                    self.out.write(block.data)
+                return
+            lines = block.data.split(b"\n")[:-1]
+        else:
+            assert isinstance(found, Found)
+            self.stats.lines_scanned += found.scanned
+            lines = found.lines
+        if self.sorter is not None:
+            for line in lines:
                 self.sorter.add(line)
-            else:
-                self._print(line)
+            return
+        enough = q.limit is not None and self.count + len(lines) > q.limit
+        if enough:
+            lines = lines[:max(0, q.limit - self.count)]  # type: ignore[operator]
+        self.count += len(lines)
+        if lines and not q.count_only:
+            self.out.write(b"\n".join(lines) + b"\n")
+        if enough:
+            raise _Enough
 
     def _print(self, line: bytes) -> None:
         if self.query.limit is not None and self.count >= self.query.limit:
@@ -310,7 +335,7 @@ class Fetch:
                         self.printer.count += counted  # a whole hour, nothing to filter: the index knows
                     else:
                         sources.append((key, functools.partial(self._object_frames, hour, key)))
-            for name, block in read_ahead(sources):
+            for name, block, found in read_ahead(sources, functools.partial(self.printer.matching, hour)):
                 if isinstance(block, Exception):
                     self.damaged = True
                     self.warn(f"{name}: {block}; everything else is printed")
@@ -318,13 +343,13 @@ class Fetch:
                 self.stats.frames_read += 1
                 self.stats.decompressed_bytes += len(block.data)
                 if block.sources:
-                    self.printer.block(_unprinted(block, state.tail_bytes), hour)
+                    self.printer.block(hour, Block(block.ident, _unprinted(block, state.tail_bytes)))
                 elif block.ident is None or block.ident not in state.seen:
                     if block.ident is not None:
                         state.seen.add(block.ident)
                     if name in tails:
                         state.tail_bytes[tails[name]] = state.tail_bytes.get(tails[name], 0) + len(block.data)
-                    self.printer.block(block.data, hour, block.span, block.records)
+                    self.printer.block(hour, block, found)
         finally:
             for _, fd, _, _ in local:
                 os.close(fd)

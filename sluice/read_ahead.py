@@ -6,7 +6,8 @@ threads, each a bounded number of frames ahead of the printer. Frames are indepe
 releases the GIL while it decompresses, so the frames are decompressed by a pool of threads, as
 many as there are cores, several frames ahead of the one being printed; the output keeps the
 order of the sources and of their frames. Memory is bounded by the frames in flight, not by the
-size of an object.
+size of an object. What the caller does to each block that needs no order (finding the lines a
+--grep wants) is done in the decoding threads too, side by side with the other's decompression.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import zstandard
 
@@ -46,18 +47,19 @@ Frames = Iterator[Undecoded | Block]
 _local = threading.local()
 
 
-def _decode(job: Undecoded) -> list[Block]:
+def _decode(job: Undecoded, prepare: Callable[[Block], Any]) -> list[tuple[Block, Any]]:
     if not hasattr(_local, "dctx"):
         _local.dctx = zstandard.ZstdDecompressor()  # not thread-safe: one per thread
-    return decode(job.unit, _local.dctx, job.app)
+    return [(block, prepare(block)) for block in decode(job.unit, _local.dctx, job.app)]
 
 
-def read_ahead(sources: list[tuple[str, Callable[[], Frames]]],
-               ) -> Iterator[tuple[str, Block | Exception]]:
-    """(source name, block) of every source in order. READ_THREADS threads read the sources at
-    once, each at most READ_AHEAD frames ahead; DECODERS threads decompress up to DECODE_AHEAD
-    frames ahead of the caller. A frame that cannot be decompressed, or a source that fails,
-    comes as an exception in its place; the source's other frames still come."""
+def read_ahead(sources: list[tuple[str, Callable[[], Frames]]], prepare: Callable[[Block], Any] = lambda block: None,
+               ) -> Iterator[tuple[str, Block | Exception, Any]]:
+    """(source name, block, `prepare` of its lines) of every source in order. READ_THREADS
+    threads read the sources at once, each at most READ_AHEAD frames ahead; DECODERS threads
+    decompress (and prepare) up to DECODE_AHEAD frames ahead of the caller. A frame that cannot
+    be decompressed, or a source that fails, comes as an exception in its place; the source's
+    other frames still come."""
     if not sources:
         return
     stop = threading.Event()
@@ -84,24 +86,27 @@ def read_ahead(sources: list[tuple[str, Callable[[], Frames]]],
 
     readers = ThreadPoolExecutor(max_workers=min(READ_THREADS, len(sources)), thread_name_prefix="fetch-read")
     decoders = ThreadPoolExecutor(max_workers=DECODERS, thread_name_prefix="fetch-decode")
-    pending: collections.deque[tuple[str, Future[list[Block]] | Block | Exception]] = collections.deque()
+    pending: collections.deque[tuple[str, Future[list[tuple[Block, Any]]] | Block | Exception]] = collections.deque()
 
-    def ready(name: str, item: Future[list[Block]] | Block | Exception) -> Iterator[tuple[str, Block | Exception]]:
+    def ready(name: str, item: Future[list[tuple[Block, Any]]] | Block | Exception,
+              ) -> Iterator[tuple[str, Block | Exception, Any]]:
         if isinstance(item, Future):
             try:
-                for block in item.result():
-                    yield name, block
+                for block, prepared in item.result():
+                    yield name, block, prepared
             except Damaged as exc:
-                yield name, exc
+                yield name, exc, None
+        elif isinstance(item, Block):
+            yield name, item, prepare(item)
         else:
-            yield name, item
+            yield name, item, None
 
     try:
         for (_, frames), q in zip(sources, queues):
             readers.submit(pump, frames, q)
         for (name, _), q in zip(sources, queues):
             while (item := q.get()) is not end:
-                pending.append((name, decoders.submit(_decode, item) if isinstance(item, Undecoded) else item))
+                pending.append((name, decoders.submit(_decode, item, prepare) if isinstance(item, Undecoded) else item))
                 while len(pending) > DECODE_AHEAD or (pending and not isinstance(pending[0][1], Future)):
                     yield from ready(*pending.popleft())
         while pending:
