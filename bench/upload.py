@@ -75,7 +75,7 @@ def main() -> None:
         wait_until(lambda: port_open(oss_port), 30, "the OSS test server")
         stack.start_redis()
         r = redis.Redis.from_url(stack.redis_url)
-        settings = Settings(redis_url=stack.redis_url, spool_dir=work / "spool", store_url=env["SLUICE_STORE_URL"],
+        settings = Settings.load(redis_url=stack.redis_url, spool_dir=work / "spool", store_url=env["SLUICE_STORE_URL"],
                             oss_endpoint=env["SLUICE_OSS_ENDPOINT"], oss_access_key_id=KEY_ID,
                             oss_access_key_secret=SECRET)
         rows = []

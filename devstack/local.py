@@ -281,7 +281,7 @@ class LocalStack:
 def fast_settings(**overrides: object) -> Settings:
     """Settings for a sluice part run inside this process, with the FAST settings."""
     fast = {name.removeprefix("SLUICE_").lower(): value for name, value in FAST.items()}
-    return Settings(**{**fast, **overrides})
+    return Settings.load(**{**fast, **overrides})
 
 
 def start_pipeline(workdir: Path, *, partitions: int = 4, cpu_workers: int = 1, cpu_concurrency: int = 2,

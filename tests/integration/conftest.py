@@ -42,7 +42,7 @@ def rds(redis_only: LocalStack) -> redis.Redis:
 
 @pytest.fixture
 def settings(redis_only: LocalStack, tmp_path: Path) -> Settings:
-    return Settings(redis_url=redis_only.redis_url, spool_dir=tmp_path / "spool",
+    return Settings.load(redis_url=redis_only.redis_url, spool_dir=tmp_path / "spool",
                     store_url=f"file://{tmp_path / 'archive'}", seal_age_seconds=1, seal_open_hour_age_seconds=1,
                     lock_wait_seconds=5)
 

@@ -174,7 +174,7 @@ def test_ls_lists_an_apps_hours_from_the_indexes_and_the_apps_present(rds, setti
 
 
 def test_a_late_data_merge_keeps_a_correct_index(rds, settings, tmp_path):
-    one = settings.model_copy(update={"slots_per_app": 1})
+    one = settings.replace(**{"slots_per_app": 1})
     store, path, slices = archive(rds, one, tmp_path)  # the app-hour has its one object
     batches, appender = Batches(rds, one), Appender(rds, one)
     late = [orjson.dumps({"app": APP, "ts": START + 3000 + i, "n": 9, "i": i}) for i in range(50)]

@@ -156,7 +156,7 @@ def test_status_and_ledger_without_redis_say_so_in_one_line():
 
 def test_ledger_reset_says_what_it_would_do_and_does_it_only_with_yes(redis_only: LocalStack, settings):
     r = redis.Redis.from_url(redis_only.redis_url)
-    batches = Batches(r, settings.model_copy(update={"claim_check": "redis"}))
+    batches = Batches(r, settings.replace(**{"claim_check": "redis"}))
     for partition, last in ((0, 99), (1, 49)):
         bid = schema.batch_id("logs", partition, 0, last)
         assert batches.hand_over(bid, "logs", partition, None, last, [b"x"], "ts:fp")

@@ -37,7 +37,7 @@ def bucket_name(server: OssServer) -> str:
 
 def settings_for(server: OssServer, bucket: str, **kw: object) -> Settings:
     keys = {"oss_access_key_id": server.access_key_id, "oss_access_key_secret": server.access_key_secret}
-    return Settings(store_url=f"oss://{bucket}/archive/v1", oss_endpoint=server.endpoint, **{**keys, **kw})
+    return Settings.load(store_url=f"oss://{bucket}/archive/v1", oss_endpoint=server.endpoint, **{**keys, **kw})
 
 
 def test_put_size_list_open_delete(server, bucket_name, tmp_path):
@@ -138,7 +138,7 @@ def test_the_ecs_ram_role_credentials_come_from_the_metadata_service(server, buc
     metadata = HTTPServer(("127.0.0.1", 0), Metadata)
     threading.Thread(target=metadata.serve_forever, daemon=True).start()
     try:
-        settings = Settings(store_url=f"oss://{bucket_name}/archive", oss_endpoint=server.endpoint,
+        settings = Settings.load(store_url=f"oss://{bucket_name}/archive", oss_endpoint=server.endpoint,
                             oss_credentials="ecs_ram_role", oss_ecs_ram_role="sluice-writer",
                             oss_ecs_metadata_url=f"http://127.0.0.1:{metadata.server_port}/latest/meta-data/"
                                                  "ram/security-credentials/")

@@ -120,7 +120,7 @@ def test_a_writer_whose_lease_ran_out_commits_nothing(rds, settings, monkeypatch
 
 
 def test_concurrent_appenders_use_at_most_n_files_and_lose_nothing(rds, settings, tmp_path):
-    settings = settings.model_copy(update={"slots_per_app": 3})
+    settings = settings.replace(**{"slots_per_app": 3})
     batches = Batches(rds, settings)
     written = {f"logs:0:{i}-{i}": f"line {i}\n".encode() for i in range(30)}
     for bid, data in written.items():
@@ -243,7 +243,7 @@ def test_bridge_replays_are_trimmed_by_the_ledger(rds, settings):
 
 
 def test_bridge_batches_within_count_and_byte_limits(rds, settings):
-    settings = settings.model_copy(update={"batch_max_records": 20, "batch_max_bytes": 10_000})
+    settings = settings.replace(**{"batch_max_records": 20, "batch_max_bytes": 10_000})
     sent: list[str] = []
     bridge = Bridge(settings, rds, send_split=sent.append)
     bridge.hand_over(TopicPartition("logs", 0), chunks(records(0, 44)))
@@ -274,7 +274,7 @@ def test_a_bundle_of_pieces_is_appended_once(rds, settings):
 
 
 def test_a_slot_past_the_seal_size_is_sealed_by_its_append(rds, settings):
-    settings = settings.model_copy(update={"seal_size_bytes": 64})
+    settings = settings.replace(**{"seal_size_bytes": 64})
     batches, appender = Batches(rds, settings), Appender(rds, settings)
     small, big = b"s\n", b"".join(b"line %d\n" % i for i in range(200))
     split_batch(batches, "logs:0:0-0", {schema.app_hour(APP, HOUR): small})
@@ -288,7 +288,7 @@ def test_a_slot_past_the_seal_size_is_sealed_by_its_append(rds, settings):
 
 
 def test_a_running_hour_is_sealed_only_after_the_longer_open_hour_age(rds, settings):
-    settings = settings.model_copy(update={"seal_age_seconds": 1, "seal_open_hour_age_seconds": 100})
+    settings = settings.replace(**{"seal_age_seconds": 1, "seal_open_hour_age_seconds": 100})
     batches, appender = Batches(rds, settings), Appender(rds, settings)
     running = hour_of(time.time() + 7200)  # an hour that is not over yet
     split_batch(batches, "logs:0:0-0", {schema.app_hour(APP, running): b"now\n", schema.app_hour(APP, HOUR): b"old\n"})
@@ -335,7 +335,7 @@ class Freezer:
 def three_batches_one_appended(rds, settings: Settings) -> tuple[Settings, Batches, str]:
     """Lease 1 s, so a frozen writer's slot is handed on while it sleeps; batches 0-0 ("first",
     appended), 1-1 ("stale") and 2-2 ("second") of one app-hour."""
-    settings = settings.model_copy(update={"compress_time_limit": 0.5, "lock_lease_seconds": 1.0})
+    settings = settings.replace(**{"compress_time_limit": 0.5, "lock_lease_seconds": 1.0})
     batches = Batches(rds, settings)
     piece = schema.app_hour(APP, HOUR)
     split_batch(batches, "logs:0:0-0", {piece: b"first\n"})
@@ -432,7 +432,7 @@ def archive_wave(rds, settings: Settings, store: FileStore, n: int, data: bytes)
 
 
 def test_late_waves_are_merged_so_an_app_hour_keeps_at_most_n_objects(rds, settings, tmp_path):
-    settings = settings.model_copy(update={"slots_per_app": 2})
+    settings = settings.replace(**{"slots_per_app": 2})
     store = FileStore(tmp_path / "archive")
     expected = b""
     for n in range(6):
@@ -463,7 +463,7 @@ class CrashAfterMerge(FileStore):
 
 
 def test_a_merge_cut_short_is_finished_once_and_readers_see_each_record_once(rds, settings, tmp_path):
-    settings = settings.model_copy(update={"slots_per_app": 1})
+    settings = settings.replace(**{"slots_per_app": 1})
     store = CrashAfterMerge(tmp_path / "archive")
     archive_wave(rds, settings, store, 0, b"first\n")
     with pytest.raises(KeyboardInterrupt):
@@ -481,7 +481,7 @@ def test_a_merge_cut_short_is_finished_once_and_readers_see_each_record_once(rds
 
 def test_the_scripts_name_keys_as_the_schema_builds_them(rds, settings):
     """The append, commit and seal scripts build slot and sealed-file names themselves."""
-    settings = settings.model_copy(update={"seal_size_bytes": 64})
+    settings = settings.replace(**{"seal_size_bytes": 64})
     batches = Batches(rds, settings)
     split_batch(batches, "logs:0:0-0", {schema.app_hour(APP, HOUR): b"a\n"})
     big = os.urandom(200).hex().encode() + b"\n"  # incompressible: past the seal size

@@ -342,7 +342,7 @@ def test_every_object_is_labelled_and_selects_its_own_pods():
 def test_the_settings_are_sluice_settings_and_parse(monkeypatch):
     data = settings_data()
     assert all(isinstance(value, str) for value in data.values())
-    known = {f"SLUICE_{field.upper()}" for field in Settings.model_fields}
+    known = {f"SLUICE_{field.upper()}" for field in Settings.__struct_fields__}
     assert set(data) <= known, f"not sluice settings: {sorted(set(data) - known)}"
     secret_env = {"SLUICE_REDIS_URL", "SLUICE_OSS_ACCESS_KEY_ID", "SLUICE_OSS_ACCESS_KEY_SECRET"}
     assert not set(data) & secret_env, "secrets belong in the Secret, not the ConfigMap"
@@ -353,7 +353,7 @@ def test_the_settings_are_sluice_settings_and_parse(monkeypatch):
         monkeypatch.setenv(name, value)
     for name in secret_env:
         monkeypatch.setenv(name, "redis://:x@redis:6379/0" if name == "SLUICE_REDIS_URL" else "x")
-    settings = Settings()
+    settings = Settings.load()
     assert str(settings.spool_dir) == data["SLUICE_SPOOL_DIR"]
     assert settings.metrics_port == int(data["SLUICE_METRICS_PORT"])
     assert str(settings.health_dir) == data["SLUICE_HEALTH_DIR"]

@@ -18,7 +18,7 @@ from sluice.store import OssStore, open_store
 
 @pytest.fixture
 def store(monkeypatch):
-    settings = Settings(store_url="oss://logs-bucket/archive/v1", oss_endpoint="https://oss-cn-hangzhou.aliyuncs.com",
+    settings = Settings.load(store_url="oss://logs-bucket/archive/v1", oss_endpoint="https://oss-cn-hangzhou.aliyuncs.com",
                         oss_access_key_id="id", oss_access_key_secret="secret")
     s = open_store(settings)
     assert isinstance(s, OssStore)

@@ -169,21 +169,21 @@ def test_dotdot_is_refused_even_inside_root_as_the_oss_store_does(store, tmp_pat
 
 
 def test_open_store_file_absolute(tmp_path):
-    store = open_store(Settings(store_url=f"file://{tmp_path}/archive"))
+    store = open_store(Settings.load(store_url=f"file://{tmp_path}/archive"))
     assert isinstance(store, FileStore)
     assert store.root == tmp_path / "archive"
     assert store.root.is_absolute()
 
 
 def test_open_store_file_relative():
-    store = open_store(Settings(store_url="file://data/archive"))
+    store = open_store(Settings.load(store_url="file://data/archive"))
     assert isinstance(store, FileStore)
     assert store.root == Path("data/archive")
     assert not store.root.is_absolute()
 
 
 def test_open_store_default_is_relative_file_store():
-    store = open_store(Settings())
+    store = open_store(Settings.load())
     assert isinstance(store, FileStore) and store.root == Path("data/archive")
 
 
@@ -191,30 +191,31 @@ def test_open_store_default_is_relative_file_store():
                                  "FILE:///tmp/x", ""])
 def test_open_store_rejects_unknown_scheme(url):
     # Settings itself refuses these, so bypass its validation to test open_store's own check.
-    settings = Settings().model_copy(update={"store_url": url})
+    settings = Settings.load()
+    settings.store_url = url
     with pytest.raises(ValueError, match="unsupported store_url"):
         open_store(settings)
 
 
 def test_open_store_oss_needs_endpoint():
     with pytest.raises(ValueError, match="SLUICE_OSS_ENDPOINT"):
-        open_store(Settings(store_url="oss://bucket/prefix"))
+        open_store(Settings.load(store_url="oss://bucket/prefix"))
 
 
 def test_open_store_oss_needs_bucket():
     with pytest.raises(ValueError, match="not a bucket name OSS accepts"):
-        open_store(Settings(store_url="oss:///prefix", oss_endpoint="https://oss.example.com",
+        open_store(Settings.load(store_url="oss:///prefix", oss_endpoint="https://oss.example.com",
                             oss_access_key_id="id", oss_access_key_secret="secret"))
 
 
 def test_open_store_oss_bucket_and_prefix():
     # Building the oss2 client does no network I/O.
-    settings = Settings(store_url="oss://my-bucket/logs/archive/", oss_endpoint="https://oss.example.com",
+    settings = Settings.load(store_url="oss://my-bucket/logs/archive/", oss_endpoint="https://oss.example.com",
                         oss_access_key_id="id", oss_access_key_secret="secret")
     store = open_store(settings)
     assert isinstance(store, OssStore)
     assert store.bucket.bucket_name == "my-bucket"
     assert store.prefix == "logs/archive"
     assert store._key("app=a/x") == "logs/archive/app=a/x"
-    no_prefix = open_store(settings.model_copy(update={"store_url": "oss://my-bucket"}))
+    no_prefix = open_store(settings.replace(**{"store_url": "oss://my-bucket"}))
     assert no_prefix.prefix == "" and no_prefix._key("app=a/x") == "app=a/x"
