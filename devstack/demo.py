@@ -80,7 +80,7 @@ def _run(stack: LocalStack, args: argparse.Namespace) -> int:
     archive = stack.workdir / "archive"
     objects = Counter(p.parts[len(archive.parts)] for p in archive.rglob("*.jsonl.zst"))
     stored = sum(p.stat().st_size for p in archive.rglob("*.jsonl.zst"))
-    counts = progress.per_app(r)
+    counts = progress.archived_per_app(r)
     say(f"\n{'app':<16}{'records':>10}{'objects':>9}")
     for app_dir, n in sorted(objects.items(), key=lambda kv: -counts.get(kv[0][4:], 0)):
         say(f"{app_dir[4:]:<16}{counts.get(app_dir[4:], 0):>10}{n:>9}")

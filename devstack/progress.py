@@ -16,13 +16,14 @@ def handed_over(r: redis.Redis) -> int:
     return Marks(r).handed_over()
 
 
-def per_app(r: redis.Redis) -> dict[str, int]:
-    """Records appended to slot files, per app (quarantine included)."""
-    return {k.decode(): int(v) for k, v in r.hgetall(schema.STATS).items()}
+def archived_per_app(r: redis.Redis) -> dict[str, int]:
+    """Records archived, per app (quarantine included)."""
+    return {k.decode(): int(v) for k, v in r.hgetall(schema.ARCHIVED_RECORDS).items()}
 
 
 def compressed(r: redis.Redis) -> int:
-    return sum(per_app(r).values())
+    """Records appended to slot files (quarantine included)."""
+    return int(r.hget(schema.COUNTERS, schema.Counter.RECORDS_APPENDED.value) or 0)
 
 
 def settled(r: redis.Redis, expected: int) -> bool:

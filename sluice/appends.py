@@ -42,11 +42,6 @@ class Frame:
     hour: str
     data: bytes
     records: int
-    per_app: tuple[tuple[str, int], ...]  # (app, records) of the apps it holds, counted at the commit
-
-    @classmethod
-    def piece(cls, app: str, hour: str, data: bytes, records: int) -> "Frame":
-        return cls(app, hour, data, records, ((app, records),))
 
 
 @dataclass(frozen=True)
@@ -72,7 +67,7 @@ class Appender:
 
     def append(self, bid: str, app: str, hour: str, frame: bytes, nrecords: int) -> bool:
         """Append one frame for batch piece (bid, app, hour) exactly once."""
-        return self.append_many(bid, [Frame.piece(app, hour, frame, nrecords)]) == 1
+        return self.append_many(bid, [Frame(app, hour, frame, nrecords)]) == 1
 
     def append_many(self, bid: str, frames: list[Frame]) -> int:
         """Append each frame of batch `bid` exactly once; returns how many this call appended.
@@ -190,15 +185,14 @@ class Appender:
         """Commit the appended frames; the slots committed leave `held` (the script released them)."""
         now = time.time()
         keys = [schema.batch_pending(bid), schema.batch_groups(bid), schema.batch_state(bid),
-                schema.INFLIGHT, schema.STATS, schema.SEALED, schema.SLOTS,
+                schema.INFLIGHT, schema.COUNTERS, schema.SEALED, schema.SLOTS,
                 schema.INFLIGHT_BYTES, schema.BATCH_BYTES, schema.INFLIGHT_OLDEST, schema.PENDING_OLDEST,
                 schema.SEALED_RECORDS, schema.hourly_records(hour_of(now))]
         args: list[object] = [token, bid, self.settings.seal_size_bytes,
-                              schema.SLOT_LOCK_PREFIX, schema.SLOT_STATE_PREFIX, schema.HOURLY_TTL_SECONDS]
+                              schema.SLOT_LOCK_PREFIX, schema.SLOT_STATE_PREFIX, schema.HOURLY_TTL_SECONDS,
+                              schema.Counter.RECORDS_APPENDED.value]
         for (h, _), end in zip(files, ends):
-            args += [h.sid, h.fid, end, h.frame.records, len(h.frame.per_app)]
-            for app, records in h.frame.per_app:
-                args += [app, records]
+            args += [h.sid, h.fid, end, h.frame.records]
         *results, finished = self._commit(keys=keys, args=args)
         held.difference_update(h.sid for (h, _), result in zip(files, results) if result > 0)
         if finished:

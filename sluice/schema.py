@@ -33,7 +33,6 @@ EARLIER = PREFIX + "hwm:earlier"  # -> records handed over by earlier incarnatio
 INFLIGHT = PREFIX + "inflight"  # sorted set: batch id, scored by hand-over (or redrive) time
 INFLIGHT_BYTES = PREFIX + "inflight:bytes"  # string: bytes of all batches in flight
 BATCH_BYTES = PREFIX + "inflight:batch-bytes"  # hash: batch id -> its share of INFLIGHT_BYTES
-STATS = PREFIX + "stats:records"  # hash: app -> records appended to slot files, ever
 # sorted set: batch id, scored by the Kafka timestamp (ms) of its first record
 INFLIGHT_OLDEST = PREFIX + "inflight:oldest"
 
@@ -67,7 +66,8 @@ COUNTERS = PREFIX + "counters"  # hash: a Counter name -> value, pipeline-wide, 
 QUARANTINED = PREFIX + "stats:quarantined"  # hash: reason -> records sent to quarantine
 ARCHIVED_RECORDS = PREFIX + "stats:archived-records"  # hash: app -> records archived
 ARCHIVED_BYTES = PREFIX + "stats:archived-bytes"  # hash: app -> compressed bytes archived
-HOURLY_PREFIX = PREFIX + "stats:hour:"  # + YYYYMMDDHH: hash app -> records appended that hour
+# + YYYYMMDDHH: hash app -> records appended that hour; the apps of tail pieces together as TAIL_APP
+HOURLY_PREFIX = PREFIX + "stats:hour:"
 HOURLY_TTL_SECONDS = 3 * 3600
 
 
@@ -78,6 +78,7 @@ class Counter(str, enum.Enum):
     UPLOADS_FAILED = "uploads_failed"  # attempts that failed (a file may fail several times)
     UPLOADED_BYTES = "uploaded_bytes"
     REDRIVES = "redrives"
+    RECORDS_APPENDED = "records_appended"  # to slot files (compressed, fetchable), quarantine included
     LAST_UPLOAD = "last_upload"  # epoch seconds of the last file archived
 
 
@@ -258,7 +259,7 @@ _BID = r".+:\d+:\d+-\d+(@\d+)?"
 _APP_HOUR = rf"{_ID}\|\d{{10}}"
 KEY_PATTERNS: tuple[re.Pattern[str], ...] = tuple(re.compile(p) for p in (
     re.escape(HWM), re.escape(FINGERPRINT), re.escape(INCARNATION), re.escape(EARLIER),
-    re.escape(INFLIGHT), re.escape(INFLIGHT_BYTES), re.escape(BATCH_BYTES), re.escape(STATS),
+    re.escape(INFLIGHT), re.escape(INFLIGHT_BYTES), re.escape(BATCH_BYTES),
     re.escape(INFLIGHT_OLDEST), re.escape(SEALED_RECORDS), re.escape(PENDING_OLDEST),
     re.escape(COUNTERS), re.escape(QUARANTINED), re.escape(ARCHIVED_RECORDS), re.escape(ARCHIVED_BYTES),
     rf"{re.escape(HOURLY_PREFIX)}\d{{10}}",

@@ -153,15 +153,16 @@ return out
 # last piece of a batch takes the batch's bytes off the in-flight total, once; the last element
 # of the reply says so (1), and the caller removes the batch's pieces files. The piece name
 # ("app|hour") and the sealed entry ("app|hour|fid") are built from the slot id. Records are
-# counted to each app the piece holds (one, or many for a tail piece). A slot (then its sealed
+# counted in all and to the slot's app in this hour's table: the apps of a tail piece together,
+# as the tail (a count per app there was a Redis write per app per batch). A slot (then its sealed
 # entry) is scored in PENDING_OLDEST by the oldest first-record timestamp of the batches
 # appended to it, and counts its records.
-# KEYS: 1 batch_pending(bid), 2 batch_groups(bid), 3 batch_state(bid), 4 INFLIGHT, 5 STATS,
+# KEYS: 1 batch_pending(bid), 2 batch_groups(bid), 3 batch_state(bid), 4 INFLIGHT, 5 COUNTERS,
 #       6 SEALED, 7 SLOTS, 8 INFLIGHT_BYTES, 9 BATCH_BYTES, 10 INFLIGHT_OLDEST,
 #       11 PENDING_OLDEST, 12 SEALED_RECORDS, 13 hourly_records(this hour)
 # ARGV: 1 token, 2 batch id, 3 seal size, 4 SLOT_LOCK_PREFIX, 5 SLOT_STATE_PREFIX,
-#       6 HOURLY_TTL_SECONDS, then per piece: slot id, fid, new size, records, m, then m pairs
-#       of an app and its records
+#       6 HOURLY_TTL_SECONDS, 7 Counter.RECORDS_APPENDED, then per piece: slot id, fid, new
+#       size, records
 COMMIT = """
 local lockp, slotp = ARGV[4], ARGV[5]
 local t = redis.call('TIME')
@@ -169,11 +170,10 @@ local now = t[1] + t[2] / 1000000
 local oldest = redis.call('ZSCORE', KEYS[10], ARGV[2])
 local out = {}
 local appended = false
-local a = 6
+local a = 7
 while a < #ARGV do
-  local sid, fid, size, records, m = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], tonumber(ARGV[a + 5])
-  local apps = a + 6
-  a = a + 5 + 2 * m
+  local sid, fid, size, records = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  a = a + 4
   local lock, slot = lockp .. sid, slotp .. sid
   local app, hour = string.match(sid, '^([^|]*)|([^|]*)|')
   local piece = app .. '|' .. hour
@@ -186,10 +186,8 @@ while a < #ARGV do
     redis.call('HSET', slot, 'size', size, 'updated', now)
     redis.call('HINCRBY', slot, 'records', records)
     redis.call('HDEL', KEYS[2], piece)
-    for j = apps, apps + 2 * m - 1, 2 do
-      redis.call('HINCRBY', KEYS[5], ARGV[j], ARGV[j + 1])
-      redis.call('HINCRBY', KEYS[13], ARGV[j], ARGV[j + 1])
-    end
+    redis.call('HINCRBY', KEYS[5], ARGV[7], records)
+    redis.call('HINCRBY', KEYS[13], app, records)
     appended = true
     if oldest then redis.call('ZADD', KEYS[11], 'LT', oldest, sid) end
     if tonumber(size) >= tonumber(ARGV[3]) then

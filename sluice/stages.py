@@ -120,11 +120,10 @@ def compress_pieces(batches: Batches, appender: Appender, cctx: zstandard.ZstdCo
         if app == schema.TAIL_APP:
             entries, lines = unpack_tail_piece(data)
             frame = announce_tail(bid, hour, entries, cctx.compress(lines))
-            frames.append(Frame(app, hour, frame, nrecords, tuple((e.app, e.records) for e in entries)))
+            frames.append(Frame(app, hour, frame, nrecords))
         else:
             start_ms = int(hour_start(hour) * 1000)  # a piece split before spans were kept: its whole hour
             lo, hi = span if span is not None else (start_ms, start_ms + 3_600_000 - 1)
             meta = Meta(len(data), nrecords, lo, hi)
-            frames.append(Frame.piece(app, hour, announce(schema.piece_id(bid, piece), cctx.compress(data), meta),
-                                      nrecords))
+            frames.append(Frame(app, hour, announce(schema.piece_id(bid, piece), cctx.compress(data), meta), nrecords))
     return appender.append_many(bid, frames) if frames else 0

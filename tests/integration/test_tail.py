@@ -229,5 +229,7 @@ def test_a_tail_piece_is_appended_once_however_often_it_is_delivered(rds, settin
     assert compress_pieces(tail.batches, tail.appender, CCTX, bid, [piece]) == 0, "a redelivery"
     [sealed] = tail.sealed()
     assert rds.hget(schema.SEALED_RECORDS, sealed.entry) == str(len(APPS)).encode()
-    counts = {k.decode(): int(v) for k, v in rds.hgetall(schema.STATS).items()}
-    assert counts == {app: 1 for app in APPS}, "records counted to each app, once"
+    assert int(rds.hget(schema.COUNTERS, schema.Counter.RECORDS_APPENDED.value)) == len(APPS), "counted once"
+    [hourly] = rds.keys(schema.hourly_records("*"))
+    assert rds.hgetall(hourly) == {schema.TAIL_APP.encode(): str(len(APPS)).encode()}, \
+        "the tail's apps counted together in the hour's table"
