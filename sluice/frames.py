@@ -152,10 +152,33 @@ def span_of(entries: list[TailEntry]) -> Meta:
                 min(e.min_ms for e in entries), max(e.max_ms for e in entries))
 
 
-def pack_tail_piece(entries: list[TailEntry], data: bytes) -> bytes:
-    """The small pieces of one batch and hour as the split stores them for the compress task:
-    `<I n>`, the entries as a tail announcement lists them, then their bytes."""
-    return _PIECE_HEAD.pack(len(entries)) + _pack_entries(entries) + data
+class TailPiece:
+    """The small pieces of one batch and hour, packed as the split stores them for the compress
+    task: `<I n>`, the entries as a tail announcement lists them, then their bytes. Built one
+    piece at a time, its span kept as it goes: at thousands of apps a batch has tens of
+    thousands of small pieces, and each pass over them shows in the split's CPU."""
+
+    __slots__ = ("_entries", "_data", "records", "min_ms", "max_ms")
+
+    def __init__(self) -> None:
+        self._entries: list[bytes] = []
+        self._data: list[bytes] = []
+        self.records = 0
+        self.min_ms = 2 ** 63 - 1
+        self.max_ms = -2 ** 63
+
+    def add(self, app: str, data: bytes, records: int, min_ms: int, max_ms: int) -> None:
+        name = app.encode()
+        self._entries += (_TAIL_ENTRY.pack(len(data), records, min_ms, max_ms, len(name)), name)
+        self._data.append(data)
+        self.records += records
+        if min_ms < self.min_ms:
+            self.min_ms = min_ms
+        if max_ms > self.max_ms:
+            self.max_ms = max_ms
+
+    def packed(self) -> bytes:
+        return _PIECE_HEAD.pack(len(self._data)) + b"".join(self._entries) + b"".join(self._data)
 
 
 def unpack_tail_piece(piece: bytes) -> tuple[list[TailEntry], bytes]:

@@ -14,7 +14,7 @@ import zstandard
 from sluice import schema
 from sluice.appends import Appender, Frame
 from sluice.batches import Batches
-from sluice.frames import Meta, TailEntry, announce, announce_tail, pack_tail_piece, span_of, unpack_tail_piece
+from sluice.frames import Meta, TailPiece, announce, announce_tail, unpack_tail_piece
 from sluice.kafka_batches import records
 from sluice.records import Router, hour_start
 from sluice.schema import BatchState
@@ -72,17 +72,17 @@ def tail_pieces(pieces: dict[tuple[str, str], Piece], tail_piece_bytes: int) -> 
     compressed as one frame, they lose less to frame overheads, and cost one file write and one
     commit, not one per app."""
     out: dict[str, Piece] = {}
-    small: dict[str, list[tuple[TailEntry, bytes]]] = collections.defaultdict(list)
+    small: dict[str, TailPiece] = {}
     for (app, hour), piece in pieces.items():
         if len(piece.data) < tail_piece_bytes:
-            small[hour].append((TailEntry(app, len(piece.data), piece.records, *piece.span), piece.data))
+            tail = small.get(hour)
+            if tail is None:
+                tail = small[hour] = TailPiece()
+            tail.add(app, piece.data, piece.records, *piece.span)
         else:
             out[schema.app_hour(app, hour)] = piece
-    for hour, parts in small.items():
-        entries = [entry for entry, _ in parts]
-        packed = pack_tail_piece(entries, b"".join(data for _, data in parts))
-        whole = span_of(entries)
-        out[schema.app_hour(schema.TAIL_APP, hour)] = Piece(packed, whole.records, (whole.min_ms, whole.max_ms))
+    for hour, tail in small.items():
+        out[schema.app_hour(schema.TAIL_APP, hour)] = Piece(tail.packed(), tail.records, (tail.min_ms, tail.max_ms))
     return out
 
 

@@ -14,12 +14,12 @@ from sluice.frames import (
     IndexEntry,
     Meta,
     TailEntry,
+    TailPiece,
     announce,
     announce_gathered,
     announce_tail,
     index,
     index_entries,
-    pack_tail_piece,
     parse_index,
     read_frames,
     tail_frames,
@@ -109,7 +109,10 @@ def test_tail_frames_gives_entries_and_data_and_refuses_what_does_not_add_up():
 
 def test_a_tail_piece_packs_and_unpacks_and_a_damaged_one_is_refused():
     entries = [TailEntry("a", 3, 1, 0, 1), TailEntry("b", 6, 2, 0, 1)]
-    packed = pack_tail_piece(entries, b"a1\nb1\nb2\n")
+    tail = TailPiece()
+    tail.add("a", b"a1\n", 1, 0, 1)
+    tail.add("b", b"b1\nb2\n", 2, 0, 1)
+    packed = tail.packed()
     assert unpack_tail_piece(packed) == (entries, b"a1\nb1\nb2\n")
     with pytest.raises(Damaged):
         unpack_tail_piece(packed[:-1])  # entries add up to more than there is
