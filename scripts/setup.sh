@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install what sluice needs on a fresh Debian/Ubuntu machine: the system tools it starts or
-# calls (redis-server, zstd, kcat; with --test also docker-compose, prometheus and what the
-# multi-host tests need: iproute2, iptables, bindfs, faketime), and a virtualenv in .venv with
-# sluice, its pinned runtime packages and the pinned development ones (pyproject.toml, extra
-# "dev": the local broker, the tests, the lint gate). Safe to run again: it only adds what is missing.
+# calls (redis-server, zstd, kcat; with --test also docker-compose, prometheus, what the
+# multi-host tests need: iproute2, iptables, bindfs, faketime, and GNU time for bench/fetch.py),
+# and a virtualenv in .venv with sluice, its pinned runtime packages and the pinned development
+# ones (pyproject.toml, extra "dev": the local broker, the tests, the lint gate). Safe to run
+# again: it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,7 @@ if [[ "${1:-}" == "--test" ]]; then
   command -v iptables >/dev/null || packages+=(iptables)
   command -v bindfs >/dev/null || packages+=(bindfs fuse3)
   command -v faketime >/dev/null || packages+=(faketime)
+  [[ -x /usr/bin/time ]] || packages+=(time)  # bench/fetch.py: each reader's peak memory
 fi
 if ((${#packages[@]})); then
   sudo=""
