@@ -88,6 +88,9 @@ class OssAdapter:
         self.access_key_id = access_key_id
         self.access_key_secret = access_key_secret
         self.latency = latency  # added to every request: a store this far away (the bench)
+        # path -> (ETag, CRC-64) of each object as last stored or read whole: OSS keeps an
+        # object's CRC with it, so a ranged GET or a HEAD does not read the whole object again.
+        self._crcs: dict[str, tuple[str, int]] = {}
 
     # -- WSGI entry -------------------------------------------------------------------------
 
@@ -137,10 +140,16 @@ class OssAdapter:
             k in _DATA_PARAMS or k.startswith("response-") for k in params)
         if data_op:
             crc = None
+            etag = {k.lower(): v for k, v in s3_headers}.get("etag", "")
             if method == "PUT" and "HTTP_X_OSS_COPY_SOURCE" not in environ:
                 crc = crc64(body)  # PutObject and UploadPart: the CRC of what was stored
+                if "uploadId" not in params:
+                    self._crcs[raw_path] = (etag, crc)
             elif method == "GET" and code == 200:
                 crc = crc64(payload)
+                self._crcs[raw_path] = (etag, crc)
+            elif method in ("GET", "HEAD") and etag and self._crcs.get(raw_path, ("", 0))[0] == etag:
+                crc = self._crcs[raw_path][1]  # a range or HEAD of an object whose CRC is known
             elif method in ("GET", "HEAD") or (method == "POST" and "uploadId" in params):
                 crc = self._whole_object_crc(environ, raw_path)  # range, HEAD, Complete
             if crc is not None:
