@@ -8,7 +8,8 @@ times squeezed into the hour), as compress and the uploader write it: announced 
 with its index. Then read whole by the `zstd -dc` CLI and by `sluice fetch` for that hour, and a
 five-minute window of it by `sluice fetch --stats`, all into /dev/null, in the same run. Printed
 side by side: MB/s of lines out, the ratio, each process's peak memory, and what share of the
-hour's compressed bytes the window read.
+hour's compressed bytes the window read. Then the same two fetches from the OSS test server
+(tests/oss_server.py, its own process, over HTTP: ranged GETs for the window).
 
 Freshness: a whole pipeline (Redis, Tansu, workers, Beat, bridge) with default settings, one
 record produced every 0.1 s, `sluice fetch --follow` reading them: p50 and p99 of the time from
@@ -35,7 +36,7 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.dataset import dataset  # noqa: E402
-from devstack.local import FAST_GROUP_JOIN, start_pipeline, wait_until  # noqa: E402
+from devstack.local import FAST_GROUP_JOIN, free_port, port_open, start_pipeline, wait_until  # noqa: E402
 from sluice.frames import IndexEntry, Meta, announce, index  # noqa: E402
 from sluice.store import object_key  # noqa: E402
 
@@ -121,6 +122,11 @@ def speed(mb: int) -> None:
                 wall, rss, stderr = timed_run(argv, run_env)
                 if name not in best or wall < best[name][0]:
                     best[name] = (wall, rss, stderr)
+        # What every fetch pays before it reads a byte: the interpreter with zstandard alone, and sluice's CLI.
+        startup = {name: min(timed_run(argv, env)[0] for _ in range(5)) for name, argv in (
+            ("python -c 'import zstandard'", [sys.executable, "-c", "import zstandard"]),
+            ("sluice fetch --help", [sys.executable, "-m", "sluice.cli", "fetch", "--help"]))}
+        from_oss = oss_speed(root, fetch_argv, window_argv)
     print(f"\none app-hour: {nbytes / 1e6:.0f} MB of lines in {OBJECTS} objects ({stored / 1e6:.0f} MB), "
           f"frames of about {PIECE_BYTES >> 20} MiB")
     print(f"{'reader':<30}{'seconds':>9}{'MB/s':>9}{'x zstd CLI':>12}{'peak RSS MB':>13}")
@@ -135,6 +141,41 @@ def speed(mb: int) -> None:
     print(f"\nthe 5-minute window read {read / stored:.1%} of the hour's compressed bytes "
           f"and took {window[0] / whole[0]:.3f}x the whole hour's time")
     print("its --stats:\n" + "".join(f"  {line}\n" for line in window[2].splitlines() if "records" not in line))
+    print("process start-up (best of 5): " + ", ".join(f"{name} {wall:.3f} s" for name, wall in startup.items()))
+    print(from_oss)
+
+
+def oss_speed(root: Path, fetch_argv: list[str], window_argv: list[str]) -> str:
+    """The whole hour and the window again, from the OSS test server (best of three): what to print."""
+    import oss2
+
+    port, key_id, secret = free_port(), "bench-key-id", "bench-key-secret"
+    server = subprocess.Popen([sys.executable, "-m", "tests.oss_server", "--port", str(port), "-b", "fetch-bench",
+                               "--access-key-id", key_id, "--access-key-secret", secret],
+                              stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        wait_until(lambda: port_open(port), 30, "the OSS test server")
+        bucket = oss2.Bucket(oss2.Auth(key_id, secret), f"http://127.0.0.1:{port}", "fetch-bench")
+        for path in sorted(root.rglob("*.zst")):
+            bucket.put_object_from_file(f"archive/{path.relative_to(root)}", str(path))
+        env = {**os.environ, "SLUICE_STORE_URL": "oss://fetch-bench/archive",
+               "SLUICE_OSS_ENDPOINT": f"http://127.0.0.1:{port}", "SLUICE_OSS_ACCESS_KEY_ID": key_id,
+               "SLUICE_OSS_ACCESS_KEY_SECRET": secret, "SLUICE_SPOOL_DIR": str(root.parent / "spool")}
+        best: dict[str, tuple[float, int, str]] = {}
+        for _ in range(3):
+            for name, argv in (("whole hour", fetch_argv), ("5 minutes", window_argv)):
+                wall, rss, stderr = timed_run(argv, env)
+                if name not in best or wall < best[name][0]:
+                    best[name] = (wall, rss, stderr)
+    finally:
+        server.terminate()
+        server.wait(30)
+    lines = ["\nfrom the OSS test server (oss://, over HTTP):"]
+    for name, (wall, rss, stderr) in best.items():
+        reading = re.search(r"seconds ([\d.]+)", stderr).group(1)  # type: ignore[union-attr]
+        lines.append(f"  sluice fetch, {name:<12}{wall:>8.3f} s ({reading} s of it reading), peak RSS {rss} MB")
+    lines.append(f"  the window took {best['5 minutes'][0] / best['whole hour'][0]:.3f}x the whole hour's time")
+    return "\n".join(lines)
 
 
 def freshness(seconds: int) -> None:
