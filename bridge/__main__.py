@@ -15,7 +15,7 @@ import redis
 
 from bridge.consumer import Bridge
 from bridge.metrics import LagWatcher, MetricsPortInUse, PipelineCollector, serve
-from sluice.protocol import SchemaMismatch, check_schema
+from sluice.protocol import SchemaMismatch, check_schema, check_schema_once_reachable
 from sluice.redis_client import get_redis
 from sluice.settings import SettingsError, get_settings
 
@@ -25,14 +25,15 @@ def main() -> int:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         settings = get_settings()
-        try:
-            check_schema(get_redis())
-        except redis.RedisError:
-            pass  # the hand-over waits out a Redis outage; the workers check the schema too
-        bridge = Bridge(settings)
+        bridge = Bridge(settings)  # touches nothing yet
         if settings.metrics_port:
             watcher = LagWatcher(settings, get_redis(), bridge.state)
             serve(settings, PipelineCollector(settings, get_redis(), bridge.state, lambda: watcher.lags))
+        try:
+            check_schema(get_redis())
+        except redis.RedisError:
+            check_schema_once_reachable(get_redis(), "bridge")  # the hand-over waits out the outage
+        if settings.metrics_port:
             watcher.start()
     except (SettingsError, MetricsPortInUse, SchemaMismatch) as exc:
         print(f"sluice bridge: {exc}", file=sys.stderr)

@@ -7,10 +7,17 @@
 - Redis holds the version of its schema (sluice.schema) under `schema.SCHEMA_VERSION` as
   "major.minor". A process whose major differs from Redis's stops at start-up: a new major means
   the keys or scripts changed in a way older code would misread. A minor version adds only what
-  older code ignores, and older code may go on using it.
+  older code ignores, and older code may go on using it. A process started while Redis does not
+  answer checks as soon as it does (`check_schema_once_reachable`).
 """
 
 from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
 
 import redis
 
@@ -23,6 +30,9 @@ TASKS_READ = frozenset({1})
 
 SCHEMA_MAJOR = 1
 SCHEMA_MINOR = 0
+SCHEMA_RETRY_SECONDS = 2.0
+
+log = logging.getLogger(__name__)
 
 
 class SchemaMismatch(SluiceError):
@@ -54,3 +64,24 @@ def check_schema(r: redis.Redis) -> str:
     if found != mine and int(found.split(".")[1]) < SCHEMA_MINOR:
         r.set(schema.SCHEMA_VERSION, mine)  # a newer minor adds only what older code ignores
     return found
+
+
+def check_schema_once_reachable(client: redis.Redis, who: str) -> None:
+    """`check_schema` in a thread of its own, again every SCHEMA_RETRY_SECONDS until Redis
+    answers: a process started during a Redis outage must not go on, once Redis is back, against
+    a schema of another major. On a mismatch the process exits with status 2 and one line, as at
+    start-up (its tasks are idempotent and acknowledged late, so they run again elsewhere)."""
+    log.warning("sluice %s: Redis does not answer; its schema version is checked once it does", who)
+
+    def check() -> None:
+        while True:
+            try:
+                check_schema(client)
+                return
+            except SchemaMismatch as exc:
+                print(f"sluice {who}: {exc}", file=sys.stderr, flush=True)
+                os._exit(2)
+            except redis.RedisError:
+                time.sleep(SCHEMA_RETRY_SECONDS)  # the outage's length is not ours to know
+
+    threading.Thread(target=check, name="schema-check", daemon=True).start()

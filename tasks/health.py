@@ -17,7 +17,7 @@ import redis
 from celery import bootsteps, signals
 
 from sluice.health import HEARTBEAT_SECONDS, HealthFiles
-from sluice.protocol import SchemaMismatch, check_schema
+from sluice.protocol import SchemaMismatch, check_schema, check_schema_once_reachable
 from sluice.settings import get_settings
 from tasks.app import app
 
@@ -47,7 +47,7 @@ class Heartbeat(bootsteps.StartStopStep):
             print(f"sluice worker: {exc}", file=sys.stderr, flush=True)
             os._exit(2)  # before it takes any task; Celery would turn an exception into a traceback
         except redis.RedisError:
-            pass  # the worker waits for Redis like for any broker outage; checked again on the next start
+            check_schema_once_reachable(self.client, "worker")  # it waits for its broker meanwhile
         self.files.alive(force=True)
         self.timer_ref = worker.timer.call_repeatedly(HEARTBEAT_SECONDS, self.beat)
 
@@ -77,7 +77,7 @@ def _beat_checks_the_schema(**_: object) -> None:
         print(f"sluice beat: {exc}", file=sys.stderr, flush=True)
         os._exit(2)
     except redis.RedisError:
-        pass  # Beat waits for its broker; the workers check again
+        check_schema_once_reachable(_redis(), "beat")  # Beat waits for its broker meanwhile
 
 
 @signals.worker_ready.connect

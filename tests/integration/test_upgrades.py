@@ -77,6 +77,46 @@ def test_a_newer_schema_in_redis_stops_an_older_process_at_start_up(redis_only: 
     assert r.get(schema.SCHEMA_VERSION) == f"{SCHEMA_MAJOR + 1}.0".encode(), "left as it was"
 
 
+def test_a_process_started_while_redis_is_down_checks_the_schema_once_it_is_back(tmp_path: Path):
+    """Started during a Redis outage, the bridge, a worker and Beat wait; when Redis comes back
+    holding a newer schema major, each stops with one line and status 2, as at start-up."""
+    stack = LocalStack(tmp_path / "stack")
+    try:
+        stack.start_redis()
+        redis.Redis.from_url(stack.redis_url).set(schema.SCHEMA_VERSION, f"{SCHEMA_MAJOR + 1}.0")
+        [server] = stack.services
+        server.stop()  # its AOF (fsync always) keeps the newer version for the restart
+        stack.services.remove(server)
+        env = {**os.environ, "SLUICE_REDIS_URL": stack.redis_url, "SLUICE_SPOOL_DIR": str(tmp_path / "spool"),
+               "SLUICE_METRICS_PORT": "0"}
+        processes = {name: subprocess.Popen(argv, env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
+                                            stderr=open(tmp_path / f"{name}.err", "w"))
+                     for name, argv in (
+                         ("bridge", [sys.executable, "-m", "bridge"]),
+                         ("worker", [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", "cpu", "-P",
+                                     "solo"]),
+                         ("beat", [sys.executable, "-m", "celery", "-A", "tasks", "beat", "-s",
+                                   str(tmp_path / "schedule")]))}
+        try:
+            for name in processes:
+                err = tmp_path / f"{name}.err"
+                wait_until(lambda err=err: "checked once it does" in err.read_text(), 60,
+                           f"the {name} to start without Redis")
+            stack.start_redis()  # the same port and data
+            for name, proc in processes.items():
+                assert proc.wait(60) == 2, (name, (tmp_path / f"{name}.err").read_text()[-2000:])
+                lines = [line for line in (tmp_path / f"{name}.err").read_text().splitlines()
+                         if f"schema {SCHEMA_MAJOR + 1}.0" in line]
+                assert len(lines) == 1 and "upgrade this process" in lines[0], (name, lines)
+        finally:
+            for proc in processes.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    finally:
+        stack.close()
+
+
 def test_every_process_replaced_in_turn_under_load_loses_and_doubles_nothing(stack_factory):
     stack = stack_factory()
     values = [v for _, v in sample.lines(60_000, sample.app_names(12), time.time() - 3600, 3600, seed=41)]
