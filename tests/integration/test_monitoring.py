@@ -26,11 +26,14 @@ from devstack.local import PROJECT_ROOT, LocalStack, free_port, port_open, wait_
 from sluice import schema
 from sluice.batches import Batches
 from sluice.marks import Marks
+from sluice.monitoring import OTHER_APPS
+from sluice.records import QUARANTINE_APP, valid_app_id
 from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
 
 pytestmark = pytest.mark.integration
 
 RULES = PROJECT_ROOT / "monitoring" / "sluice-alerts.yml"
+SECRET_MARK = "oss-secret-that-must-never-be-served"
 
 
 def rules_with(path: Path, alert: str, threshold: float, hold: str) -> Path:
@@ -100,7 +103,7 @@ def prometheus_for(tmp_path: Path) -> Iterator[Any]:
 
 def test_prometheus_fires_the_unfetchable_alert_while_the_cpu_worker_is_down_and_resolves_it(
         stack_factory, prometheus_for, tmp_path):
-    stack = stack_factory()
+    stack = stack_factory(SLUICE_OSS_ACCESS_KEY_SECRET=SECRET_MARK)
     rules = rules_with(tmp_path / "rules.yml", "SluiceUnfetchableTooOld", 5, "2s")
     prom = prometheus_for([f"127.0.0.1:{stack.metrics_ports['bridge']}"], rules)
     bad = [b"not json %d" % i for i in range(7)]
@@ -120,6 +123,10 @@ def test_prometheus_fires_the_unfetchable_alert_while_the_cpu_worker_is_down_and
     assert prom.value('sum(sluice_records_quarantined_total{reason="undecodable"})') == len(bad)
     assert prom.value("sum(sluice_partition_lag_records)") == 0
     assert_exactly_once(stack.workdir / "archive", set(range(len(good))))
+    served = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports['bridge']}/metrics", timeout=10).read()
+    assert SECRET_MARK.encode() not in served and b"redis://" not in served, "no secret or URL is served"
+    apps = {app.decode() for app in re.findall(rb'sluice_app_archived_records_total\{app="([^"]*)"\}', served)}
+    assert apps and all(app in (OTHER_APPS, QUARANTINE_APP) or valid_app_id(app) for app in apps), apps
 
 
 def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -144,6 +151,28 @@ def test_status_says_what_runs_and_exits_by_its_thresholds(stack_factory):
     assert doc["records_archived"] == doc["records_handed_over"] == len(values) + 1
     assert doc["quarantined"] == {"undecodable": 1} and doc["sealed_files"] == 0
     assert sum(doc["top_apps_last_hour"].values()) == len(values) + 1
+
+
+def test_status_reads_a_real_lag_in_records_and_seconds_and_exits_1_past_its_thresholds(stack_factory):
+    """With the bridge down, what waits in Kafka is lag: as many records as were produced, as old
+    as the oldest of them (its Kafka timestamp), read from the broker itself."""
+    stack = stack_factory()
+    stack.kill("bridge")
+    values = [v for _, v in sample.lines(300, sample.app_names(3), time.time() - 60, 60, seed=23)]
+    before_produce = time.time()
+    sample.produce(stack.bootstrap, "logs", values)
+    lagging = run_cli(stack.env(), "status", "--json", "--no-workers", "--max-lag-records", "10",
+                      "--max-lag-seconds", "3600")
+    after_status = time.time()
+    assert lagging.returncode == 1, lagging.stdout + lagging.stderr
+    doc = json.loads(lagging.stdout)
+    lag = doc["topics"]["logs"]
+    assert lag["lag_records"] == len(values)
+    # the oldest record's timestamp was taken between before_produce and after_produce
+    assert 0 < lag["lag_seconds"] <= after_status - before_produce + 1, (lag, after_status - before_produce)
+    assert any("lag" in problem and "records" in problem for problem in doc["problems"]), doc["problems"]
+    aged = run_cli(stack.env(), "status", "--json", "--no-workers", "--max-lag-seconds", "0")
+    assert aged.returncode == 1 and any("lag" in p and "s >" in p for p in json.loads(aged.stdout)["problems"])
 
 
 def test_status_and_ledger_without_redis_say_so_in_one_line():
