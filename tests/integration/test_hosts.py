@@ -128,7 +128,7 @@ def cluster(cluster_factory: Callable[..., Cluster]) -> Cluster:
 
 def finish(cluster: Cluster, load: SteadyLoad) -> None:
     """Stop the load, then every record archived once, at most N objects per app-hour, nothing
-    left in the spool or in Redis."""
+    left in the spool or in Redis, and no process restarted."""
     sent = load.stop()
     r, stack = cluster.r, cluster.stack
     assert r is not None
@@ -146,6 +146,8 @@ def finish(cluster: Cluster, load: SteadyLoad) -> None:
     notes = {k for k in keys if k.endswith(":queued") and 0 < r.ttl(k) <= schema.QUEUED_TTL_SECONDS}
     assert not {k for k in keys - notes if k.startswith((f"{schema.PREFIX}b:", schema.SLOT_STATE_PREFIX))}, keys
     assert r.zcard(schema.INFLIGHT) == 0 and r.hlen(schema.SEALED) == 0 and r.scard(schema.SLOTS) == 0
+    # Every process rode the fault out: none exited for the supervisor to restart (README, "Several hosts").
+    assert not cluster.restarts, f"processes exited and were restarted: {cluster.restarts}"
 
 
 def under_load(cluster: Cluster, progress: Callable[[redis.Redis], int] = compressed,
