@@ -141,6 +141,7 @@ class Bridge:
                         else "spool not writable" if isinstance(exc, OSError) else "replay undecided")
                 log.warning("%s (%s); hand-over of %s:%d retried in %.1fs",
                             what, exc, tp.topic, tp.partition, delay)
+                self.health.alive()  # waiting out an outage, not stuck: a restart would not help
                 time.sleep(delay)
 
     def flush(self, partitions: list[TopicPartition], force: bool = False) -> None:
@@ -170,7 +171,9 @@ class Bridge:
 
     # --- rebalance -----------------------------------------------------------------------
     def revoked(self, partitions: list[TopicPartition]) -> None:
-        """Hand over and commit what is buffered of partitions we are about to lose."""
+        """Hand over and commit what is buffered of partitions we are about to lose; not ready
+        until the rebalance assigns partitions again."""
+        self.health.ready(False)
         self.flush(partitions, force=True)
         for tp in partitions:
             self.buffers.pop(tp, None)
