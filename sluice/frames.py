@@ -57,7 +57,7 @@ _META = struct.Struct("<IIIqq")  # frame length, decompressed bytes, records, mi
 _COUNT = struct.Struct("<H")
 _TAIL_ENTRY = struct.Struct("<IIqqB")  # bytes, records, min, max, length of the app id that follows
 _SOURCE = struct.Struct("<8sI")  # tail file (fid's hex digits as bytes), bytes from it
-_PIECE_HEAD = struct.Struct("<I")  # entries of a tail piece in the spool (pack_tail_piece)
+_PIECE_HEAD = struct.Struct("<I")  # entries of a tail piece in the spool (TailPiece)
 _INDEX_ENTRY = struct.Struct("<QIIIqq")  # offset, length with announcement, bytes, records, min, max
 _FOOTER = struct.Struct("<II4s")  # entries, crc32 of the entries, signature
 SIGNATURE = b"SLX1"
@@ -132,10 +132,10 @@ def announce(piece_id: str, frame: bytes, meta: Meta) -> bytes:
     return _HEAD.pack(PIECE_MAGIC, len(payload)) + payload + frame
 
 
-def announce_tail(bid: str, hour: str, entries: list[TailEntry], frame: bytes) -> bytes:
-    """A tail frame (`frame` compresses the entries' bytes, in order) preceded by its announcement."""
-    payload = (_META.pack(len(frame), *span_of(entries)) + _COUNT.pack(len(entries)) + _pack_entries(entries)
-               + f"{bid}|{hour}".encode())
+def announce_tail(bid: str, hour: str, count: int, entries: bytes, frame: bytes, meta: Meta) -> bytes:
+    """A tail frame (`frame` compresses the entries' bytes, in order) preceded by its
+    announcement; `entries`: the `count` entries packed as a tail piece holds them."""
+    payload = _META.pack(len(frame), *meta) + _COUNT.pack(count) + entries + f"{bid}|{hour}".encode()
     return _HEAD.pack(TAIL_MAGIC, len(payload)) + payload + frame
 
 
@@ -144,12 +144,6 @@ def announce_gathered(sources: list[tuple[str, int]], frame: bytes, meta: Meta) 
     payload = _META.pack(len(frame), *meta) + _COUNT.pack(len(sources)) + b"".join(
         _SOURCE.pack(bytes.fromhex(tail_file_id(fid)), size) for fid, size in sources)
     return _HEAD.pack(GATHERED_MAGIC, len(payload)) + payload + frame
-
-
-def span_of(entries: list[TailEntry]) -> Meta:
-    """The meta of the lines of these entries together."""
-    return Meta(sum(e.size for e in entries), sum(e.records for e in entries),
-                min(e.min_ms for e in entries), max(e.max_ms for e in entries))
 
 
 class TailPiece:
@@ -181,16 +175,30 @@ class TailPiece:
         return _PIECE_HEAD.pack(len(self._data)) + b"".join(self._entries) + b"".join(self._data)
 
 
-def unpack_tail_piece(piece: bytes) -> tuple[list[TailEntry], bytes]:
-    """(entries, their bytes) of a tail piece; Damaged if they do not add up."""
+def tail_piece_parts(piece: bytes) -> tuple[int, bytes, bytes]:
+    """(how many entries, the entries still packed, their bytes) of a tail piece, for
+    `announce_tail` to list the entries as they are; Damaged if they do not add up."""
+    at, size = _PIECE_HEAD.size, 0
     try:
         (n,) = _PIECE_HEAD.unpack_from(piece)
-        entries, at = _unpack_entries(piece, _PIECE_HEAD.size, n)
+        for _ in range(n):
+            entry_size, _records, _lo, _hi, name_len = _TAIL_ENTRY.unpack_from(piece, at)
+            size += entry_size
+            at += _TAIL_ENTRY.size + name_len
+    except struct.error as exc:
+        raise Damaged(f"a damaged tail piece: {exc}") from None
+    if at > len(piece) or size != len(piece) - at:
+        raise Damaged("a tail piece's entries do not add up to its data")
+    return n, piece[_PIECE_HEAD.size:at], piece[at:]
+
+
+def unpack_tail_piece(piece: bytes) -> tuple[list[TailEntry], bytes]:
+    """(entries, their bytes) of a tail piece; Damaged if they do not add up."""
+    n, packed, data = tail_piece_parts(piece)
+    try:
+        entries, _ = _unpack_entries(packed, 0, n)
     except (struct.error, UnicodeDecodeError) as exc:
         raise Damaged(f"a damaged tail piece: {exc}") from None
-    data = piece[at:]
-    if sum(e.size for e in entries) != len(data):
-        raise Damaged("a tail piece's entries do not add up to its data")
     return entries, data
 
 
@@ -208,14 +216,6 @@ def index_length(frames: int) -> int:
 def tail_file_id(fid: str) -> str:
     """The part of a tail file's fid that gathered frames name it by: its 16 hex digits."""
     return fid.rpartition("-")[2]
-
-
-def _pack_entries(entries: list[TailEntry]) -> bytes:
-    parts = []
-    for app, size, records, lo, hi in entries:
-        name = app.encode()
-        parts += [_TAIL_ENTRY.pack(size, records, lo, hi, len(name)), name]
-    return b"".join(parts)
 
 
 def _unpack_entries(buf: bytes, at: int, n: int) -> tuple[list[TailEntry], int]:

@@ -14,7 +14,7 @@ import zstandard
 from sluice import schema
 from sluice.appends import Appender, Frame
 from sluice.batches import Batches
-from sluice.frames import Meta, TailPiece, announce, announce_tail, unpack_tail_piece
+from sluice.frames import Meta, TailPiece, announce, announce_tail, tail_piece_parts
 from sluice.kafka_batches import records
 from sluice.records import Router, hour_start
 from sluice.schema import BatchState
@@ -117,13 +117,13 @@ def compress_pieces(batches: Batches, appender: Appender, cctx: zstandard.ZstdCo
             continue
         data, nrecords, span = found
         app, hour = schema.parse_app_hour(piece)
+        start_ms = int(hour_start(hour) * 1000)  # a piece split before spans were kept: its whole hour
+        lo, hi = span if span is not None else (start_ms, start_ms + 3_600_000 - 1)
         if app == schema.TAIL_APP:
-            entries, lines = unpack_tail_piece(data)
-            frame = announce_tail(bid, hour, entries, cctx.compress(lines))
-            frames.append(Frame(app, hour, frame, nrecords))
+            # its entries go into the announcement as the split packed them
+            count, entries, lines = tail_piece_parts(data)
+            frame = announce_tail(bid, hour, count, entries, cctx.compress(lines), Meta(len(lines), nrecords, lo, hi))
         else:
-            start_ms = int(hour_start(hour) * 1000)  # a piece split before spans were kept: its whole hour
-            lo, hi = span if span is not None else (start_ms, start_ms + 3_600_000 - 1)
-            meta = Meta(len(data), nrecords, lo, hi)
-            frames.append(Frame(app, hour, announce(schema.piece_id(bid, piece), cctx.compress(data), meta), nrecords))
+            frame = announce(schema.piece_id(bid, piece), cctx.compress(data), Meta(len(data), nrecords, lo, hi))
+        frames.append(Frame(app, hour, frame, nrecords))
     return appender.append_many(bid, frames) if frames else 0

@@ -23,6 +23,7 @@ from sluice.frames import (
     parse_index,
     read_frames,
     tail_frames,
+    tail_piece_parts,
     unpack_tail_piece,
 )
 
@@ -80,9 +81,15 @@ def test_plain_frames_after_announced_ones_are_read_as_a_stream():
     assert pairs(read_frames(io.BytesIO(data))) == [PIECES[0], (None, b"old\nlines more\n")]
 
 
-def tail(bid: str, parts: list[tuple[str, bytes, int]]) -> bytes:
-    entries = [TailEntry(app, len(data), records, 0, 1) for app, data, records in parts]
-    return announce_tail(bid, "2026010100", entries, CCTX.compress(b"".join(data for _, data, _ in parts)))
+def tail(bid: str, parts: list[tuple[str, bytes, int]], lines: bytes | None = None) -> bytes:
+    """A tail frame of these (app, data, records), as compress makes it; `lines`: what its zstd
+    frame holds instead of the parts' data."""
+    piece = TailPiece()
+    for app, data, records in parts:
+        piece.add(app, data, records, 0, 1)
+    count, entries, data = tail_piece_parts(piece.packed())
+    meta = Meta(len(data), piece.records, piece.min_ms, piece.max_ms)
+    return announce_tail(bid, "2026010100", count, entries, CCTX.compress(data if lines is None else lines), meta)
 
 
 def test_a_tail_frame_gives_one_app_its_part_with_the_piece_id_and_skips_frames_without_it():
@@ -99,8 +106,8 @@ def test_tail_frames_gives_entries_and_data_and_refuses_what_does_not_add_up():
     data = tail("logs:0:0-9", [("a", b"a1\n", 1), ("b", b"b1\nb2\n", 2)])
     entries = [TailEntry("a", 3, 1, 0, 1), TailEntry("b", 6, 2, 0, 1)]
     assert list(tail_frames(io.BytesIO(data))) == [(entries, b"a1\nb1\nb2\n")]
-    entries = [TailEntry("a", 3, 1, 0, 1), TailEntry("b", 7, 2, 0, 1)]  # one byte more than there is
-    bad = announce_tail("logs:0:0-9", "2026010100", entries, CCTX.compress(b"a1\nb1\nb2\n"))
+    # entries of 3 and 7 bytes: one byte more than there is
+    bad = tail("logs:0:0-9", [("a", b"a1\n", 1), ("b", b"b1\nb2\n\n", 2)], lines=b"a1\nb1\nb2\n")
     with pytest.raises(Damaged):
         list(tail_frames(io.BytesIO(bad)))
     with pytest.raises(Damaged):
