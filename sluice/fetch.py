@@ -138,9 +138,6 @@ class Found(NamedTuple):
     scanned: int
 
 
-_UNKNOWN = object()  # a block's Found not worked out yet
-
-
 @dataclass
 class _Printer:
     out: BinaryIO
@@ -190,11 +187,8 @@ class _Printer:
             lines = [line for line in lines if (ts := event_time(line, field)) is None or lo <= ts < hi]
         return Found(lines, scanned)
 
-    def block(self, hour: str, block: Block, found: Found | None | object = _UNKNOWN) -> None:
-        """Print the lines of `block` (filed under `hour`) the query wants; `found`: its
-        `matching`, if already known."""
-        if found is _UNKNOWN:
-            found = self.matching(hour, block)
+    def block(self, block: Block, found: Found | None) -> None:
+        """Print the lines of `block` the query wants: `found`, its `matching`."""
         q = self.query
         if found is None:
             if self.sorter is None and q.limit is None:
@@ -204,7 +198,6 @@ class _Printer:
                 return
             lines = block.data.split(b"\n")[:-1]
         else:
-            assert isinstance(found, Found)
             self.stats.lines_scanned += found.scanned
             lines = found.lines
         if self.sorter is not None:
@@ -343,13 +336,14 @@ class Fetch:
                 self.stats.frames_read += 1
                 self.stats.decompressed_bytes += len(block.data)
                 if block.sources:
-                    self.printer.block(hour, Block(block.ident, _unprinted(block, state.tail_bytes)))
+                    rest = Block(block.ident, _unprinted(block, state.tail_bytes))
+                    self.printer.block(rest, self.printer.matching(hour, rest))
                 elif block.ident is None or block.ident not in state.seen:
                     if block.ident is not None:
                         state.seen.add(block.ident)
                     if name in tails:
                         state.tail_bytes[tails[name]] = state.tail_bytes.get(tails[name], 0) + len(block.data)
-                    self.printer.block(hour, block, found)
+                    self.printer.block(block, found)
         finally:
             for _, fd, _, _ in local:
                 os.close(fd)

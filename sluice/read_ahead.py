@@ -55,7 +55,7 @@ def _decode(job: Undecoded, prepare: Callable[[Block], Any]) -> list[tuple[Block
 
 def read_ahead(sources: list[tuple[str, Callable[[], Frames]]], prepare: Callable[[Block], Any] = lambda block: None,
                ) -> Iterator[tuple[str, Block | Exception, Any]]:
-    """(source name, block, `prepare` of its lines) of every source in order. READ_THREADS
+    """(source name, block, `prepare` of the block) of every source in order. READ_THREADS
     threads read the sources at once, each at most READ_AHEAD frames ahead; DECODERS threads
     decompress (and prepare) up to DECODE_AHEAD frames ahead of the caller. A frame that cannot
     be decompressed, or a source that fails, comes as an exception in its place; the source's
