@@ -2,8 +2,7 @@
 
 Values come from environment variables prefixed ``SLUICE_`` (e.g. ``SLUICE_REDIS_URL``), so
 the bridge, every Celery worker, Beat and the CLI see exactly the same configuration. They are
-converted and checked by msgspec, which loads in a few milliseconds: pydantic and
-pydantic-settings took about 0.1 s of every `sluice fetch`'s start-up.
+converted and checked by msgspec, which loads in milliseconds: every CLI command pays for it.
 """
 
 from __future__ import annotations
@@ -230,19 +229,23 @@ class Settings(msgspec.Struct, kw_only=True):
     def load(cls, **overrides: Any) -> Settings:
         """The settings of the ``SLUICE_*`` environment variables (their names in any case),
         keyword arguments overriding them; SettingsError naming each wrong one, never a value."""
-        given = {key[len(ENV_PREFIX):].lower(): value for key, value in os.environ.items()
-                 if key.upper().startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in cls.__struct_fields__}
-        given.update(overrides)
-        try:
-            return msgspec.convert(given, cls, strict=False, dec_hook=_from_text)
-        except msgspec.ValidationError as exc:
-            text, _, where = str(exc).partition(" - at `$.")
-            name = f"SLUICE_{where.rstrip('`').upper()}: " if where else ""
-            raise SettingsError(f"bad settings: {name}{text}") from None
+        named = {key[len(ENV_PREFIX):].lower(): value for key, value in os.environ.items()
+                 if key.upper().startswith(ENV_PREFIX)}
+        return _checked({**{name: named[name] for name in cls.__struct_fields__ if name in named}, **overrides})
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes`, checked as `load` checks them."""
-        return Settings.load(**{**msgspec.structs.asdict(self), **changes})
+        return _checked({**msgspec.structs.asdict(self), **changes})
+
+
+def _checked(values: dict[str, Any]) -> Settings:
+    """Settings of these values, converted from text where need be; SettingsError if one is wrong."""
+    try:
+        return msgspec.convert(values, Settings, strict=False, dec_hook=_from_text)
+    except msgspec.ValidationError as exc:
+        text, _, where = str(exc).partition(" - at `$.")
+        name = f"{ENV_PREFIX}{where.rstrip('`').upper()}: " if where else ""
+        raise SettingsError(f"bad settings: {name}{text}") from None
 
 
 def _from_text(kind: type, value: Any) -> Any:
