@@ -43,7 +43,7 @@ import redis
 import zstandard
 
 from sluice import schema, scripts
-from sluice.frames import IndexEntry, Meta, announce_gathered, decode, index, tail_file_id, tail_frames, units
+from sluice.frames import IndexEntry, Meta, Unit, announce_gathered, decode, index, tail_file_id, tail_frames, units
 from sluice.settings import Settings
 from sluice.spool import SealedFile, Spool, remove_empty_dirs
 from sluice.store import (
@@ -178,33 +178,37 @@ class TailArchiver:
         live = live_keys(listed)
         stale = sorted(set(listed) - set(live))  # left by a merge cut short after its successor was stored
         planned = {tail_file_id(sealed.fid) for sealed in plan}
-        tails: dict[str, _Lines] = {}
-        dctx = zstandard.ZstdDecompressor()
+        tails: dict[str, list[Unit]] = {}  # the app's tail objects' frames, not decompressed
         for other in live:
             if not is_tail_object(app, other):
                 continue
             with open_newest(self.store, hour_prefix(app, hour), other) as stream:
-                found = [(unit, decode(unit, dctx)) for unit in units(stream)]
-            earlier = [source for unit, _ in found for source in unit.sources]
-            if planned & {tail for tail, _ in earlier}:
+                tails[other] = list(units(stream))
+            if planned & {tail for unit in tails[other] for tail, _ in unit.sources}:
                 for old in stale:
                     self.store.delete(old)
                 return None
-            data = b"".join(block.data for _, blocks in found for block in blocks)
-            metas = [unit.meta for unit, _ in found if unit.meta is not None]
-            tails[other] = _Lines(data, earlier, Meta(len(data), data.count(b"\n"),
-                                                      min((m.min_ms for m in metas), default=lines.meta.min_ms),
-                                                      max((m.max_ms for m in metas), default=lines.meta.max_ms)))
         sizes = {other: self.store.size(other) or 0 for other in tails}
         smallest = min(sizes, key=lambda other: sizes[other], default=None)
         if smallest is None or (sizes[smallest] >= self.small_bytes and len(live) < self.n):
             return key, self._object(lines), stale
-        before = tails[smallest]
+        before = self._lines(tails[smallest], lines.meta)  # only the one merged is decompressed
         data = before.data + lines.data
         both = _Lines(data, before.sources + lines.sources,
                       Meta(len(data), before.meta.records + lines.meta.records,
                            min(before.meta.min_ms, lines.meta.min_ms), max(before.meta.max_ms, lines.meta.max_ms)))
         return next_generation(smallest), self._object(both), stale + [smallest]
+
+    @staticmethod
+    def _lines(found: list[Unit], default: Meta) -> _Lines:
+        """The lines of an app's tail object (its frames), their sources and meta; a span the
+        frames do not announce is `default`'s."""
+        dctx = zstandard.ZstdDecompressor()
+        data = b"".join(block.data for unit in found for block in decode(unit, dctx))
+        metas = [unit.meta for unit in found if unit.meta is not None]
+        return _Lines(data, [source for unit in found for source in unit.sources],
+                      Meta(len(data), data.count(b"\n"), min((m.min_ms for m in metas), default=default.min_ms),
+                           max((m.max_ms for m in metas), default=default.max_ms)))
 
     def _object(self, lines: _Lines) -> bytes:
         """An object of one gathered frame, and its index."""
