@@ -31,7 +31,7 @@ from redis.exceptions import LockError, RedisError
 
 from sluice import schema
 from sluice.errors import Damaged, UploadFailed
-from sluice.frames import IndexEntry, index, index_entries
+from sluice.frames import index, index_entries
 from sluice.records import hour_start
 from sluice.sealed import SealedRegistry
 from sluice.settings import Settings
@@ -184,9 +184,8 @@ def _add_index(path: Path, sealed: SealedFile) -> None:
     committed size, where no reader of the spool looks; the same bytes however often it runs.
     A file of zstd frames sluice did not announce (written before announcements) gets none:
     readers read such objects whole."""
-    try:
-        trailer = index(_entries(path, sealed.size, sealed.hour))
-    except Damaged:
+    trailer = _trailer(path, sealed.size, sealed.hour)
+    if not trailer:
         return
     with open(path, "r+b") as fh:
         if os.pread(fh.fileno(), len(trailer) + 1, sealed.size) != trailer:
@@ -195,11 +194,14 @@ def _add_index(path: Path, sealed: SealedFile) -> None:
             os.fsync(fh.fileno())
 
 
-def _entries(path: Path, size: int, hour: str) -> list[IndexEntry]:
-    """The index entries of the frames in the first `size` bytes of a file."""
+def _trailer(path: Path, size: int, hour: str) -> bytes:
+    """The index of the frames in the first `size` bytes of a file; none (b"") for a file of
+    zstd frames sluice did not announce (written before announcements)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        return index_entries(FileRange(fd, 0, size), int(hour_start(hour) * 1000))
+        return index(index_entries(FileRange(fd, 0, size), int(hour_start(hour) * 1000)))
+    except Damaged:
+        return b""
     finally:
         os.close(fd)
 
@@ -232,10 +234,7 @@ def _merge(store: Store, workdir: Path, source: str, source_size: int, before: i
             out.seek(before)
             with open(path, "rb") as new:
                 _copy_exactly(new, out, sealed.size)
-        try:
-            trailer = index(_entries(merged, before + sealed.size, sealed.hour))
-        except Damaged:  # an object written before announcements: plain zstd, no index
-            trailer = b""
+        trailer = _trailer(merged, before + sealed.size, sealed.hour)
         with open(merged, "ab") as out:
             out.write(trailer)
             out.flush()
