@@ -182,7 +182,7 @@ class Bridge:
         for tp in partitions:
             self.incarnations.assigned(tp)
         if self._joined_topics is None and self.consumer is not None:
-            self._joined_topics = set(self.consumer.subscription() or ())
+            self._joined_topics = _existing_topics(self.consumer)
         self.health.ready(True)  # it holds its partitions (with more bridges than partitions, none)
 
     # --- consume loop --------------------------------------------------------------------
@@ -214,6 +214,9 @@ class Bridge:
             # How soon a new topic (matching the pattern, or listed and created later) is seen.
             metadata_max_age_ms=int(s.topic_refresh_seconds * 1000),
             client_id="sluice-bridge",
+            # A listed topic that does not exist yet is waited for, never created by asking
+            # about it (with the broker's default partitions, or from a typo in SLUICE_TOPIC).
+            allow_auto_create_topics=False,
         )
         use_raw_batches(consumer)
         if s.topic_pattern is not None:
@@ -224,7 +227,7 @@ class Bridge:
         return consumer
 
     def _rejoin_if_topics_grew(self) -> None:
-        """A topic that matches appeared since this consumer joined, and a topic-refresh period
+        """A topic it reads (matching, or listed) appeared since this consumer joined, and a topic-refresh period
         later the group has still not given this bridge any of its partitions: hand over and
         commit what is buffered, leave the group and join again with a fresh consumer. Apache
         Kafka rebalances on its own; Tansu, the local broker, keeps a member's first
@@ -235,7 +238,7 @@ class Bridge:
             return
         self._topics_checked = now
         assigned = {tp.topic for tp in self.consumer.assignment()}
-        new = set(self.consumer.subscription() or ()) - self._joined_topics - assigned
+        new = _existing_topics(self.consumer) - self._joined_topics - assigned
         if not new:
             self._new_topics_seen = None
             return
@@ -327,6 +330,16 @@ class Bridge:
             self._send_split(bid)
         if stale:
             log.info("re-enqueued %d batches still in flight", len(stale))
+
+
+def _existing_topics(consumer: KafkaConsumer) -> set[str]:
+    """The subscribed topics the consumer's metadata knows partitions of: for a pattern, those
+    that match; for a list, those of its topics that exist (a listed topic created later is
+    in the subscription from the start, so the subscription alone cannot tell it is new). Read
+    from the metadata cache, which SLUICE_TOPIC_REFRESH_SECONDS keeps fresh: no request, so it
+    is safe inside a rebalance callback."""
+    cluster = consumer._client.cluster  # its public partitions_for_topic may block on a fetch
+    return {t for t in consumer.subscription() or () if cluster.partitions_for_topic(t)}
 
 
 class _Rebalance(ConsumerRebalanceListener):

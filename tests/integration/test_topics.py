@@ -1,4 +1,4 @@
-"""Several topics: a pattern subscription reads every matching topic, one created mid-run too,
+"""Several topics: a pattern or a list reads every topic it names, one created mid-run too,
 and archives each record exactly once (archives are per app; the topic is in batch ids and the
 quarantine envelope)."""
 
@@ -18,8 +18,10 @@ from tests.integration.conftest import assert_exactly_once, read_archive, wait_a
 pytestmark = pytest.mark.integration
 
 
-def test_two_topics_and_a_third_created_mid_run_are_each_archived_exactly_once(stack_factory):
-    stack = stack_factory(SLUICE_TOPIC="re:app-logs-.*", SLUICE_TOPIC_REFRESH_SECONDS="2")
+@pytest.mark.parametrize("topics", ["re:app-logs-.*", "app-logs-a,app-logs-b,app-logs-c"], ids=["pattern", "list"])
+def test_two_topics_and_a_third_created_mid_run_are_each_archived_exactly_once(stack_factory, topics: str):
+    """The third topic matches the pattern, or is listed, before it exists."""
+    stack = stack_factory(SLUICE_TOPIC=topics, SLUICE_TOPIC_REFRESH_SECONDS="2")
     for topic in ("app-logs-a", "app-logs-b", "other-logs"):
         stack.create_topic(topic, 2)
     values = [v for _, v in sample.lines(30_000, sample.app_names(8), time.time() - 600, 600, seed=31)]
