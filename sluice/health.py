@@ -25,6 +25,9 @@ class HealthFiles:
         self._touched = 0.0
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
+            # A container restarted in its pod finds the emptyDir of its last run: a `ready` left
+            # there would say ready before this run is.
+            self.ready(False)
 
     def alive(self, force: bool = False) -> None:
         """Touch `alive`, at most once per HEARTBEAT_SECONDS unless forced."""
