@@ -286,15 +286,16 @@ def fast_settings(**overrides: object) -> Settings:
 
 
 def start_pipeline(workdir: Path, *, partitions: int = 4, cpu_workers: int = 1, cpu_concurrency: int = 2,
-                   io_concurrency: int = 8, bridge: bool = True, base_env: dict[str, str] = FAST,
+                   io_concurrency: int = 8, io_worker: bool = True, bridge: bool = True,
+                   base_env: dict[str, str] = FAST,
                    before_workers: Callable[[LocalStack], object] | None = None, address: str = "127.0.0.1",
                    placement: Mapping[str, Placement] | None = None, **env: str) -> LocalStack:
     """A whole pipeline with the FAST settings (or `base_env`; `env` overrides either):
-    redis-server, Tansu with topic "logs" of `partitions` partitions, an io worker, `cpu_workers`
-    cpu workers, Beat and, if `bridge`, the bridge. `before_workers` runs once the services are
-    up and before any sluice process starts (a benchmark fills the topic there). `address`: where
-    Redis and the broker listen; `placement`: process name ("io", "cpu0", "beat", "bridge") -> where
-    it runs (devstack.hosts). Stops what it started on failure.
+    redis-server, Tansu with topic "logs" of `partitions` partitions, an io worker (if
+    `io_worker`), `cpu_workers` cpu workers, Beat and, if `bridge`, the bridge. `before_workers`
+    runs once the services are up and before any sluice process starts (a benchmark fills the
+    topic there). `address`: where Redis and the broker listen; `placement`: process name ("io",
+    "cpu0", "beat", "bridge") -> where it runs (devstack.hosts). Stops what it started on failure.
     """
     stack = LocalStack(workdir, {**base_env, **env}, address=address)
     where = dict(placement or {})
@@ -306,7 +307,8 @@ def start_pipeline(workdir: Path, *, partitions: int = 4, cpu_workers: int = 1, 
         stack.start_services(partitions)
         if before_workers is not None:
             before_workers(stack)
-        stack.start_io_worker(concurrency=io_concurrency, env=on("io").env, wrap=on("io").wrap)
+        if io_worker:
+            stack.start_io_worker(concurrency=io_concurrency, env=on("io").env, wrap=on("io").wrap)
         for i in range(cpu_workers):
             cpu = on(f"cpu{i}")
             stack.start_cpu_worker(name=f"cpu{i}", concurrency=cpu_concurrency, env=cpu.env, wrap=cpu.wrap)

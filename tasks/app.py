@@ -82,6 +82,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     broker_transport_options={"visibility_timeout": QUEUED_TTL_SECONDS, **connection_options()},
     beat_schedule=beat_schedule(settings, HEADERS),
+    beat_scheduler="beat_schedule:WorkGatedScheduler",
     beat_schedule_filename=str(settings.spool_dir / "celerybeat-schedule"),
     worker_hijack_root_logger=False,
 )

@@ -69,8 +69,8 @@ class Traffic:
 def stack_factory(tmp_path):
     stacks: list[LocalStack] = []
 
-    def make(cpu_workers: int = 1, **env: str) -> LocalStack:
-        stack = start_pipeline(tmp_path / f"stack{len(stacks)}", cpu_workers=cpu_workers, **env)
+    def make(cpu_workers: int = 1, io_worker: bool = True, **env: str) -> LocalStack:
+        stack = start_pipeline(tmp_path / f"stack{len(stacks)}", cpu_workers=cpu_workers, io_worker=io_worker, **env)
         stacks.append(stack)
         return stack
 

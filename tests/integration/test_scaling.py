@@ -1,38 +1,55 @@
-"""Scaling by what a queue has to do, as KEDA does with deploy/keda.yaml: a controller loop reads
-the same figures as the ScaledObject's triggers (sluice.queues: tasks waiting in the cpu list plus
-tasks the cpu workers hold in their unacked hash), starts and SIGTERMs cpu workers accordingly,
-and nothing is lost or doubled, from zero workers and back to zero."""
+"""Scaling by what a queue has to do, as KEDA does with deploy/keda.yaml: a controller loop per
+queue reads the same figures as that queue's ScaledObject (sluice.queues: tasks waiting in the
+list plus tasks the workers hold in their unacked hash), with the ScaledObject's own target,
+starts and SIGTERMs workers accordingly, and nothing is lost or doubled: from zero io and cpu
+workers, under load, through a drain of every cpu worker mid-task, and back to zero."""
 
 from __future__ import annotations
 
 import math
+import signal
 import threading
 import time
+from typing import Callable, Iterator
 
 import pytest
 import redis
+import yaml
+from celery.beat import ScheduleEntry
 
+from beat_schedule import WORK, WorkGatedScheduler
 from devstack import sample
-from devstack.local import LocalStack, Service, wait_until
+from devstack.local import PROJECT_ROOT, LocalStack, Service, free_port, wait_until
 from devstack.progress import compressed
-from sluice import queues
+from sluice import queues, schema
+from sluice.redis_client import get_redis
+from sluice.settings import get_settings
 from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
 
 pytestmark = pytest.mark.integration
 
-TARGET = 2  # tasks per cpu worker (its concurrency), as the ScaledObject's target
 MAX_WORKERS = 3
+# KEDA's cooldownPeriod (300 s in deploy/keda.yaml), shortened: only its role matters here.
 COOLDOWN_SECONDS = 4.0
 
 
+def keda_target(queue: str) -> int:
+    """The ScaledObject's target for `queue`'s workers: replicas = ceil((waiting + unacked) / target)."""
+    docs = yaml.safe_load_all((PROJECT_ROOT / "deploy" / "keda.yaml").read_text())
+    [scaled] = [d for d in docs if d["kind"] == "ScaledObject" and d["metadata"]["name"] == f"{queue}-worker"]
+    return int(scaled["spec"]["advanced"]["scalingModifiers"]["target"])
+
+
 class Controller(threading.Thread):
-    """KEDA and the HPA for the cpu workers, in miniature: desired = ceil(figure / TARGET), at
+    """KEDA and the HPA for one queue's workers, in miniature: desired = ceil(figure / target), at
     most MAX_WORKERS, and to zero only once the figure has been 0 for the cooldown."""
 
-    def __init__(self, stack: LocalStack) -> None:
+    def __init__(self, stack: LocalStack, queue: str, start: Callable[[str], Service]) -> None:
         super().__init__(daemon=True)
+        self.queue, self.start_worker, self.target = queue, start, keda_target(queue)
         self.stack = stack
         self.r = redis.Redis.from_url(stack.redis_url)
+        self.lock = threading.Lock()  # the loop and a test's drain both change the workers
         self.workers: list[Service] = []
         self.events: list[tuple[str, int]] = []  # (what, figure)
         self.started = 0
@@ -40,68 +57,148 @@ class Controller(threading.Thread):
         self.error: BaseException | None = None
 
     def figure(self) -> int:
-        return queues.waiting(self.r, "cpu") + queues.unacked(self.r, "cpu")
+        return queues.waiting(self.r, self.queue) + queues.unacked(self.r, self.queue)
 
     def run(self) -> None:
         idle_since: float | None = None
         try:
             while not self.stop_event.wait(0.5):
-                figure = self.figure()
-                desired = min(MAX_WORKERS, math.ceil(figure / TARGET))
-                if figure == 0:
-                    idle_since = idle_since or time.monotonic()
-                    if time.monotonic() - idle_since < COOLDOWN_SECONDS:
-                        desired = len(self.workers)
-                else:
-                    idle_since = None
-                    desired = max(desired, len(self.workers)) if desired else len(self.workers)
-                while len(self.workers) < desired:
-                    self.started += 1
-                    self.workers.append(self.stack.start_cpu_worker(name=f"cpu-k{self.started}"))
-                    self.events.append(("start", figure))
-                while len(self.workers) > desired:
-                    self.scale_in(self.workers[-1], figure)
+                with self.lock:
+                    figure = self.figure()
+                    desired = min(MAX_WORKERS, math.ceil(figure / self.target))
+                    if figure == 0:
+                        idle_since = idle_since or time.monotonic()
+                        if time.monotonic() - idle_since < COOLDOWN_SECONDS:
+                            desired = len(self.workers)
+                    else:
+                        idle_since = None
+                        desired = max(desired, len(self.workers))
+                    while len(self.workers) < desired:
+                        self.started += 1
+                        self.workers.append(self.start_worker(f"{self.queue}-k{self.started}"))
+                        self.events.append(("start", figure))
+                    while len(self.workers) > desired:
+                        self._sigterm([self.workers[-1]], "stop", figure)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
 
-    def scale_in(self, worker: Service, figure: int, what: str = "stop") -> None:
-        """SIGTERM, as the HPA's scale-in does: Celery's warm shutdown finishes the task it runs."""
-        self.workers.remove(worker)
-        worker.stop(timeout=60)
-        self.stack.services.remove(worker)
-        self.events.append((what, figure))
+    def drain(self) -> list[Service]:
+        """SIGTERM every worker at once, as a node drain or a rollout does (the controller itself
+        never scales in while the figure is above 0); the workers stopped."""
+        with self.lock:
+            drained = list(self.workers)
+            self._sigterm(drained, "drain", self.figure())
+            return drained
+
+    def _sigterm(self, workers: list[Service], what: str, figure: int) -> None:
+        """SIGTERM, as the HPA's scale-in does: Celery's warm shutdown finishes the tasks it runs."""
+        for worker in workers:
+            self.workers.remove(worker)
+            worker.proc.send_signal(signal.SIGTERM)  # to celery alone, as Kubernetes signals PID 1
+        for worker in workers:
+            worker.reap(timeout=60)
+            self.stack.services.remove(worker)
+            self.events.append((what, figure))
 
 
-def test_scale_from_zero_to_zero_and_a_sigterm_mid_task_lose_nothing(stack_factory):
-    stack = stack_factory(cpu_workers=0, SLUICE_ZSTD_LEVEL="15")
+def paced(values: list[bytes], per_second: float) -> Iterator[bytes]:
+    """The values at about `per_second`, so the load goes on while workers come and go."""
+    began = time.monotonic()
+    for i, value in enumerate(values):
+        if i % 500 == 0:
+            time.sleep(max(0.0, began + i / per_second - time.monotonic()))
+        yield value
+
+
+def running(worker: Service) -> bool:
+    """The worker has received a compress task it has not finished (its log says so)."""
+    text = worker.log.read_text(errors="replace")
+    return text.count("Task sluice.compress[") > 2 * text.count("] succeeded in")
+
+
+def test_scale_from_zero_to_zero_under_load_and_a_drain_mid_task_lose_nothing(stack_factory):
+    stack = stack_factory(cpu_workers=0, io_worker=False, SLUICE_ZSTD_LEVEL="15")
     r = redis.Redis.from_url(stack.redis_url)
     values = [v for _, v in sample.lines(50_000, sample.app_names(12), time.time() - 3600, 3600, seed=51)]
     first, second = values[:40_000], values[40_000:]
-    controller = Controller(stack)
-    controller.start()
+    io = Controller(stack, "io", lambda name: stack.start_io_worker(name=name))
+    cpu = Controller(stack, "cpu", lambda name: stack.start_cpu_worker(name=name))
+    for controller in (io, cpu):
+        controller.start()
     try:
-        Traffic(stack, lines=first).finish()  # a burst arriving at zero workers
-        wait_until(lambda: bool(controller.events), 60, "the first worker to start from the queue's figure")
-        assert controller.events[0][0] == "start" and controller.events[0][1] > 0
-        wait_until(lambda: queues.unacked(r, "cpu") > 0 and bool(controller.workers), 60, "a cpu task running")
-        # SIGTERM the last worker while one of its tasks runs (the controller itself never scales
-        # in while the figure is above 0; a node drain or a rollout does).
-        controller.scale_in(controller.workers[0], controller.figure(), what="forced stop")
+        # A burst arriving at zero workers of either kind, and going on for about twenty seconds.
+        producer = threading.Thread(target=sample.produce, args=(stack.bootstrap, "logs", paced(first, 2_000)))
+        producer.start()
+        wait_until(lambda: bool(io.events) and bool(cpu.events), 60, "the first workers to start from the figures")
+        assert io.events[0] == ("start", io.events[0][1]) and io.events[0][1] > 0
+        assert cpu.events[0] == ("start", cpu.events[0][1]) and cpu.events[0][1] > 0
+        # Drain every cpu worker (scale to zero by hand) while one of them runs a task, under load.
+        wait_until(lambda: any(running(w) for w in list(cpu.workers)), 120, "a cpu worker running a task")
+        drained = cpu.drain()
+        assert producer.is_alive(), "the drain came after the load ended: it tests less than it says"
+        producer.join()
         wait_archived(stack, len(first), timeout=400)
-        wait_until(lambda: not controller.workers, 60, "the cpu workers to be scaled to zero")
-        started_before = controller.started
-        Traffic(stack, lines=second).finish()  # a second burst, again at zero workers
+        finished_after_sigterm = 0
+        for worker in drained:  # warm shutdown: each finished every task it had taken
+            text = worker.log.read_text(errors="replace")
+            assert "Warm shutdown" in text and not running(worker), worker.log
+            finished_after_sigterm += text.split("Warm shutdown", 1)[1].count("] succeeded in")
+        print(f"drained {len(drained)} cpu workers; {finished_after_sigterm} tasks finished after the SIGTERM")
+        assert finished_after_sigterm > 0, "the drain came between tasks: it tests less than it says"
+        # Nothing to do: no sweep is sent, so the io workers reach zero too, as do the cpu ones.
+        wait_until(lambda: not io.workers and not cpu.workers, 90, "the io and cpu workers scaled to zero")
+        assert not r.exists(*WORK["seal-and-upload"]), "scaled to zero with work in Redis"
+        before = io.started, cpu.started
+        Traffic(stack, lines=second).finish()  # a second burst, again at zero workers of either kind
         wait_until(lambda: compressed(r) >= len(values), 400, "the second burst compressed")
-        assert controller.started > started_before, "a worker was started from zero again"
+        assert io.started > before[0] and cpu.started > before[1], "workers were started from zero again"
         wait_archived(stack, len(values), timeout=400)
     finally:
-        controller.stop_event.set()
-        controller.join(60)
-    assert controller.error is None, controller.error
-    stops = [figure for what, figure in controller.events if what == "stop"]
-    assert stops and all(figure == 0 for figure in stops), "scaled in only with nothing waiting or running"
+        for controller in (io, cpu):
+            controller.stop_event.set()
+            controller.join(60)
+    assert io.error is None and cpu.error is None, (io.error, cpu.error)
+    for controller in (io, cpu):
+        stops = [figure for what, figure in controller.events if what == "stop"]
+        assert stops and all(figure == 0 for figure in stops), "scaled in only with nothing waiting or running"
     assert_exactly_once(stack.workdir / "archive", set(range(len(values))))
     objects: dict[str, int] = {}
     for obj in (stack.workdir / "archive").rglob("*.jsonl.zst"):
         objects[str(obj.parent)] = objects.get(str(obj.parent), 0) + 1
     assert max(objects.values()) <= 10
+
+
+def _forget_settings() -> None:
+    """The process's settings and Redis client are read once: read them again from the environment."""
+    get_settings.cache_clear()
+    get_redis.cache_clear()
+
+
+def test_beat_sends_a_sweep_only_while_work_waits(redis_only: LocalStack, rds: redis.Redis, monkeypatch):
+    """Beat's scheduler sends a due sweep only while Redis holds work for it (so an idle pipeline
+    sends nothing to the io queue), and always if Redis does not answer."""
+    from tasks.app import app
+
+    scheduler = WorkGatedScheduler(app=app, lazy=True)
+    sent: list[str] = []
+    monkeypatch.setattr(scheduler, "apply_async", lambda entry, **_: sent.append(entry.name))
+    entry = ScheduleEntry(name="seal-and-upload", task="sluice.upload", schedule=30, app=app)
+    monkeypatch.setenv("SLUICE_REDIS_URL", redis_only.redis_url)
+    _forget_settings()
+    try:
+        scheduler.apply_entry(entry)
+        assert sent == [], "nothing to seal, upload or redrive"
+        rds.sadd(schema.SLOTS, schema.slot_id("billing", "2026120307", 0))
+        scheduler.apply_entry(entry)
+        assert sent == ["seal-and-upload"]
+        rds.delete(schema.SLOTS)
+        rds.zadd(schema.INFLIGHT, {schema.batch_id("logs", 0, 0, 9): 1.0})
+        scheduler.apply_entry(entry)
+        scheduler.apply_entry(ScheduleEntry(name="redrive", task="sluice.redrive", schedule=30, app=app))
+        assert sent == ["seal-and-upload", "seal-and-upload", "redrive"]
+        monkeypatch.setenv("SLUICE_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")  # nothing listens
+        _forget_settings()
+        scheduler.apply_entry(entry)
+        assert sent[-1] == "seal-and-upload" and len(sent) == 4, "sent when Redis does not answer"
+    finally:
+        _forget_settings()
