@@ -26,11 +26,12 @@ from devstack.local import Placement, wait_until
 TOOLS = ("ip", "iptables", "bindfs", "fusermount")
 
 
-def why_not() -> str | None:
-    """Why hosts cannot be made on this machine (not root, or a tool missing), or None."""
+def why_not(also: tuple[str, ...] = ()) -> str | None:
+    """Why hosts cannot be made on this machine (not root, or a tool missing, of TOOLS and of
+    `also`: "faketime" for hosts with clocks of their own), or None."""
     if os.geteuid() != 0:
         return "several hosts on one machine need network namespaces and mounts: run as root"
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    missing = [tool for tool in (*TOOLS, *also) if shutil.which(tool) is None]
     if missing:
         return f"several hosts on one machine need {', '.join(missing)} (scripts/setup.sh --test installs them)"
     return None
@@ -95,7 +96,11 @@ class Hosts:
         run("ip", "-n", netns, "link", "set", "eth0", "up")
         run("ip", "-n", netns, "link", "set", "lo", "up")
         host.spool.mkdir(parents=True, exist_ok=True)
+        # No attribute cache: NFS revalidates a file's attributes when it is opened (close-to-open),
+        # so a writer that opens a slot file sees the size another host committed; FUSE's default
+        # keeps them for a second, and a writer then took a stale size for a damaged file.
         host.bindfs = subprocess.Popen(["bindfs", "-f", "--enable-lock-forwarding", "--multithreaded",
+                                        "-o", "attr_timeout=0,entry_timeout=0",
                                         str(self.shared_spool), str(host.spool)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: os.path.ismount(host.spool), 10, f"the spool view of {name}")
