@@ -28,6 +28,7 @@ from sluice.errors import SluiceError
 from sluice.kafka_probe import ProbeInconclusive, Prober
 from sluice.marks import Marks
 from sluice.monitoring import PartitionLag, partition_lag, read_pipeline, spool_space, top_apps
+from sluice.records import QUARANTINE_REASONS
 from sluice.schema import Counter
 from sluice.settings import Settings
 
@@ -200,7 +201,7 @@ class PipelineCollector(Collector):
         yield counter("sluice_records_archived", "Records uploaded to the store", sum(p.archived_records.values()))
         quarantined = CounterMetricFamily("sluice_records_quarantined", "Records sent to quarantine",
                                           labels=["reason"])
-        for reason, count in sorted(p.quarantined.items()):
+        for reason, count in sorted({**dict.fromkeys(QUARANTINE_REASONS, 0), **p.quarantined}.items()):
             quarantined.add_metric([reason], count)
         yield quarantined
         uploads = CounterMetricFamily("sluice_uploads", "Sealed-file uploads by result", labels=["result"])

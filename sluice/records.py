@@ -66,6 +66,13 @@ class Rejected(SluiceError):
     """A record that cannot be archived under an app id; the message is the quarantine reason."""
 
 
+# Every reason a record is quarantined for (Rejected's messages, and a Record's flaw from
+# sluice.undecodable): the metrics serve each from the start, at 0 until it happens, so an
+# alert on its increase sees the first quarantine too.
+QUARANTINE_REASONS = ("empty", "oversized", "multiline", "undecodable", "missing_app_id", "bad_app_id",
+                      "unreadable_record", "undecodable_header")
+
+
 def hour_of(epoch_seconds: float) -> str:
     """UTC hour bucket as YYYYMMDDHH."""
     return _hour_name(int(epoch_seconds // 3600))

@@ -271,6 +271,30 @@ def cases() -> list[dict[str, Any]]:
             ("40m", [fires("SluiceUploadsStalled", {}, {"$value | humanizeDuration": "40m 0s"})]),
         ]),
         case("SluiceUploadsStalled", uploads("0x60"), [("40m", [])]),
+        # Records over two hours old not yet archived, for longer than `for`; under the threshold: silent.
+        case("SluiceUnarchivedTooOld", {f"sluice_oldest_unarchived_age_seconds{{{A}}}": "8000x20",
+                                        f"sluice_oldest_unarchived_age_seconds{{{B}}}": "100x20"}, [
+            ("5m", []),
+            ("12m", [fires("SluiceUnarchivedTooOld", {}, {"$value | humanizeDuration": "2h 13m 20s"})]),
+        ]),
+        case("SluiceUnarchivedTooOld", {f"sluice_oldest_unarchived_age_seconds{{{A}}}": "7000x20"}, [("15m", [])]),
+        # An upload failing every minute for 15 minutes fires; failures that stopped long ago do not.
+        case("SluiceUploadsFailing", {f'sluice_uploads_total{{result="failed", {A}}}': "0+1x40"}, [
+            ("10m", []),
+            ("20m", [fires("SluiceUploadsFailing", {}, {"$value | humanize": "15"})]),
+        ]),
+        case("SluiceUploadsFailing", {f'sluice_uploads_total{{result="failed", {A}}}': "3x40"}, [("20m", [])]),
+        # The first quarantine of a reason fires at once (its series is served at 0 from the start),
+        # counted once although both bridges serve it, and not 15 minutes later.
+        case("SluiceQuarantineGrowing", {
+            f'sluice_records_quarantined_total{{reason="undecodable", {A}}}': "0 0 7x20",
+            f'sluice_records_quarantined_total{{reason="undecodable", {B}}}': "0 0 7x20",
+            f'sluice_records_quarantined_total{{reason="empty", {A}}}': "0x20",
+        }, [
+            ("1m", []),
+            ("5m", [fires("SluiceQuarantineGrowing", {}, {"$value | humanize": "7"})]),
+            ("20m", []),
+        ]),
         # Redis is down only when no bridge can read it.
         case("SluiceRedisDown", {f"sluice_redis_up{{{A}}}": "0x10", f"sluice_redis_up{{{B}}}": "1 1 1 0x7"}, [
             ("3m", []),

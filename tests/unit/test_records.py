@@ -524,3 +524,20 @@ def test_hour_start_is_the_inverse_of_hour_of(hour):
 
     start = hour_start(hour)
     assert hour_of(start) == hour and hour_of(start + 3599.9) == hour and hour_of(start - 0.1) != hour
+
+
+def test_every_quarantine_reason_is_one_the_metrics_serve_from_the_start():
+    """sluice_records_quarantined_total serves each of QUARANTINE_REASONS at 0 until it happens;
+    a reason raised but not listed would appear only at its first quarantine, which an alert on
+    its increase would miss."""
+    import re
+    from pathlib import Path
+
+    from sluice.records import QUARANTINE_REASONS
+
+    root = Path(__file__).resolve().parents[2] / "sluice"
+    raised = set(re.findall(r'Rejected\("([a-z_]+)"\)', (root / "records.py").read_text()))
+    flaws = set(re.findall(r'\[\], "([a-z_]+)"\)|\],\s+"([a-z_]+)"\)', (root / "undecodable.py").read_text()))
+    flaws = {name for pair in flaws for name in pair if name}
+    assert raised and flaws, "the patterns still find the reasons"
+    assert raised | flaws <= set(QUARANTINE_REASONS), (raised | flaws) - set(QUARANTINE_REASONS)
