@@ -132,6 +132,13 @@ class Hosts:
             subprocess.run([*host.wrap, "iptables", "-D", *rule], capture_output=True, timeout=30)
         host.rules.clear()
 
+    def connections(self, name: str, port: int) -> int:
+        """How many TCP connections from the host to the service on `port` its kernel still holds
+        open (a dead one goes once keepalive or a timeout finds it)."""
+        out = subprocess.run([*self.hosts[name].wrap, "ss", "-Htn", "state", "established", "dst",
+                              f"{self.gateway}:{port}"], capture_output=True, text=True, timeout=30, check=True)
+        return len(out.stdout.splitlines())
+
     def hang_spool(self, name: str) -> None:
         """The host's spool mount stops answering, like a dead NFS server."""
         bindfs = self.hosts[name].bindfs

@@ -23,8 +23,12 @@ from sluice.settings import get_settings
 # of one bundle, milliseconds; a reply later than this is a network fault.
 CONNECT_TIMEOUT_SECONDS = 3.0
 SOCKET_TIMEOUT_SECONDS = 10.0
-# TCP keepalive: first probe after 5 s idle, then every 2 s, dead after 3 unanswered.
-KEEPALIVE_OPTIONS = {socket.TCP_KEEPIDLE: 5, socket.TCP_KEEPINTVL: 2, socket.TCP_KEEPCNT: 3}
+# How the kernel finds a dead connection (the peer's kernel answers, however busy Redis is): an
+# idle one by keepalive probes (first after 5 s idle, then every 2 s, dead after 3 unanswered);
+# one with a request sent and not acknowledged (kombu's BRPOP, which no socket timeout bounds
+# while its event loop waits) after TCP_USER_TIMEOUT, instead of retransmitting for minutes.
+KEEPALIVE_OPTIONS = {socket.TCP_KEEPIDLE: 5, socket.TCP_KEEPINTVL: 2, socket.TCP_KEEPCNT: 3,
+                     socket.TCP_USER_TIMEOUT: 10_000}
 
 
 def connection_options() -> dict[str, Any]:

@@ -18,6 +18,7 @@ from celery import bootsteps, signals
 
 from sluice.health import HEARTBEAT_SECONDS, HealthFiles
 from sluice.protocol import SchemaMismatch, check_schema, check_schema_once_reachable
+from sluice.redis_client import connection_options
 from sluice.settings import get_settings
 from tasks.app import app
 
@@ -27,8 +28,10 @@ _state = {"started": False}
 
 
 def _redis() -> redis.Redis:
-    return redis.Redis.from_url(get_settings().redis_url.get_secret_value(), socket_connect_timeout=2,
-                                socket_timeout=2)
+    """A client of its own, quick to give up (a probe's answer must not wait), with sluice's
+    keepalive, so an idle one is found dead like every other connection."""
+    return redis.Redis.from_url(get_settings().redis_url.get_secret_value(),
+                                **{**connection_options(), "socket_connect_timeout": 2, "socket_timeout": 2})
 
 
 class Heartbeat(bootsteps.StartStopStep):

@@ -6,6 +6,7 @@ again; the liveness figures are measured and printed."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from devstack.hosts import Hosts, rate, why_not
 from devstack.local import FAST, LocalStack, Service, wait_until
 from devstack.progress import compressed, handed_over, settled
 from sluice import schema
+from sluice.redis_client import KEEPALIVE_OPTIONS
 from tests.integration.conftest import assert_exactly_once
 
 pytestmark = pytest.mark.integration
@@ -218,9 +220,19 @@ def test_a_cpu_host_cut_off_from_redis_past_its_lease(cluster: Cluster):
     before = rate(lambda: compressed(r), 10)
     redis_port = cluster.stack.redis_port
     cut_at, cut_log = time.time(), cluster.stack.service("cpu1").log.stat().st_size
+    assert cluster.hosts.connections("cpu1", redis_port) > 0
     cluster.hosts.partition("cpu1", redis_port)
     try:
-        during = rate(lambda: compressed(r), 25)  # longer than the 20 s slot lease (FAST)
+        began, at_cut = time.monotonic(), compressed(r)
+        # Keepalive finds an idle connection dead after its idle time and unanswered probes (11 s),
+        # TCP_USER_TIMEOUT one with a request unanswered: every process notices, none hangs on it.
+        k = KEEPALIVE_OPTIONS
+        found_dead = k[socket.TCP_KEEPIDLE] + k[socket.TCP_KEEPINTVL] * k[socket.TCP_KEEPCNT] + 3
+        wait_until(lambda: cluster.hosts.connections("cpu1", redis_port) == 0, found_dead,
+                   "the cut-off host to find every Redis connection dead", interval=0.2)
+        dead_after = time.monotonic() - began
+        time.sleep(max(0.0, began + 25 - time.monotonic()))  # 25 s in all: past the 20 s slot lease (FAST)
+        during = (compressed(r) - at_cut) / (time.monotonic() - began)
     finally:
         cluster.hosts.heal("cpu1")
     logs = Logs(cluster)
@@ -229,7 +241,8 @@ def test_a_cpu_host_cut_off_from_redis_past_its_lease(cluster: Cluster):
         log.seek(cut_log)
         noticed = first_redis_error(log.read().decode(errors="replace"), cut_at)
     print(f"\ncpu host cut off: {before:.0f} records/s before, {during:.0f} during, backlog cleared "
-          f"{took:.1f} s after the heal; the cut-off worker's first Redis error logged "
+          f"{took:.1f} s after the heal; every Redis connection of the cut-off host found dead {dead_after:.1f} s "
+          f"after the cut, its worker's first Redis error logged "
           f"{'never' if noticed is None else f'{noticed:.1f} s after the cut'}; "
           f"restarts: {cluster.restarts}")
     assert during >= 0.5 * before, "the other cpu host kept compressing at half the rate or more"
