@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
 from celery.beat import PersistentScheduler, ScheduleEntry
 
 from sluice import schema
+from sluice.redis_client import get_redis
 from sluice.settings import Settings
 
 log = logging.getLogger("sluice.beat")
@@ -45,10 +47,6 @@ class WorkGatedScheduler(PersistentScheduler):
 def work_waits(keys: tuple[str, ...]) -> bool:
     """Whether Redis holds any of `keys`; True if it does not answer (Beat's broker is that Redis,
     so the send itself waits out the outage)."""
-    import redis
-
-    from sluice.redis_client import get_redis  # Beat's process only: the workers never call this
-
     try:
         return bool(get_redis().exists(*keys))
     except redis.RedisError:

@@ -227,9 +227,10 @@ class Bridge:
         return consumer
 
     def _rejoin_if_topics_grew(self) -> None:
-        """A topic it reads (matching, or listed) appeared since this consumer joined, and a topic-refresh period
-        later the group has still not given this bridge any of its partitions: hand over and
-        commit what is buffered, leave the group and join again with a fresh consumer. Apache
+        """A topic it reads (matching, or listed) appeared since this consumer joined, and a
+        topic-refresh period later the group has still not given this bridge any of its
+        partitions: hand over and commit what is buffered, leave the group and join again with a
+        fresh consumer. Apache
         Kafka rebalances on its own; Tansu, the local broker, keeps a member's first
         subscription and never assigns a new topic's partitions to it."""
         now = time.monotonic()

@@ -10,7 +10,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -27,9 +26,6 @@ from tests.integration.conftest import assert_exactly_once
 pytestmark = pytest.mark.integration
 
 LOAD = 600  # records per second, as in the issue's bad day
-# How a worker's log says a Redis call failed: redis-py's errors as a task's retry or kombu reports them.
-REDIS_ERRORS = ("TimeoutError", "ConnectionError", "Timeout reading", "Error while reading",
-                "Connection to broker lost")
 
 
 class SteadyLoad(threading.Thread):
@@ -194,18 +190,6 @@ class Logs:
                        f"{name} to work again after the heal")
 
 
-def first_redis_error(log: str, since: float) -> float | None:
-    """Seconds from `since` (epoch) to the first line of a Celery log, stamped at or after it,
-    that reports a Redis connection error or timeout; None if there is none."""
-    for line in log.splitlines():
-        if not line.startswith("[20") or not any(sign in line for sign in REDIS_ERRORS):
-            continue
-        stamp = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()  # the worker's local time
-        if stamp >= since:
-            return stamp - since
-    return None
-
-
 def caught_up(cluster: Cluster, load: SteadyLoad, within: float, what: str) -> float:
     """Seconds until everything sent so far is compressed; fails beyond `within`."""
     r = cluster.r
@@ -219,7 +203,6 @@ def test_a_cpu_host_cut_off_from_redis_past_its_lease(cluster: Cluster):
     r, load = under_load(cluster)
     before = rate(lambda: compressed(r), 10)
     redis_port = cluster.stack.redis_port
-    cut_at, cut_log = time.time(), cluster.stack.service("cpu1").log.stat().st_size
     assert cluster.hosts.connections("cpu1", redis_port) > 0
     cluster.hosts.partition("cpu1", redis_port)
     try:
@@ -237,14 +220,9 @@ def test_a_cpu_host_cut_off_from_redis_past_its_lease(cluster: Cluster):
         cluster.hosts.heal("cpu1")
     logs = Logs(cluster)
     took = caught_up(cluster, load, 30, "the backlog to clear after the heal")
-    with open(cluster.stack.service("cpu1").log, "rb") as log:
-        log.seek(cut_log)
-        noticed = first_redis_error(log.read().decode(errors="replace"), cut_at)
     print(f"\ncpu host cut off: {before:.0f} records/s before, {during:.0f} during, backlog cleared "
           f"{took:.1f} s after the heal; every Redis connection of the cut-off host found dead {dead_after:.1f} s "
-          f"after the cut, its worker's first Redis error logged "
-          f"{'never' if noticed is None else f'{noticed:.1f} s after the cut'}; "
-          f"restarts: {cluster.restarts}")
+          f"after the cut; restarts: {cluster.restarts}")
     assert during >= 0.5 * before, "the other cpu host kept compressing at half the rate or more"
     logs.each_works_again()
     finish(cluster, load)
