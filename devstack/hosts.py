@@ -68,8 +68,9 @@ class Hosts:
     def __init__(self, workdir: Path, names: list[str]) -> None:
         self.tag = f"{random.randrange(16 ** 4):04x}"
         # Test processes running side by side (pytest-xdist) draw from ranges of their own.
-        worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % 2
-        self.subnet = random.randrange(16 + 117 * worker, 133 + 117 * worker)
+        worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+        share = 234 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        self.subnet = random.randrange(16 + share * worker, 16 + share * (worker + 1))
         self.bridge = f"slbr{self.tag}"
         self.gateway = f"10.213.{self.subnet}.1"
         self.shared_spool = workdir / "spool"
