@@ -16,6 +16,7 @@ from typing import Callable
 import redis
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.coordinator.base import MemberState
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
@@ -40,9 +41,6 @@ log = logging.getLogger("sluice.bridge")
 POLL_MAX_BATCHES = 1000
 # How often the loop publishes its state for the metrics (bridge.metrics).
 PUBLISH_SECONDS = 1.0
-# A consumer that has no assignment this many session timeouts after it connected is replaced:
-# a join whose SyncGroup is lost can leave kafka-python's consumer out of the group for good.
-JOIN_DEADLINE_SESSIONS = 5
 
 
 def _celery_send_split(bid: str) -> None:
@@ -78,7 +76,6 @@ class Bridge:
         self._joined_topics: set[str] | None = None  # what this consumer's first assignment covered
         self._topics_checked = 0.0
         self._new_topics_seen: float | None = None
-        self._connected_at = 0.0
         self.health = HealthFiles(settings.health_dir)
 
     # --- hand-over -----------------------------------------------------------------------
@@ -228,20 +225,7 @@ class Bridge:
         else:
             consumer.subscribe(s.topics, listener=_Rebalance(self))
         self._joined_topics = None
-        self._connected_at = time.monotonic()
         return consumer
-
-    def _reconnect_if_never_joined(self) -> None:
-        """No assignment (not even an empty one) long after connecting: the join is stuck, not
-        slow (a rebalance waits at most a session timeout for members), so connect again."""
-        waited = time.monotonic() - self._connected_at
-        if self.consumer is None or self._joined_topics is not None or \
-                waited < JOIN_DEADLINE_SESSIONS * self.settings.kafka_session_timeout_ms / 1000:
-            return
-        log.warning("no partitions assigned %.0fs after joining group %s; connecting again",
-                    waited, self.settings.group)
-        self.consumer.close()
-        self.consumer = self._connect()
 
     def _rejoin_if_topics_grew(self) -> None:
         """A topic it reads (matching, or listed) appeared since this consumer joined, and a
@@ -262,6 +246,12 @@ class Bridge:
             return
         if self._new_topics_seen is None:
             self._new_topics_seen = now  # the group may be rebalancing right now: give it a period
+            return
+        coordinator = self.consumer._coordinator
+        if coordinator.state is not MemberState.STABLE or coordinator.need_rejoin():
+            # Its own rejoin is under way (kafka-python rejoins when a pattern matches a new
+            # topic): closing mid-rebalance cancels its SyncGroup, and Tansu then holds the
+            # group for every new member until the rebalance timeout (5 min). Wait it out.
             return
         log.info("new topics %s to read and none of their partitions assigned; rejoining the group", sorted(new))
         self._new_topics_seen = None
@@ -310,7 +300,6 @@ class Bridge:
                 self.flush(list(self.buffers))
                 self._check_quiet_partitions()
                 self._rejoin_if_topics_grew()
-                self._reconnect_if_never_joined()
                 self._publish()
                 self.health.alive()
             self.health.ready(False)

@@ -26,6 +26,12 @@ from tests.integration.conftest import assert_exactly_once
 pytestmark = pytest.mark.integration
 
 LOAD = 600  # records per second, as in the issue's bad day
+# The timeouts a fault outlasts, shorter than FAST's so that the faults can be: the slot lease,
+# the compress time limit, the redrive age (a worker's Redis keepalive finds a dead connection
+# in 11 s, whatever the settings).
+LEASE = 12
+TIMEOUTS = {"SLUICE_LOCK_LEASE_SECONDS": str(LEASE), "SLUICE_COMPRESS_TIME_LIMIT": "10",
+            "SLUICE_REDRIVE_AFTER_SECONDS": "10"}
 
 
 class SteadyLoad(threading.Thread):
@@ -199,7 +205,8 @@ def caught_up(cluster: Cluster, load: SteadyLoad, within: float, what: str) -> f
     return time.monotonic() - began
 
 
-def test_a_cpu_host_cut_off_from_redis_past_its_lease(cluster: Cluster):
+def test_a_cpu_host_cut_off_from_redis_past_its_lease(cluster_factory: Callable[..., Cluster]):
+    cluster = cluster_factory(**TIMEOUTS)
     r, load = under_load(cluster)
     before = rate(lambda: compressed(r), 10)
     redis_port = cluster.stack.redis_port
@@ -214,7 +221,7 @@ def test_a_cpu_host_cut_off_from_redis_past_its_lease(cluster: Cluster):
         wait_until(lambda: cluster.hosts.connections("cpu1", redis_port) == 0, found_dead,
                    "the cut-off host to find every Redis connection dead", interval=0.2)
         dead_after = time.monotonic() - began
-        time.sleep(max(0.0, began + 25 - time.monotonic()))  # 25 s in all: past the 20 s slot lease (FAST)
+        time.sleep(max(0.0, began + LEASE + 4 - time.monotonic()))  # past the slot lease
         during = (compressed(r) - at_cut) / (time.monotonic() - began)
     finally:
         cluster.hosts.heal("cpu1")
@@ -232,12 +239,13 @@ def test_a_cpu_host_cut_off_from_redis_past_its_lease(cluster: Cluster):
     assert "SoftTimeLimitExceeded" not in reachable and "SlotsBusy" not in reachable
 
 
-def test_a_cpu_host_whose_spool_mount_hangs_past_its_lease(cluster: Cluster):
+def test_a_cpu_host_whose_spool_mount_hangs_past_its_lease(cluster_factory: Callable[..., Cluster]):
+    cluster = cluster_factory(**TIMEOUTS)
     r, load = under_load(cluster)
     before = rate(lambda: compressed(r), 10)
     cluster.hosts.hang_spool("cpu1")
     try:
-        during = rate(lambda: compressed(r), 25)
+        during = rate(lambda: compressed(r), LEASE + 4)
     finally:
         cluster.hosts.resume_spool("cpu1")
     logs = Logs(cluster)
@@ -249,7 +257,8 @@ def test_a_cpu_host_whose_spool_mount_hangs_past_its_lease(cluster: Cluster):
     finish(cluster, load)
 
 
-def test_a_cpu_host_lost_for_good(cluster: Cluster):
+def test_a_cpu_host_lost_for_good(cluster_factory: Callable[..., Cluster]):
+    cluster = cluster_factory(**TIMEOUTS)
     r, load = under_load(cluster)
     cluster.forget("cpu1")
     cluster.hosts.kill_processes("cpu1")
@@ -263,12 +272,12 @@ def test_the_bridge_host_cut_off_from_kafka_then_from_redis(cluster: Cluster):
     for port, what in ((cluster.stack.kafka_port, "Kafka"), (cluster.stack.redis_port, "Redis")):
         cluster.hosts.partition("bridge", port)
         try:
-            time.sleep(20)  # the fault itself
+            time.sleep(14)  # the fault itself: past the Kafka session timeout and the Redis keepalive
         finally:
             cluster.hosts.heal("bridge")
         logs = Logs(cluster)
         took = caught_up(cluster, load, 30, f"the backlog to clear after the bridge's {what} heals")
-        print(f"\nbridge cut off from {what} for 20 s: backlog cleared {took:.1f} s after the heal; "
+        print(f"\nbridge cut off from {what} for 14 s: backlog cleared {took:.1f} s after the heal; "
               f"restarts: {cluster.restarts}")
         logs.each_works_again()
     finish(cluster, load)
@@ -292,17 +301,19 @@ def test_packet_loss_between_every_worker_host_and_redis(cluster: Cluster):
     finish(cluster, load)
 
 
-def test_a_partition_that_outlasts_every_timeout(cluster: Cluster):
-    """Longer than the slot lease (20 s), the compress time limit (15 s) and the redrive age (15 s)."""
+def test_a_partition_that_outlasts_every_timeout(cluster_factory: Callable[..., Cluster]):
+    """Longer than the slot lease, the compress time limit, the redrive age (TIMEOUTS) and the
+    time keepalive takes to find a connection dead."""
+    cluster = cluster_factory(**TIMEOUTS)
     r, load = under_load(cluster)
     cluster.hosts.partition("cpu1", cluster.stack.redis_port)
     try:
-        time.sleep(45)  # the fault itself
+        time.sleep(2 * LEASE)  # the fault itself
     finally:
         cluster.hosts.heal("cpu1")
     logs = Logs(cluster)
     took = caught_up(cluster, load, 30, "the backlog to clear after the heal")
-    print(f"\ncpu host cut off for 45 s: backlog cleared {took:.1f} s after; restarts: {cluster.restarts}")
+    print(f"\ncpu host cut off for {2 * LEASE} s: backlog cleared {took:.1f} s after; restarts: {cluster.restarts}")
     logs.each_works_again()
     finish(cluster, load)
 
@@ -312,12 +323,12 @@ def test_worker_hosts_whose_clocks_are_ten_minutes_off(cluster_factory: Callable
     is sealed before its open-hour seal age (a writer behind would make it look idle), every one is
     sealed once that age has passed (a writer ahead would make it look busy for ten minutes), and
     every record lands in the hour of its event time."""
-    cluster = cluster_factory(skew={"cpu1": "+600s", "cpu2": "-600s"}, SLUICE_SEAL_OPEN_HOUR_AGE_SECONDS="20")
+    cluster = cluster_factory(skew={"cpu1": "+600s", "cpu2": "-600s"}, SLUICE_SEAL_OPEN_HOUR_AGE_SECONDS="10")
     r, load = under_load(cluster)  # event times within the last minute: the running hour, mostly
     running = time.strftime("%Y%m%d%H", time.gmtime())
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:  # appended to every second: never idle for 20 s
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:  # appended to every second: never idle for 10 s
         sealed = [e.decode() for e in r.hkeys(schema.SEALED)]
         assert not [e for e in sealed if schema.parse_sealed_entry(e)[1] == running], sealed
         time.sleep(0.5)
-    finish(cluster, load)  # the running hour's files sealed 20 s after the last append, not 10 min
+    finish(cluster, load)  # the running hour's files sealed 10 s after the last append, not 10 min

@@ -253,42 +253,6 @@ def test_bridge_batches_within_count_and_byte_limits(rds, settings):
     assert sent[3:] == ["logs:0:100-101", "logs:0:102-103", "logs:0:104-104"]
 
 
-def test_a_consumer_never_assigned_anything_is_replaced(rds, settings, caplog):
-    """kafka-python can stay out of the group after a lost SyncGroup; the bridge connects again
-    once the join deadline passes, and leaves a consumer that was assigned (even nothing) alone."""
-    bridge = Bridge(settings.replace(kafka_session_timeout_ms=1000), rds, send_split=lambda bid: None)
-    made: list[object] = []
-
-    class Consumer:
-        closed = False
-        _client = type("Client", (), {"cluster": None})  # its metadata: not read for no subscription
-
-        def close(self) -> None:
-            self.closed = True
-
-        def subscription(self) -> set[str]:
-            return set()
-
-    def connect() -> Consumer:
-        made.append(Consumer())
-        bridge._joined_topics, bridge._connected_at = None, time.monotonic()
-        return made[-1]  # type: ignore[return-value]
-
-    bridge._connect = connect  # type: ignore[method-assign]
-    bridge.consumer = connect()
-    bridge._reconnect_if_never_joined()
-    assert len(made) == 1, "within the deadline: left to join"
-    bridge._connected_at -= 5.0  # five session timeouts ago
-    with caplog.at_level("WARNING", logger="sluice.bridge"):
-        bridge._reconnect_if_never_joined()
-    assert len(made) == 2 and made[0].closed and bridge.consumer is made[1]
-    assert "no partitions assigned" in caplog.text
-    bridge.assigned([])  # joined, with no partitions for it (more bridges than partitions)
-    bridge._connected_at -= 60.0
-    bridge._reconnect_if_never_joined()
-    assert len(made) == 2
-
-
 def test_a_batch_is_split_once(rds, settings):
     batches = Batches(rds, settings)
     split_batch(batches, "logs:0:0-9", {"a|2026112409": b"1\n"})
