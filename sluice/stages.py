@@ -23,7 +23,7 @@ from sluice.schema import BatchState
 def split_batch(batches: Batches, router: Router, bid: str, tail_piece_bytes: int = 0) -> None:
     """Group a handed-over batch into app-hour pieces and record them; no-op once split.
 
-    The pieces under `tail_piece_bytes` of each hour become one tail piece (`tail_pieces`)."""
+    The pieces under `tail_piece_bytes` of each hour become one tail piece (`pieces_of`)."""
     if batches.state(bid) != BatchState.HANDED:
         return
     topic, partition, first, last = schema.parse_batch_id(bid)
@@ -31,13 +31,8 @@ def split_batch(batches: Batches, router: Router, bid: str, tail_piece_bytes: in
     spans: dict[tuple[str, str], tuple[float, float]] = {}
     with _no_cycle_collection():
         groups = router.group(records(batches.load_payload(bid), first, last), topic, partition, reasons, spans)
-        grouped: dict[tuple[str, str], Piece] = {}
-        for key, lines in groups.items():
-            lo, hi = spans[key]
-            lines.append(b"")  # so that join ends the piece with a newline, without copying it again
-            grouped[key] = Piece(b"\n".join(lines), len(lines) - 1, (math.floor(lo * 1000), math.ceil(hi * 1000)))
+        pieces = pieces_of(groups, spans, tail_piece_bytes)
         del groups
-        pieces = tail_pieces(grouped, tail_piece_bytes)
     batches.commit_split(bid, {name: p.data for name, p in pieces.items()},
                          {name: p.records for name, p in pieces.items()}, dict(reasons),
                          {name: p.span for name, p in pieces.items()})
@@ -66,21 +61,28 @@ class Piece(NamedTuple):
     span: tuple[int, int]
 
 
-def tail_pieces(pieces: dict[tuple[str, str], Piece], tail_piece_bytes: int) -> dict[str, Piece]:
-    """The pieces of (app, hour), by piece name ("app|hour"), with those under `tail_piece_bytes`
-    of each hour packed into one piece of the pseudo-app `schema.TAIL_APP` (sluice.tail):
-    compressed as one frame, they lose less to frame overheads, and cost one file write and one
-    commit, not one per app."""
+def pieces_of(groups: dict[tuple[str, str], list[bytes]], spans: dict[tuple[str, str], tuple[float, float]],
+              tail_piece_bytes: int) -> dict[str, Piece]:
+    """The pieces of a batch by name ("app|hour"), from its lines grouped by (app, hour) and each
+    group's event-time span in seconds: a group's lines, each ended by a newline, or, for groups
+    under `tail_piece_bytes` (lines and newlines), one piece per hour of the pseudo-app
+    `schema.TAIL_APP` (sluice.tail) that packs them. Compressed as one frame, small groups lose
+    less to frame overheads, and cost one file write and one commit, not one per app; they are
+    packed line by line, never joined on their own first."""
     out: dict[str, Piece] = {}
     small: dict[str, TailPiece] = {}
-    for (app, hour), piece in pieces.items():
-        if len(piece.data) < tail_piece_bytes:
+    for (app, hour), lines in groups.items():
+        lo, hi = spans[(app, hour)]
+        span = (math.floor(lo * 1000), math.ceil(hi * 1000))
+        if sum(map(len, lines)) + len(lines) < tail_piece_bytes:
             tail = small.get(hour)
             if tail is None:
                 tail = small[hour] = TailPiece()
-            tail.add(app, piece.data, piece.records, *piece.span)
+            tail.add(app, lines, *span)
         else:
-            out[schema.app_hour(app, hour)] = piece
+            records = len(lines)
+            lines.append(b"")  # so that join ends the piece with a newline, without copying it again
+            out[schema.app_hour(app, hour)] = Piece(b"\n".join(lines), records, span)
     for hour, tail in small.items():
         out[schema.app_hour(schema.TAIL_APP, hour)] = Piece(tail.packed(), tail.records, (tail.min_ms, tail.max_ms))
     return out

@@ -20,7 +20,7 @@ from sluice.records import hour_start
 from sluice.schema import BatchState
 from sluice.sealing import Sealer
 from sluice.spool import SealedFile
-from sluice.stages import Piece, compress_pieces, tail_pieces
+from sluice.stages import compress_pieces, pieces_of
 from sluice.store import FileStore
 from sluice.tail import TailArchiver
 from sluice.uploader import Uploader
@@ -50,10 +50,11 @@ class Tail:
             line = b'{"app":"%s","n":%d}' % (app.encode(), self.n)
             self.n += 1
             self.lines[app].append(line)
-            pieces[schema.app_hour(app, HOUR)] = line + b"\n"
-        start = int(hour_start(HOUR) * 1000)
-        packed = tail_pieces({schema.parse_app_hour(piece): Piece(data, 1, (start, start + 10))
-                              for piece, data in pieces.items()}, tail_piece_bytes=1024)
+            pieces[schema.app_hour(app, HOUR)] = [line]
+        start = hour_start(HOUR)
+        packed = pieces_of({schema.parse_app_hour(piece): lines for piece, lines in pieces.items()},
+                           {schema.parse_app_hour(piece): (start, start + 0.01) for piece in pieces},
+                           tail_piece_bytes=1024)
         self.rds.set(schema.batch_state(bid), BatchState.HANDED.value)  # as the split finds it
         assert self.batches.commit_split(bid, {name: p.data for name, p in packed.items()},
                                          {name: p.records for name, p in packed.items()}, None,

@@ -81,20 +81,20 @@ def test_plain_frames_after_announced_ones_are_read_as_a_stream():
     assert pairs(read_frames(io.BytesIO(data))) == [PIECES[0], (None, b"old\nlines more\n")]
 
 
-def tail(bid: str, parts: list[tuple[str, bytes, int]], lines: bytes | None = None) -> bytes:
-    """A tail frame of these (app, data, records), as compress makes it; `lines`: what its zstd
-    frame holds instead of the parts' data."""
+def tail(bid: str, parts: list[tuple[str, bytes]], lines: bytes | None = None) -> bytes:
+    """A tail frame of these (app, newline-ended lines), as compress makes it; `lines`: what its
+    zstd frame holds instead of the parts' data."""
     piece = TailPiece()
-    for app, data, records in parts:
-        piece.add(app, data, records, 0, 1)
+    for app, data in parts:
+        piece.add(app, data.split(b"\n")[:-1], 0, 1)
     count, entries, data = tail_piece_parts(piece.packed())
     meta = Meta(len(data), piece.records, piece.min_ms, piece.max_ms)
     return announce_tail(bid, "2026010100", count, entries, CCTX.compress(data if lines is None else lines), meta)
 
 
 def test_a_tail_frame_gives_one_app_its_part_with_the_piece_id_and_skips_frames_without_it():
-    data = (tail("logs:0:0-9", [("a", b"a1\n", 1), ("b", b"b1\nb2\n", 2)]) + stream(PIECES[1])
-            + tail("logs:0:10-19", [("c", b"c1\n", 1)]) + tail("logs:0:20-29", [("b", b"b3\n", 1)]))
+    data = (tail("logs:0:0-9", [("a", b"a1\n"), ("b", b"b1\nb2\n")]) + stream(PIECES[1])
+            + tail("logs:0:10-19", [("c", b"c1\n")]) + tail("logs:0:20-29", [("b", b"b3\n")]))
     assert pairs(read_frames(io.BytesIO(data), app="b")) == [
         ("logs:0:0-9|b|2026010100", b"b1\nb2\n"), PIECES[1], ("logs:0:20-29|b|2026010100", b"b3\n")]
     assert pairs(read_frames(io.BytesIO(data))) == [PIECES[1]], "no app asked for: tail frames are passed over"
@@ -103,11 +103,11 @@ def test_a_tail_frame_gives_one_app_its_part_with_the_piece_id_and_skips_frames_
 
 
 def test_tail_frames_gives_entries_and_data_and_refuses_what_does_not_add_up():
-    data = tail("logs:0:0-9", [("a", b"a1\n", 1), ("b", b"b1\nb2\n", 2)])
+    data = tail("logs:0:0-9", [("a", b"a1\n"), ("b", b"b1\nb2\n")])
     entries = [TailEntry("a", 3, 1, 0, 1), TailEntry("b", 6, 2, 0, 1)]
     assert list(tail_frames(io.BytesIO(data))) == [(entries, b"a1\nb1\nb2\n")]
     # entries of 3 and 7 bytes: one byte more than there is
-    bad = tail("logs:0:0-9", [("a", b"a1\n", 1), ("b", b"b1\nb2\n\n", 2)], lines=b"a1\nb1\nb2\n")
+    bad = tail("logs:0:0-9", [("a", b"a1\n"), ("b", b"b1\nb2\n\n")], lines=b"a1\nb1\nb2\n")
     with pytest.raises(Damaged):
         list(tail_frames(io.BytesIO(bad)))
     with pytest.raises(Damaged):
@@ -117,8 +117,8 @@ def test_tail_frames_gives_entries_and_data_and_refuses_what_does_not_add_up():
 def test_a_tail_piece_packs_and_unpacks_and_a_damaged_one_is_refused():
     entries = [TailEntry("a", 3, 1, 0, 1), TailEntry("b", 6, 2, 0, 1)]
     tail = TailPiece()
-    tail.add("a", b"a1\n", 1, 0, 1)
-    tail.add("b", b"b1\nb2\n", 2, 0, 1)
+    tail.add("a", [b"a1"], 0, 1)
+    tail.add("b", [b"b1", b"b2"], 0, 1)
     packed = tail.packed()
     assert unpack_tail_piece(packed) == (entries, b"a1\nb1\nb2\n")
     with pytest.raises(Damaged):
