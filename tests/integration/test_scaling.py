@@ -101,10 +101,16 @@ class Controller(threading.Thread):
             self.events.append((what, figure))
 
 
-def paced(values: list[bytes], per_second: float) -> Iterator[bytes]:
-    """The values at about `per_second`, so the load goes on while workers come and go."""
+def paced(values: list[bytes], per_second: float, until: threading.Event | None = None) -> Iterator[bytes]:
+    """The values at about `per_second`, so the load goes on while workers come and go; with
+    `until`, the last tenth waits for it, so the load outlasts what the test waits for however
+    slowly the workers start on a loaded machine."""
     began = time.monotonic()
+    held = len(values) * 9 // 10 if until is not None else -1
     for i, value in enumerate(values):
+        if i == held:
+            assert until is not None
+            until.wait(300)
         if i % 500 == 0:
             time.sleep(max(0.0, began + i / per_second - time.monotonic()))
         yield value
@@ -125,9 +131,11 @@ def test_scale_from_zero_to_zero_under_load_and_a_drain_mid_task_lose_nothing(st
     cpu = Controller(stack, "cpu", lambda name: stack.start_cpu_worker(name=name))
     for controller in (io, cpu):
         controller.start()
+    drained_now = threading.Event()
     try:
         # A burst arriving at zero workers of either kind, and going on for about twenty seconds.
-        producer = threading.Thread(target=sample.produce, args=(stack.bootstrap, "logs", paced(first, 2_000)))
+        producer = threading.Thread(target=sample.produce,
+                                    args=(stack.bootstrap, "logs", paced(first, 2_000, until=drained_now)))
         producer.start()
         wait_until(lambda: bool(io.events) and bool(cpu.events), 60, "the first workers to start from the figures")
         assert io.events[0] == ("start", io.events[0][1]) and io.events[0][1] > 0
@@ -136,6 +144,7 @@ def test_scale_from_zero_to_zero_under_load_and_a_drain_mid_task_lose_nothing(st
         wait_until(lambda: any(running(w) for w in list(cpu.workers)), 120, "a cpu worker running a task")
         drained = cpu.drain()
         assert producer.is_alive(), "the drain came after the load ended: it tests less than it says"
+        drained_now.set()
         producer.join()
         wait_archived(stack, len(first), timeout=400)
         finished_after_sigterm = 0
@@ -154,6 +163,7 @@ def test_scale_from_zero_to_zero_under_load_and_a_drain_mid_task_lose_nothing(st
         assert io.started > before[0] and cpu.started > before[1], "workers were started from zero again"
         wait_archived(stack, len(values), timeout=400)
     finally:
+        drained_now.set()
         for controller in (io, cpu):
             controller.stop_event.set()
             controller.join(60)
