@@ -94,10 +94,12 @@ class Controller(threading.Thread):
         """SIGTERM, as the HPA's scale-in does: Celery's warm shutdown finishes the tasks it runs."""
         for worker in workers:
             self.workers.remove(worker)
+            # Out of the stack's services first: the test's check_alive must not take a worker
+            # told to stop for one that died (reap ends it either way).
+            self.stack.services.remove(worker)
             worker.proc.send_signal(signal.SIGTERM)  # to celery alone, as Kubernetes signals PID 1
         for worker in workers:
             worker.reap(timeout=60)
-            self.stack.services.remove(worker)
             self.events.append((what, figure))
 
 
