@@ -163,10 +163,10 @@ class TailPiece:
         self.min_ms = 2 ** 63 - 1
         self.max_ms = -2 ** 63
 
-    def add(self, app: str, lines: list[bytes], min_ms: int, max_ms: int) -> None:
-        """One app's lines (without their newlines) spanning min_ms..max_ms of event time."""
+    def add(self, app: str, lines: list[bytes], size: int, min_ms: int, max_ms: int) -> None:
+        """One app's lines (without their newlines), `size` bytes with a newline each (as the
+        split measured them to choose the tail), spanning min_ms..max_ms of event time."""
         name, records = app.encode(), len(lines)
-        size = sum(map(len, lines)) + records
         self._entries += (_TAIL_ENTRY.pack(size, records, min_ms, max_ms, len(name)), name)
         self._lines += lines
         self.count += 1

@@ -74,11 +74,12 @@ def pieces_of(groups: dict[tuple[str, str], list[bytes]], spans: dict[tuple[str,
     for (app, hour), lines in groups.items():
         lo, hi = spans[(app, hour)]
         span = (math.floor(lo * 1000), math.ceil(hi * 1000))
-        if sum(map(len, lines)) + len(lines) < tail_piece_bytes:
+        size = sum(map(len, lines)) + len(lines)
+        if size < tail_piece_bytes:
             tail = small.get(hour)
             if tail is None:
                 tail = small[hour] = TailPiece()
-            tail.add(app, lines, *span)
+            tail.add(app, lines, size, *span)
         else:
             records = len(lines)
             lines.append(b"")  # so that join ends the piece with a newline, without copying it again

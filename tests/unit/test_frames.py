@@ -86,7 +86,7 @@ def tail(bid: str, parts: list[tuple[str, bytes]], lines: bytes | None = None) -
     zstd frame holds instead of the parts' data."""
     piece = TailPiece()
     for app, data in parts:
-        piece.add(app, data.split(b"\n")[:-1], 0, 1)
+        piece.add(app, data.split(b"\n")[:-1], len(data), 0, 1)
     count, entries, data = tail_piece_parts(piece.packed())
     meta = Meta(len(data), piece.records, piece.min_ms, piece.max_ms)
     return announce_tail(bid, "2026010100", count, entries, CCTX.compress(data if lines is None else lines), meta)
@@ -117,8 +117,8 @@ def test_tail_frames_gives_entries_and_data_and_refuses_what_does_not_add_up():
 def test_a_tail_piece_packs_and_unpacks_and_a_damaged_one_is_refused():
     entries = [TailEntry("a", 3, 1, 0, 1), TailEntry("b", 6, 2, 0, 1)]
     tail = TailPiece()
-    tail.add("a", [b"a1"], 0, 1)
-    tail.add("b", [b"b1", b"b2"], 0, 1)
+    tail.add("a", [b"a1"], 3, 0, 1)
+    tail.add("b", [b"b1", b"b2"], 6, 0, 1)
     packed = tail.packed()
     assert unpack_tail_piece(packed) == (entries, b"a1\nb1\nb2\n")
     with pytest.raises(Damaged):
