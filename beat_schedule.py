@@ -15,9 +15,9 @@ from typing import Any
 import redis
 from celery.beat import PersistentScheduler, ScheduleEntry
 
-from sluice import schema
-from sluice.redis_client import get_redis
-from sluice.settings import Settings
+from sluice.core import schema
+from sluice.core.redis_client import get_redis
+from sluice.core.settings import Settings
 
 log = logging.getLogger("sluice.beat")
 

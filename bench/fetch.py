@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.dataset import dataset  # noqa: E402
 from devstack.local import FAST_GROUP_JOIN, free_port, port_open, start_pipeline, wait_until  # noqa: E402
-from sluice.frames import IndexEntry, Meta, announce, index  # noqa: E402
-from sluice.store import object_key  # noqa: E402
+from sluice.archive.store import object_key  # noqa: E402
+from sluice.formats.frames import IndexEntry, Meta, announce, index  # noqa: E402
 
 APP, HOUR = "big", "2026010100"
 PIECE_BYTES = 2 * 1024 * 1024

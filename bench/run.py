@@ -36,14 +36,15 @@ from devstack.hosts import Hosts, why_not  # noqa: E402
 from devstack.local import FAST_GROUP_JOIN, LocalStack, fast_settings, start_pipeline, wait_until  # noqa: E402
 from devstack.serial_upload import upload_sealed  # noqa: E402
 from sluice import schema  # noqa: E402
-from sluice.appends import Appender  # noqa: E402
-from sluice.batches import Batches  # noqa: E402
-from sluice.records import Router  # noqa: E402
-from sluice.sealing import Sealer  # noqa: E402
-from sluice.settings import Settings  # noqa: E402
-from sluice.stages import bundle_pieces, compress_pieces, split_batch  # noqa: E402
-from sluice.store import FileStore  # noqa: E402
-from sluice.uploader import Uploader  # noqa: E402
+from sluice.archive.store import FileStore  # noqa: E402
+from sluice.archive.uploader import Uploader  # noqa: E402
+from sluice.core.settings import Settings  # noqa: E402
+from sluice.formats.records import Router  # noqa: E402
+from sluice.handover.batches import Batches  # noqa: E402
+from sluice.handover.split import bundle_pieces, split_batch  # noqa: E402
+from sluice.slots.appends import Appender  # noqa: E402
+from sluice.slots.compress import compress_pieces  # noqa: E402
+from sluice.slots.sealing import Sealer  # noqa: E402
 
 # Files are sealed once idle this long in the end-to-end run (the default is 300 s), and Beat
 # sweeps this often (the default is 30 s): short, so the run ends with every object uploaded.
@@ -155,7 +156,7 @@ def archive_figures(archive: Path, lines: list[bytes]) -> dict[str, float]:
     import orjson
     import zstandard
 
-    from sluice.records import hour_of
+    from sluice.formats.records import hour_of
 
     groups: dict[tuple[str, str], list[bytes]] = {}
     for line in lines:

@@ -28,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from devstack.local import LocalStack, free_port, port_open, wait_until  # noqa: E402
 from devstack.serial_upload import upload_sealed  # noqa: E402
 from sluice import schema  # noqa: E402
-from sluice.appends import Appender  # noqa: E402
-from sluice.batches import Batches  # noqa: E402
-from sluice.sealing import Sealer  # noqa: E402
-from sluice.settings import Settings  # noqa: E402
-from sluice.stages import compress_pieces  # noqa: E402
-from sluice.store import open_store  # noqa: E402
-from sluice.uploader import Uploader  # noqa: E402
+from sluice.archive.store import open_store  # noqa: E402
+from sluice.archive.uploader import Uploader  # noqa: E402
+from sluice.core.settings import Settings  # noqa: E402
+from sluice.handover.batches import Batches  # noqa: E402
+from sluice.slots.appends import Appender  # noqa: E402
+from sluice.slots.compress import compress_pieces  # noqa: E402
+from sluice.slots.sealing import Sealer  # noqa: E402
 
 BUCKET, KEY_ID, SECRET = "bench", "bench-key-id", "bench-key-secret"
 

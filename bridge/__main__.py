@@ -15,9 +15,9 @@ import redis
 
 from bridge.consumer import Bridge
 from bridge.metrics import LagWatcher, MetricsPortInUse, PipelineCollector, serve
-from sluice.protocol import SchemaMismatch, check_schema, check_schema_once_reachable
-from sluice.redis_client import get_redis
-from sluice.settings import SettingsError, get_settings
+from sluice.core.protocol import SchemaMismatch, check_schema, check_schema_once_reachable
+from sluice.core.redis_client import get_redis
+from sluice.core.settings import SettingsError, get_settings
 
 
 def main() -> int:

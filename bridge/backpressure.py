@@ -9,7 +9,7 @@ import logging
 import redis
 from kafka import KafkaConsumer
 
-from sluice.batches import Batches
+from sluice.handover.batches import Batches
 
 log = logging.getLogger("sluice.bridge")
 

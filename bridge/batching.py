@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from sluice.kafka_batches import Chunk
-from sluice.settings import Settings
+from sluice.core.settings import Settings
+from sluice.handover.kafka_batches import Chunk
 
 
 @dataclass

@@ -24,20 +24,20 @@ from bridge.backpressure import Backpressure
 from bridge.batching import Buffer, cut
 from bridge.incarnation import IncarnationGuard, Probe
 from bridge.metrics import BridgeState, LagInput
-from sluice import schema
-from sluice.batches import Batches
-from sluice.errors import SluiceError
-from sluice.health import HealthFiles
-from sluice.kafka_batches import Chunk, last_record, use_raw_batches
-from sluice.kafka_probe import ProbeInconclusive, Prober, fingerprint
-from sluice.marks import Marks
-from sluice.redis_client import get_redis
-from sluice.schema import BatchState
-from sluice.settings import Settings
+from sluice.core import schema
+from sluice.core.errors import SluiceError
+from sluice.core.redis_client import get_redis
+from sluice.core.schema import BatchState
+from sluice.core.settings import Settings
+from sluice.handover.batches import Batches
+from sluice.handover.kafka_batches import Chunk, last_record, use_raw_batches
+from sluice.handover.kafka_probe import ProbeInconclusive, Prober, fingerprint
+from sluice.handover.marks import Marks
+from sluice.ops.health import HealthFiles
 
 log = logging.getLogger("sluice.bridge")
 
-# poll() returns whole Kafka record batches (sluice.kafka_batches); at most this many per call.
+# poll() returns whole Kafka record batches (sluice.handover.kafka_batches); at most this many per call.
 POLL_MAX_BATCHES = 1000
 # How often the loop publishes its state for the metrics (bridge.metrics).
 PUBLISH_SECONDS = 1.0

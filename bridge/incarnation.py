@@ -4,9 +4,9 @@ The ledger drops records at or below a partition's high-water mark as replays. T
 after a crash or an offset reset, and wrong after the topic was deleted and recreated (or the
 cluster rebuilt): the new incarnation's offsets start again at 0 and its records are new.
 kafka-python 2.3 cannot see topic ids (Metadata v10+), so the mark carries a fingerprint of the
-record at its offset instead (sluice.kafka_probe). Before records at or below the mark are dropped, the record now
-at that offset is compared with it: the same record means a replay; a different record, or none
-at all (the log no longer reaches the mark), means a new incarnation.
+record at its offset instead (sluice.handover.kafka_probe). Before records at or below the mark
+are dropped, the record now at that offset is compared with it: the same record means a replay;
+a different record, or none at all (the log no longer reaches the mark), means a new incarnation.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Callable
 
 from kafka import TopicPartition
 
-from sluice.kafka_batches import Chunk, record_at
-from sluice.kafka_probe import ProbeInconclusive, fingerprint
-from sluice.marks import Mark, Marks
+from sluice.handover.kafka_batches import Chunk, record_at
+from sluice.handover.kafka_probe import ProbeInconclusive, fingerprint
+from sluice.handover.marks import Mark, Marks
 
 log = logging.getLogger("sluice.bridge")
 

@@ -1,5 +1,5 @@
 """The bridge's Prometheus endpoint: its own partitions' lag and backpressure, and the pipeline-wide
-figures from Redis (sluice.monitoring), in Prometheus' text format on SLUICE_METRICS_PORT.
+figures from Redis (sluice.ops.monitoring), in Prometheus' text format on SLUICE_METRICS_PORT.
 
 Only the bridge serves metrics: the workers and Beat read the same settings and never bind the
 port. Pipeline-wide figures are read from Redis at each scrape. Partition lags are worked out by
@@ -24,13 +24,13 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from sluice.errors import SluiceError
-from sluice.kafka_probe import ProbeInconclusive, Prober
-from sluice.marks import Marks
-from sluice.monitoring import PartitionLag, partition_lag, read_pipeline, spool_space, top_apps
-from sluice.records import QUARANTINE_REASONS
-from sluice.schema import Counter
-from sluice.settings import Settings
+from sluice.core.errors import SluiceError
+from sluice.core.schema import Counter
+from sluice.core.settings import Settings
+from sluice.formats.records import QUARANTINE_REASONS
+from sluice.handover.kafka_probe import ProbeInconclusive, Prober
+from sluice.handover.marks import Marks
+from sluice.ops.monitoring import PartitionLag, partition_lag, read_pipeline, spool_space, top_apps
 
 log = logging.getLogger("sluice.bridge")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple
 
-from sluice.settings import Settings
+from sluice.core.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import redis
 
-from sluice import schema
-from sluice.marks import Marks
+from sluice.core import schema
+from sluice.handover.marks import Marks
 
 
 def handed_over(r: redis.Redis) -> int:

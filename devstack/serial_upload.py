@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from sluice import schema
-from sluice.errors import UploadFailed
-from sluice.sealed import SealedRegistry
-from sluice.tail import TailArchiver
-from sluice.uploader import Uploader, by_app_hour
+from sluice.archive.tail import TailArchiver
+from sluice.archive.uploader import Uploader, by_app_hour
+from sluice.core import schema
+from sluice.core.errors import UploadFailed
+from sluice.slots.sealed import SealedRegistry
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from sluice.fetch import Fetch, Query, SpoolReader
-from sluice.settings import Settings, SettingsError, get_settings
-from sluice.store import open_store
-from sluice.timewindow import parse_when
-from sluice.where import parse_where
+from sluice.archive.store import open_store
+from sluice.core.settings import Settings, SettingsError, get_settings
+from sluice.query.fetch import Fetch, Query, SpoolReader
+from sluice.query.timewindow import parse_when
+from sluice.query.where import parse_where
 
 if TYPE_CHECKING:
     import redis
@@ -127,8 +127,8 @@ def _redis(settings: Settings) -> redis.Redis:
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     import redis
 
-    from sluice import status
-    from sluice.status import Thresholds
+    from sluice.ops import status
+    from sluice.ops.status import Thresholds
 
     thresholds = Thresholds(args.max_lag_seconds, args.max_lag_records, args.max_unarchived_age, args.min_workers)
     try:
@@ -143,8 +143,8 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 def _ledger(args: argparse.Namespace, settings: Settings) -> int:
     import redis
 
-    from sluice import ledger_repair
-    from sluice.marks import Marks
+    from sluice.handover.marks import Marks
+    from sluice.ops import ledger_repair
 
     marks = Marks(_redis(settings))
     try:
@@ -177,7 +177,7 @@ def _ledger(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _ls(args: argparse.Namespace, settings: Settings) -> int:
-    from sluice import listing
+    from sluice.query import listing
 
     store = open_store(settings)
     if args.app is None:

@@ -1,11 +1,11 @@
 """The Celery app: Redis broker, two queues routed by name, at-least-once delivery.
 
 Tasks are acknowledged late and requeued when their worker dies, so a killed worker's task
-runs again; every task is idempotent (see sluice.batches), which makes the repeat harmless.
+runs again; every task is idempotent (see sluice.handover.batches), which makes the repeat harmless.
 Prefetch is off: a worker takes a task only when it can run it, so what waits stays in the queue
-where another worker, or the autoscaler, sees it (sluice.queues). Every task message carries
+where another worker, or the autoscaler, sees it (sluice.ops.queues). Every task message carries
 sluice's task protocol version, and a worker leaves a version it does not read for one that does
-(sluice.protocol).
+(sluice.core.protocol).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from celery.exceptions import Reject
 from kombu import Queue
 
 from beat_schedule import beat_schedule
-from sluice import queues
-from sluice.protocol import TASK_HEADER, TASK_PROTOCOL, TASKS_READ, task_version
-from sluice.redis_client import connection_options
-from sluice.schema import QUEUED_TTL_SECONDS
-from sluice.settings import SettingsError, get_settings
+from sluice.core.protocol import TASK_HEADER, TASK_PROTOCOL, TASKS_READ, task_version
+from sluice.core.redis_client import connection_options
+from sluice.core.schema import QUEUED_TTL_SECONDS
+from sluice.core.settings import SettingsError, get_settings
+from sluice.ops import queues
 from tasks.deps import queued_tasks
 
 log = logging.getLogger("sluice.tasks")
@@ -91,7 +91,7 @@ app.conf.update(
 @signals.celeryd_init.connect
 def _unacked_per_queue(conf: Any = None, options: Any = None, **_: object) -> None:
     """A worker of one queue keeps what it has taken in that queue's own unacked hash, so the
-    autoscaler can count it per queue (sluice.queues)."""
+    autoscaler can count it per queue (sluice.ops.queues)."""
     names = (options or {}).get("queues") or []
     names = names.split(",") if isinstance(names, str) else list(names)
     if len(names) == 1 and conf is not None:

@@ -6,9 +6,9 @@ import redis
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from sluice.errors import LockLost, SlotsBusy
-from sluice.settings import get_settings
-from sluice.stages import compress_pieces
+from sluice.core.errors import LockLost, SlotsBusy
+from sluice.core.settings import get_settings
+from sluice.slots.compress import compress_pieces
 from tasks.app import app
 from tasks.deps import appender, batches, compressor, queued_tasks
 

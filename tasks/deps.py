@@ -7,16 +7,16 @@ from functools import lru_cache
 
 import zstandard
 
-from sluice.appends import Appender
-from sluice.batches import Batches
-from sluice.queued import QueuedTasks
-from sluice.records import Router
-from sluice.redis_client import get_redis
-from sluice.sealing import Sealer
-from sluice.settings import get_settings
-from sluice.store import open_store
-from sluice.tail import TailArchiver
-from sluice.uploader import Uploader
+from sluice.archive.store import open_store
+from sluice.archive.tail import TailArchiver
+from sluice.archive.uploader import Uploader
+from sluice.core.redis_client import get_redis
+from sluice.core.settings import get_settings
+from sluice.formats.records import Router
+from sluice.handover.batches import Batches
+from sluice.handover.queued import QueuedTasks
+from sluice.slots.appends import Appender
+from sluice.slots.sealing import Sealer
 
 
 @lru_cache(maxsize=1)

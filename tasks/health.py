@@ -1,9 +1,9 @@
 """A worker's start-up check and heartbeat, as a bootstep of the Celery worker.
 
-At start the worker checks the Redis schema version (sluice.protocol) and stops with one line if
+At start the worker checks the Redis schema version (sluice.core.protocol) and stops with one line if
 it cannot read it. Then, every HEARTBEAT_SECONDS on the worker's own timer (so a hung worker
 stops touching it), it touches its `alive` file and keeps its `ready` file while it has started,
-is not shutting down and reaches Redis (sluice.health).
+is not shutting down and reaches Redis (sluice.ops.health).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 import redis
 from celery import bootsteps, signals
 
-from sluice.health import HEARTBEAT_SECONDS, HealthFiles
-from sluice.protocol import SchemaMismatch, check_schema, check_schema_once_reachable
-from sluice.redis_client import connection_options
-from sluice.settings import get_settings
+from sluice.core.protocol import SchemaMismatch, check_schema, check_schema_once_reachable
+from sluice.core.redis_client import connection_options
+from sluice.core.settings import get_settings
+from sluice.ops.health import HEARTBEAT_SECONDS, HealthFiles
 from tasks.app import app
 
 log = logging.getLogger("sluice.tasks")

@@ -7,10 +7,10 @@ import redis
 from celery import Task
 from celery.utils.log import get_task_logger
 
-from sluice import schema
-from sluice.queues import waiting_task_ids
-from sluice.settings import get_settings
-from sluice.stages import bundle_pieces, split_batch
+from sluice.core import schema
+from sluice.core.settings import get_settings
+from sluice.handover.split import bundle_pieces, split_batch
+from sluice.ops.queues import waiting_task_ids
 from tasks.app import app, enqueue
 from tasks.deps import batches, queued_tasks, router
 

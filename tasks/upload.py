@@ -1,5 +1,5 @@
 """upload [queue io], run by Beat: seal due slot files, then one `upload_app_hour` task per app-hour
-with sealed files, and one `archive_tail` task per hour with sealed tail files (sluice.tail).
+with sealed files, and one `archive_tail` task per hour with sealed tail files (sluice.archive.tail).
 
 Uploads are network-bound: against a distant store, thousands of app-hour files an hour one after
 the other in one task would take minutes. Sent as tasks of their own they run on all io threads.
@@ -12,14 +12,14 @@ import uuid
 import redis
 from celery.utils.log import get_task_logger
 
-from sluice import schema
-from sluice.queues import waiting_task_ids
-from sluice.records import hour_of
-from sluice.redis_client import get_redis, server_time
-from sluice.sealed import SealedRegistry
-from sluice.settings import get_settings
-from sluice.spool import SealedFile
-from sluice.uploader import by_app_hour
+from sluice.archive.uploader import by_app_hour
+from sluice.core import schema
+from sluice.core.redis_client import get_redis, server_time
+from sluice.core.settings import get_settings
+from sluice.formats.records import hour_of
+from sluice.formats.spool import SealedFile
+from sluice.ops.queues import waiting_task_ids
+from sluice.slots.sealed import SealedRegistry
 from tasks.app import app, send
 from tasks.deps import batches, sealer, tail_archiver, uploader
 

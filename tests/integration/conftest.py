@@ -15,7 +15,7 @@ import redis
 
 from devstack import progress, sample
 from devstack.local import LocalStack, start_pipeline, wait_until
-from sluice.settings import Settings
+from sluice.core.settings import Settings
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,9 @@ import redis
 from devstack import sample
 from devstack.local import wait_until
 from devstack.progress import compressed, handed_over
-from sluice import queues, schema
-from sluice.schema import BatchState
+from sluice.core import schema
+from sluice.core.schema import BatchState
+from sluice.ops import queues
 from tests.integration.conftest import Traffic, assert_exactly_once, read_archive, wait_archived
 from tests.integration.kcat import kcat
 
@@ -176,7 +177,7 @@ def test_redrive_leaves_work_alone_while_it_waits_in_the_queue(stack_factory):
 
     def all_split() -> bool:
         # A split task marks its batch split before it sends the compress tasks; it holds its
-        # message in its queue's unacked hash until it returns (acks_late; sluice.queues).
+        # message in its queue's unacked hash until it returns (acks_late; sluice.ops.queues).
         batches = r.zrange(schema.INFLIGHT, 0, -1)
         return handed_over(r) >= 20_000 and r.llen("io") == 0 and queues.unacked(r, "io") == 0 and all(
             r.get(schema.batch_state(b.decode())) == SPLIT for b in batches)

@@ -17,7 +17,8 @@ import redis
 
 from devstack.local import FAST, LocalStack, free_port, wait_until
 from devstack.progress import compressed, handed_over
-from sluice import queues, schema
+from sluice.core import schema
+from sluice.ops import queues
 from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
 
 pytestmark = pytest.mark.integration

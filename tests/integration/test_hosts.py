@@ -19,8 +19,8 @@ from devstack import sample
 from devstack.hosts import Hosts, rate, why_not
 from devstack.local import FAST, LocalStack, Service, wait_until
 from devstack.progress import compressed, handed_over, settled
-from sluice import schema
-from sluice.redis_client import KEEPALIVE_OPTIONS
+from sluice.core import schema
+from sluice.core.redis_client import KEEPALIVE_OPTIONS
 from tests.integration.conftest import assert_exactly_once
 
 pytestmark = pytest.mark.integration

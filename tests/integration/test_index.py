@@ -1,4 +1,4 @@
-"""The time index (sluice.frames): an uploaded object ends with an index of its frames, and a fetch
+"""The time index (sluice.formats.frames): an uploaded object ends with an index of its frames, and a fetch
 of a narrow window reads only the frames that overlap it; a damaged index is never trusted."""
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ import pytest
 import zstandard
 
 from devstack.serial_upload import upload_sealed
-from sluice import schema
-from sluice.appends import Appender
-from sluice.batches import Batches
-from sluice.fetch import Fetch, Query
-from sluice.frames import parse_index
-from sluice.listing import list_hours
-from sluice.records import hour_start
-from sluice.schema import BatchState
-from sluice.sealing import Sealer
-from sluice.stages import compress_pieces
-from sluice.store import FileStore
-from sluice.uploader import Uploader
-from sluice.where import parse_where
+from sluice.archive.store import FileStore
+from sluice.archive.uploader import Uploader
+from sluice.core import schema
+from sluice.core.schema import BatchState
+from sluice.formats.frames import parse_index
+from sluice.formats.records import hour_start
+from sluice.handover.batches import Batches
+from sluice.query.fetch import Fetch, Query
+from sluice.query.listing import list_hours
+from sluice.query.where import parse_where
+from sluice.slots.appends import Appender
+from sluice.slots.compress import compress_pieces
+from sluice.slots.sealing import Sealer
 from tests.integration.test_slots import FAR_FUTURE
 
 pytestmark = pytest.mark.integration

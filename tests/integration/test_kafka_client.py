@@ -12,9 +12,9 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from devstack.local import LocalStack
-from sluice.kafka_batches import records, use_raw_batches
-from sluice.kafka_probe import ProbeInconclusive, Prober, fingerprint
-from sluice.records import Record
+from sluice.formats.records import Record
+from sluice.handover.kafka_batches import records, use_raw_batches
+from sluice.handover.kafka_probe import ProbeInconclusive, Prober, fingerprint
 
 pytestmark = pytest.mark.integration
 TP = TopicPartition("t", 0)

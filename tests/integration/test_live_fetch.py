@@ -20,14 +20,14 @@ from kafka import KafkaProducer
 
 from devstack.local import wait_until
 from devstack.serial_upload import upload_sealed
-from sluice import schema
-from sluice.appends import Appender
-from sluice.batches import Batches
-from sluice.fetch import Fetch, Query, SpoolReader
-from sluice.sealing import Sealer
-from sluice.stages import compress_pieces
-from sluice.store import FileStore
-from sluice.uploader import Uploader
+from sluice.archive.store import FileStore
+from sluice.archive.uploader import Uploader
+from sluice.core import schema
+from sluice.handover.batches import Batches
+from sluice.query.fetch import Fetch, Query, SpoolReader
+from sluice.slots.appends import Appender
+from sluice.slots.compress import compress_pieces
+from sluice.slots.sealing import Sealer
 from tests.integration.test_slots import FAR_FUTURE, open_files, split_batch
 
 pytestmark = pytest.mark.integration

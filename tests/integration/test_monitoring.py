@@ -23,11 +23,11 @@ import yaml
 
 from devstack import sample
 from devstack.local import PROJECT_ROOT, LocalStack, free_port, port_open, wait_until
-from sluice import schema
-from sluice.batches import Batches
-from sluice.marks import Marks
-from sluice.monitoring import OTHER_APPS
-from sluice.records import QUARANTINE_APP, valid_app_id
+from sluice.core import schema
+from sluice.formats.records import QUARANTINE_APP, valid_app_id
+from sluice.handover.batches import Batches
+from sluice.handover.marks import Marks
+from sluice.ops.monitoring import OTHER_APPS
 from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from devstack.local import wait_until
-from sluice import schema
+from sluice.core import schema
 from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
 from tests.oss_server import OssServer
 

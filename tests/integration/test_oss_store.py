@@ -13,8 +13,8 @@ from typing import Iterator
 import oss2
 import pytest
 
-from sluice.settings import Settings
-from sluice.store import OssStore, object_key, open_store
+from sluice.archive.store import OssStore, object_key, open_store
+from sluice.core.settings import Settings
 from tests.oss_server import OssServer
 
 pytestmark = pytest.mark.integration

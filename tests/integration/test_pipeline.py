@@ -16,8 +16,8 @@ import redis
 
 from devstack import sample
 from devstack.local import free_port, start_pipeline, wait_until
-from sluice import schema
-from sluice.frames import GATHERED_MAGIC
+from sluice.core import schema
+from sluice.formats.frames import GATHERED_MAGIC
 from tests.integration.conftest import assert_exactly_once, wait_archived
 
 # One pipeline for the whole module, so its tests run in one test process.
@@ -41,7 +41,7 @@ def sample_keys(r: redis.Redis, stop: threading.Event) -> None:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     # Zipf volumes and a small tail threshold: busy apps' pieces get files of their own, quiet
-    # apps' share tail files (sluice.tail), so both paths run.
+    # apps' share tail files (sluice.archive.tail), so both paths run.
     stack = start_pipeline(tmp_path_factory.mktemp("pipeline"), cpu_workers=1, SLUICE_TAIL_PIECE_BYTES=str(TAIL_BYTES))
     start = time.time() - SPAN
     generated = list(sample.lines(RECORDS, APPS, start, SPAN, seed=11, weights=sample.zipf_weights(len(APPS))))
@@ -66,7 +66,7 @@ def test_every_key_in_redis_is_one_the_schema_defines(pipeline):
     assert {"hwm", "inflight", "b", "slot", "lock", "sealed", "slots", "stats"} <= kinds, \
         "the sampling saw the pipeline at work"
     strangers = sorted(key for key in SEEN_KEYS if not schema.is_schema_key(key))
-    assert not strangers, f"keys outside sluice.schema: {strangers[:10]}"
+    assert not strangers, f"keys outside sluice.core.schema: {strangers[:10]}"
 
 
 def test_every_record_archived_once_in_its_app_and_hour(pipeline):

@@ -1,5 +1,5 @@
 """Scaling by what a queue has to do, as KEDA does with deploy/keda.yaml: a controller loop per
-queue reads the same figures as that queue's ScaledObject (sluice.queues: tasks waiting in the
+queue reads the same figures as that queue's ScaledObject (sluice.ops.queues: tasks waiting in the
 list plus tasks the workers hold in their unacked hash), with the ScaledObject's own target,
 starts and SIGTERMs workers accordingly, and nothing is lost or doubled: from zero io and cpu
 workers, under load, through a drain of every cpu worker mid-task, and back to zero."""
@@ -22,9 +22,10 @@ from beat_schedule import WORK, WorkGatedScheduler
 from devstack import sample
 from devstack.local import PROJECT_ROOT, LocalStack, Service, free_port, wait_until
 from devstack.progress import compressed
-from sluice import queues, schema
-from sluice.redis_client import get_redis
-from sluice.settings import get_settings
+from sluice.core import schema
+from sluice.core.redis_client import get_redis
+from sluice.core.settings import get_settings
+from sluice.ops import queues
 from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
 
 pytestmark = pytest.mark.integration

@@ -15,27 +15,27 @@ import zstandard
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from kafka import TopicPartition
 
-import sluice.appends
+import sluice.slots.appends
 from bridge.consumer import Bridge, Reread
 from devstack.local import wait_until
 from devstack.progress import handed_over
 from devstack.serial_upload import upload_sealed
-from sluice import schema
-from sluice.appends import Appender, Frame
-from sluice.batches import Batches
-from sluice.errors import LockLost
-from sluice.fetch import fetch
-from sluice.kafka_batches import Chunk
-from sluice.kafka_probe import fingerprint
-from sluice.marks import Marks
-from sluice.records import Record, hour_of
-from sluice.schema import BatchState
-from sluice.sealed import SealedRegistry
-from sluice.sealing import Sealer
-from sluice.settings import Settings
-from sluice.spool import Spool
-from sluice.store import FileStore, object_key
-from sluice.uploader import Uploader
+from sluice.archive.store import FileStore, object_key
+from sluice.archive.uploader import Uploader
+from sluice.core import schema
+from sluice.core.errors import LockLost
+from sluice.core.schema import BatchState
+from sluice.core.settings import Settings
+from sluice.formats.records import Record, hour_of
+from sluice.formats.spool import Spool
+from sluice.handover.batches import Batches
+from sluice.handover.kafka_batches import Chunk
+from sluice.handover.kafka_probe import fingerprint
+from sluice.handover.marks import Marks
+from sluice.query.fetch import fetch
+from sluice.slots.appends import Appender, Frame
+from sluice.slots.sealed import SealedRegistry
+from sluice.slots.sealing import Sealer
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +111,7 @@ def test_a_writer_whose_lease_ran_out_commits_nothing(rds, settings, monkeypatch
         rds.set(schema.slot_lock(schema.slot_id(APP, HOUR, 0)), "new-owner")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr("sluice.appends.os.pwrite", stalled_pwrite)
+    monkeypatch.setattr("sluice.slots.appends.os.pwrite", stalled_pwrite)
     with pytest.raises(LockLost):
         appender.append("logs:0:0-0", APP, HOUR, frame(b"late\n"), 1)
     assert batches.pending_pieces("logs:0:0-0") == [piece]
@@ -348,13 +348,13 @@ def three_batches_one_appended(rds, settings: Settings) -> tuple[Settings, Batch
 def test_a_writer_frozen_before_its_file_lock_leaves_later_commits_alone(rds, settings, monkeypatch):
     settings, batches, piece = three_batches_one_appended(rds, settings)
     freezer = Freezer()
-    real_locked_file = sluice.appends.locked_file
+    real_locked_file = sluice.slots.appends.locked_file
 
     def freezing_locked_file(path, create=False):
         freezer.maybe_freeze()  # frozen after taking the Redis lock, before the file lock
         return real_locked_file(path, create)
 
-    monkeypatch.setattr("sluice.appends.locked_file", freezing_locked_file)
+    monkeypatch.setattr("sluice.slots.appends.locked_file", freezing_locked_file)
     freezer.freeze_stale_writer(rds, settings)
     # Another writer takes the same slot and commits after "first".
     assert Appender(rds, settings).append("logs:0:2-2", APP, HOUR, frame(b"second\n"), 1)
@@ -371,14 +371,14 @@ def test_a_writer_frozen_before_its_file_lock_leaves_later_commits_alone(rds, se
 def test_a_writer_frozen_holding_its_file_lock_is_passed_over(rds, settings, monkeypatch):
     settings, _, _ = three_batches_one_appended(rds, settings)
     freezer = Freezer()
-    real_write_at = sluice.appends.write_at
+    real_write_at = sluice.slots.appends.write_at
 
     def freezing_write_at(fd, data, at):
         end = real_write_at(fd, data, at)
         freezer.maybe_freeze()  # frozen after writing, holding the file lock, before the commit
         return end
 
-    monkeypatch.setattr("sluice.appends.write_at", freezing_write_at)
+    monkeypatch.setattr("sluice.slots.appends.write_at", freezing_write_at)
     freezer.freeze_stale_writer(rds, settings)
     appender = Appender(rds, settings)
     assert appender.append("logs:0:2-2", APP, HOUR, frame(b"second\n"), 1)  # goes to slot 1

@@ -1,4 +1,4 @@
-"""The long tail (sluice.tail): small pieces of many apps share tail files, archived as one object
+"""The long tail (sluice.archive.tail): small pieces of many apps share tail files, archived as one object
 per app and hour, exactly once whatever step a crash cuts short."""
 
 from __future__ import annotations
@@ -12,18 +12,19 @@ import redis
 import zstandard
 
 from devstack.serial_upload import upload_sealed
-from sluice import schema
-from sluice.appends import Appender
-from sluice.batches import Batches
-from sluice.fetch import Fetch, Query, SpoolReader
-from sluice.records import hour_start
-from sluice.schema import BatchState
-from sluice.sealing import Sealer
-from sluice.spool import SealedFile
-from sluice.stages import compress_pieces, pieces_of
-from sluice.store import FileStore
-from sluice.tail import TailArchiver
-from sluice.uploader import Uploader
+from sluice.archive.store import FileStore
+from sluice.archive.tail import TailArchiver
+from sluice.archive.uploader import Uploader
+from sluice.core import schema
+from sluice.core.schema import BatchState
+from sluice.formats.records import hour_start
+from sluice.formats.spool import SealedFile
+from sluice.handover.batches import Batches
+from sluice.handover.split import pieces_of
+from sluice.query.fetch import Fetch, Query, SpoolReader
+from sluice.slots.appends import Appender
+from sluice.slots.compress import compress_pieces
+from sluice.slots.sealing import Sealer
 from tests.integration.test_live_fetch import window
 from tests.integration.test_slots import FAR_FUTURE, zstd_cli
 

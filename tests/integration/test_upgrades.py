@@ -18,8 +18,9 @@ from celery import Celery
 
 from devstack import sample
 from devstack.local import PROJECT_ROOT, LocalStack, wait_until
-from sluice import queues, schema
-from sluice.protocol import SCHEMA_MAJOR, TASK_HEADER
+from sluice.core import schema
+from sluice.core.protocol import SCHEMA_MAJOR, TASK_HEADER
+from sluice.ops import queues
 from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
 
 pytestmark = pytest.mark.integration

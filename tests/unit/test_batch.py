@@ -1,5 +1,5 @@
-"""Unit tests for sluice.schema's batch ids and sluice.kafka_batches: the claim-check payload (Kafka record
-batches as fetched) read back record for record, and the deterministic batch id."""
+"""Unit tests for sluice.core.schema's batch ids and sluice.handover.kafka_batches: the claim-check
+payload (Kafka record batches as fetched) read back record for record, and the deterministic batch id."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.record.legacy_records import LegacyRecordBatchBuilder
 
-from sluice.kafka_batches import Chunk, last_record, record_at, records
-from sluice.records import Record
-from sluice.schema import batch_id, parse_batch_id
+from sluice.core.schema import batch_id, parse_batch_id
+from sluice.formats.records import Record
+from sluice.handover.kafka_batches import Chunk, last_record, record_at, records
 
 CODECS = {"none": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
 

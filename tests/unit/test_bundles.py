@@ -1,4 +1,4 @@
-from sluice.stages import bundle_pieces
+from sluice.handover.split import bundle_pieces
 
 
 def test_small_pieces_share_a_bundle_up_to_the_limit():

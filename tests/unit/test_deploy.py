@@ -28,9 +28,9 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
-from sluice.health import HEARTBEAT_SECONDS
-from sluice.schema import QUEUED_TTL_SECONDS
-from sluice.settings import Settings
+from sluice.core.schema import QUEUED_TTL_SECONDS
+from sluice.core.settings import Settings
+from sluice.ops.health import HEARTBEAT_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

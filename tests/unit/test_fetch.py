@@ -1,4 +1,4 @@
-"""Unit tests for sluice.fetch: time parsing, hour enumeration, zstd line reading, fetch()."""
+"""Unit tests for sluice.query.fetch: time parsing, hour enumeration, zstd line reading, fetch()."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import orjson
 import pytest
 import zstandard
 
-import sluice.external_sort as external_sort
-from sluice.fetch import Fetch, Query, fetch
-from sluice.frames import Damaged, Meta, announce, read_frames
-from sluice.records import QUARANTINE_APP, Record, Router
-from sluice.store import FileStore, object_key
-from sluice.timewindow import hours_between, parse_when
+import sluice.query.external_sort as external_sort
+from sluice.archive.store import FileStore, object_key
+from sluice.formats.frames import Damaged, Meta, announce, read_frames
+from sluice.formats.records import QUARANTINE_APP, Record, Router
+from sluice.query.fetch import Fetch, Query, fetch
+from sluice.query.timewindow import hours_between, parse_when
 
 UTC = timezone.utc
 NOW = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import zstandard
 
-from sluice.frames import (
+from sluice.formats.frames import (
     Block,
     Damaged,
     IndexEntry,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sluice.health import HealthFiles
+from sluice.ops.health import HealthFiles
 
 
 def test_ready_exists_exactly_while_ready(tmp_path: Path):

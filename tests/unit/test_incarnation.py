@@ -1,8 +1,8 @@
 """Telling a replay from a recreated topic, given what the broker holds at the mark now."""
 
 from bridge.incarnation import same_incarnation
-from sluice.kafka_probe import fingerprint
-from sluice.records import Record
+from sluice.formats.records import Record
+from sluice.handover.kafka_probe import fingerprint
 
 
 def test_the_same_record_at_the_mark_is_a_replay():

@@ -1,7 +1,9 @@
 """The import graph is layered: no cycles, and no package imports one above it.
 
-Packages, lowest first: sluice (the library) < tasks (Celery) < bridge (it sends tasks) <
-devstack (the local stack) < bench, tests. beat_schedule sits with tasks.
+Layers, lowest first: the library's stages in the order of the flow (docs/DESIGN.md), then what
+runs them: sluice.core (shared by every stage) < sluice.formats < sluice.handover < sluice.slots <
+sluice.archive < sluice.query < sluice.ops < sluice.cli < tasks (Celery; beat_schedule with it) <
+bridge (it sends tasks) < devstack (the local stack) < bench, tests.
 """
 
 from __future__ import annotations
@@ -10,7 +12,17 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-RANK = {"sluice": 0, "beat_schedule": 1, "tasks": 1, "bridge": 2, "devstack": 3, "bench": 4, "tests": 4}
+LAYERS = [["sluice", "sluice.core"], ["sluice.formats"], ["sluice.handover"], ["sluice.slots"], ["sluice.archive"],
+          ["sluice.query"], ["sluice.ops"], ["sluice.cli"], ["tasks", "beat_schedule"], ["bridge"], ["devstack"],
+          ["bench", "tests"]]
+RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
+TOP = ["sluice", "beat_schedule", "tasks", "bridge", "devstack", "bench", "tests"]
+
+
+def layer(module: str) -> str:
+    """The layer a module belongs to: its subpackage of sluice, or its top-level package."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "sluice" and len(parts) > 1 else parts[0]
 
 
 def module_name(path: Path) -> str:
@@ -22,7 +34,7 @@ def module_name(path: Path) -> str:
 
 def imports() -> dict[str, set[str]]:
     """Every project module and the project modules it imports (at any depth in its code)."""
-    paths = [p for top in RANK for p in ([ROOT / f"{top}.py"] if (ROOT / f"{top}.py").exists()
+    paths = [p for top in TOP for p in ([ROOT / f"{top}.py"] if (ROOT / f"{top}.py").exists()
                                           else (ROOT / top).rglob("*.py"))]
     modules = {module_name(p): p for p in paths}
     graph: dict[str, set[str]] = {}
@@ -40,9 +52,19 @@ def imports() -> dict[str, set[str]]:
 
 
 def test_no_package_imports_one_above_it():
-    wrong = [(m, t) for m, targets in imports().items() for t in targets
-             if RANK[t.split(".")[0]] > RANK[m.split(".")[0]]]
+    wrong = [(m, t) for m, targets in imports().items() for t in targets if RANK[layer(t)] > RANK[layer(m)]]
     assert not wrong, wrong
+
+
+def test_every_library_module_sits_in_a_stage():
+    """sluice/ holds its stages' subpackages and the `sluice` command, nothing else: a new module
+    goes into the stage it serves (or sluice.core, if every stage needs it)."""
+    graph = imports()
+    assert all(layer(m) in RANK for m in graph), sorted(m for m in graph if layer(m) not in RANK)
+    subpackages = {p.name for p in (ROOT / "sluice").iterdir() if (p / "__init__.py").exists()}
+    assert {f"sluice.{name}" for name in subpackages} == {n for names in LAYERS for n in names
+                                                           if n.startswith("sluice.") and n != "sluice.cli"}
+    assert sorted(p.name for p in (ROOT / "sluice").glob("*.py")) == ["__init__.py", "cli.py"]
 
 
 def test_the_runtime_never_imports_the_development_stack():

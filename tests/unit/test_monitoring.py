@@ -9,10 +9,10 @@ import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.record.legacy_records import LegacyRecordBatchBuilder
 
-from sluice import monitoring
-from sluice.kafka_batches import Chunk
-from sluice.monitoring import OTHER_APPS, spool_space, top_apps
-from sluice.settings import Settings, SettingsError, get_settings
+from sluice.core.settings import Settings, SettingsError, get_settings
+from sluice.handover.kafka_batches import Chunk
+from sluice.ops import monitoring
+from sluice.ops.monitoring import OTHER_APPS, spool_space, top_apps
 
 
 def test_top_apps_keeps_k_and_sums_the_rest_as_other():
@@ -26,21 +26,21 @@ def test_top_apps_keeps_k_and_sums_the_rest_as_other():
 def test_an_unreadable_spool_is_logged_once_per_error(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(monitoring, "_spool_space_error", None)
     missing = tmp_path / "no-such-spool"
-    with caplog.at_level(logging.WARNING, logger="sluice.monitoring"):
+    with caplog.at_level(logging.WARNING, logger="sluice.ops.monitoring"):
         assert spool_space(missing) is None
         assert spool_space(missing) is None  # the next scrape: the same error, not logged again
-    (warning,) = [r for r in caplog.records if r.name == "sluice.monitoring"]
+    (warning,) = [r for r in caplog.records if r.name == "sluice.ops.monitoring"]
     assert warning.levelno == logging.WARNING
     assert str(missing) in warning.getMessage() and "No such file or directory" in warning.getMessage()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="sluice.monitoring"):
+    with caplog.at_level(logging.WARNING, logger="sluice.ops.monitoring"):
         assert spool_space(tmp_path) is not None  # readable again: nothing logged
         assert spool_space(missing) is None  # ... and the same failure again is logged again
-    assert len([r for r in caplog.records if r.name == "sluice.monitoring"]) == 1
+    assert len([r for r in caplog.records if r.name == "sluice.ops.monitoring"]) == 1
 
 
 def test_other_is_no_valid_app_id():
-    from sluice.records import valid_app_id
+    from sluice.formats.records import valid_app_id
 
     assert not valid_app_id(OTHER_APPS)
 

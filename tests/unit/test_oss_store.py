@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import oss2
 import pytest
 
-from sluice.settings import Settings
-from sluice.store import OssStore, open_store
+from sluice.archive.store import OssStore, open_store
+from sluice.core.settings import Settings
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Unit tests for sluice.records: routing, validation, quarantine and hour bucketing."""
+"""Unit tests for sluice.formats.records: routing, validation, quarantine and hour bucketing."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 import orjson
 import pytest
 
-from sluice.errors import SluiceError
-from sluice.records import (
+from sluice.core.errors import SluiceError
+from sluice.formats.records import (
     QUARANTINE_APP,
     Record,
     Rejected,
@@ -520,7 +520,7 @@ def test_group_survives_out_of_range_kafka_timestamp(timestamp_ms, value):
 
 @pytest.mark.parametrize("hour", ["1970010100", "2026112409", "2024022923", "9999123123"])
 def test_hour_start_is_the_inverse_of_hour_of(hour):
-    from sluice.records import hour_start
+    from sluice.formats.records import hour_start
 
     start = hour_start(hour)
     assert hour_of(start) == hour and hour_of(start + 3599.9) == hour and hour_of(start - 0.1) != hour
@@ -533,11 +533,12 @@ def test_every_quarantine_reason_is_one_the_metrics_serve_from_the_start():
     import re
     from pathlib import Path
 
-    from sluice.records import QUARANTINE_REASONS
+    from sluice.formats.records import QUARANTINE_REASONS
 
     root = Path(__file__).resolve().parents[2] / "sluice"
-    raised = set(re.findall(r'Rejected\("([a-z_]+)"\)', (root / "records.py").read_text()))
-    flaws = set(re.findall(r'\[\], "([a-z_]+)"\)|\],\s+"([a-z_]+)"\)', (root / "undecodable.py").read_text()))
+    raised = set(re.findall(r'Rejected\("([a-z_]+)"\)', (root / "formats" / "records.py").read_text()))
+    flaws = set(re.findall(r'\[\], "([a-z_]+)"\)|\],\s+"([a-z_]+)"\)',
+                           (root / "handover" / "undecodable.py").read_text()))
     flaws = {name for pair in flaws for name in pair if name}
     assert raised and flaws, "the patterns still find the reasons"
     assert raised | flaws <= set(QUARANTINE_REASONS), (raised | flaws) - set(QUARANTINE_REASONS)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sluice import schema, scripts
-from sluice.schema import BatchState
+from sluice.core import schema, scripts
+from sluice.core.schema import BatchState
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,15 +77,15 @@ def test_no_file_but_the_schema_spells_a_key():
     offenders = []
     for path in sorted(ROOT.rglob("*.py")):
         parts = path.relative_to(ROOT).parts
-        if parts[0] in (".venv", "data", "build") or path == ROOT / "sluice" / "schema.py":
+        if parts[0] in (".venv", "data", "build") or path == ROOT / "sluice" / "core" / "schema.py":
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if literal.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
-    assert not offenders, "Redis keys are built by sluice.schema:\n" + "\n".join(offenders)
+    assert not offenders, "Redis keys are built by sluice.core.schema:\n" + "\n".join(offenders)
 
 
 def test_the_tail_pseudo_app_can_never_be_a_real_app():
-    from sluice.records import valid_app_id
+    from sluice.formats.records import valid_app_id
 
     assert not valid_app_id(schema.TAIL_APP)

@@ -1,4 +1,4 @@
-"""Unit tests for sluice.settings: environment reading, validation, secret hiding."""
+"""Unit tests for sluice.core.settings: environment reading, validation, secret hiding."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from sluice.settings import Secret, Settings
+from sluice.core.settings import Secret, Settings
 
 REDIS_URL = "redis://:s3cret-pw@redis.internal:6379/0"
 OSS_ID = "LTAIkeyid-XYZ123"

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from sluice import spool
+from sluice.formats import spool
 
 
 @pytest.mark.parametrize("syncfs", [True, False], ids=["syncfs", "fsync"])

@@ -1,4 +1,4 @@
-"""Unit tests for sluice.store: key layout, FileStore and open_store."""
+"""Unit tests for sluice.archive.store: key layout, FileStore and open_store."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sluice.settings import Settings
-from sluice.store import FileStore, OssStore, hour_prefix, object_key, open_store
+from sluice.archive.store import FileStore, OssStore, hour_prefix, object_key, open_store
+from sluice.core.settings import Settings
 
 
 @pytest.fixture(autouse=True)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from sluice import schema
-from sluice.frames import TailEntry, unpack_tail_piece
-from sluice.stages import Piece, pieces_of
+from sluice.core import schema
+from sluice.formats.frames import TailEntry, unpack_tail_piece
+from sluice.handover.split import Piece, pieces_of
 
 H1, H2 = "2026010109", "2026010110"
 

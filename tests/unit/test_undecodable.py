@@ -11,9 +11,9 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CorruptRecordError
 from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 
-from sluice import undecodable
-from sluice.records import QUARANTINE_APP, Record, Router
-from sluice.undecodable import RawName, record_of
+from sluice.formats.records import QUARANTINE_APP, Record, Router
+from sluice.handover import undecodable
+from sluice.handover.undecodable import RawName, record_of
 
 TS = 1_795_000_000_000
 
@@ -87,7 +87,7 @@ def test_a_flawed_record_goes_to_quarantine_with_every_byte():
 
 
 def test_the_split_reads_a_batch_with_a_flawed_record_through_the_patch():
-    from sluice.kafka_batches import records
+    from sluice.handover.kafka_batches import records
 
     data = batch_bytes([("h!!", b"v")]).replace(b"h!!", b"h\xff\xfe")
     # kafka-python's builder left the CRC of the original name: redo it, as a producer would.
@@ -105,7 +105,7 @@ def test_a_record_whose_length_is_corrupt_goes_to_quarantine_whole():
     records reaches the quarantine."""
     import crc32c
 
-    from sluice.kafka_batches import records
+    from sluice.handover.kafka_batches import records
     data = bytearray(batch_bytes([("x", b"1")]))
     data[61] = 0x7E  # the first record's length (a varint), now longer than the batch
     data = bytes(data)

@@ -9,7 +9,7 @@ import sys
 import orjson
 import pytest
 
-from sluice.where import Filters, lines_containing, lines_matching, parse_where
+from sluice.query.where import Filters, lines_containing, lines_matching, parse_where
 
 LINES = [orjson.dumps(d) for d in (
     {"app": "billing", "level": "ERROR", "status": 500, "http": {"path": "/pay"}, "msg": "card declined"},

@@ -1,0 +1,50 @@
+"""One Redis client per process (redis-py resets its pool after a fork, so prefork is safe), and
+how every sluice connection to Redis notices a dead peer.
+
+Without timeouts a process cut off from Redis hangs on its socket while TCP backs off (tens of
+seconds), its time limits cannot fire, and it holds its slots' file locks all that time. With
+them, a call fails within seconds, the task retries (every Redis write is idempotent or fenced),
+and keepalive probes find a half-open connection an idle process holds. Commands are never
+retried on a timeout by the client itself: a script that ran but whose reply was lost must not
+run twice unnoticed; the task's own retry re-reads the state instead.
+"""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+from typing import Any
+
+import redis
+
+from sluice.core.settings import get_settings
+
+# Connect within this, and get a reply within that: the slowest call sluice makes is a commit script
+# of one bundle, milliseconds; a reply later than this is a network fault.
+CONNECT_TIMEOUT_SECONDS = 3.0
+SOCKET_TIMEOUT_SECONDS = 10.0
+# How the kernel finds a dead connection (the peer's kernel answers, however busy Redis is): an
+# idle one by keepalive probes (first after 5 s idle, then every 2 s, dead after 3 unanswered);
+# one with a request sent and not acknowledged (kombu's BRPOP, which no socket timeout bounds
+# while its event loop waits) after TCP_USER_TIMEOUT, instead of retransmitting for minutes.
+KEEPALIVE_OPTIONS = {socket.TCP_KEEPIDLE: 5, socket.TCP_KEEPINTVL: 2, socket.TCP_KEEPCNT: 3,
+                     socket.TCP_USER_TIMEOUT: 10_000}
+
+
+def connection_options() -> dict[str, Any]:
+    """For redis-py and for kombu's Redis transport (Celery's broker_transport_options) alike."""
+    return {"socket_connect_timeout": CONNECT_TIMEOUT_SECONDS, "socket_timeout": SOCKET_TIMEOUT_SECONDS,
+            "socket_keepalive": True, "socket_keepalive_options": dict(KEEPALIVE_OPTIONS),
+            "health_check_interval": 10}
+
+
+@lru_cache(maxsize=1)
+def get_redis() -> redis.Redis:
+    url = get_settings().redis_url.get_secret_value()
+    return redis.Redis.from_url(url, **connection_options())
+
+
+def server_time(r: redis.Redis) -> float:
+    """Redis's clock, in epoch seconds: the one clock every host agrees on."""
+    seconds, micros = r.time()
+    return seconds + micros / 1_000_000
