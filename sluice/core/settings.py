@@ -125,7 +125,7 @@ class Settings(msgspec.Struct, kw_only=True):
     redrive_after_seconds: PositiveSeconds = 600.0
 
     # Monitoring: the bridge serves Prometheus metrics on this port (0: not at all); per-app
-    # figures are kept for the top apps by archived volume, the rest summed as app="other".
+    # figures are kept for the top apps by archived volume, the rest summed as app="_other".
     metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 9464
     metrics_top_apps: Annotated[int, Meta(ge=0, le=1000)] = 20
     # Liveness and readiness files for probes (sluice.ops.health); none if unset.

@@ -158,7 +158,8 @@ def finish(cluster: Cluster, load: SteadyLoad) -> None:
     assert r.zcard(schema.INFLIGHT) == 0 and r.hlen(schema.SEALED) == 0 and r.scard(schema.SLOTS) == 0
     assert not r.exists(schema.UPLOAD_PLAN, schema.SEALED_RECORDS, schema.TAIL_PLAN, schema.BATCH_BYTES)
     assert int(r.get(schema.INFLIGHT_BYTES) or 0) == 0
-    # Every process rode the fault out: none exited for the supervisor to restart (README, "Several hosts").
+    # Every process rode the fault out: none exited for the supervisor to restart
+    # (docs/operating.md, "Several hosts").
     assert not cluster.restarts, f"processes exited and were restarted: {cluster.restarts}"
 
 

@@ -137,9 +137,9 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def test_two_bridges_count_nothing_twice(stack_factory):
-    """The README's way of combining targets holds with two bridges: each partition's series comes
-    from the one bridge that holds it (so sum() over targets is the total lag), and the pipeline-wide
-    figures read from Redis are the same on both (so max() is the figure)."""
+    """The way of combining targets of docs/operating.md ("Monitoring") holds with two bridges: each
+    partition's series comes from the one bridge that holds it (so sum() over targets is the total
+    lag), and the pipeline-wide figures read from Redis are the same on both (so max() is the figure)."""
     stack = stack_factory()
     stack.start_bridge(name="bridge2")
     ports = [stack.metrics_ports["bridge"], stack.metrics_ports["bridge2"]]

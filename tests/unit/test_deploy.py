@@ -499,7 +499,7 @@ def test_health_files_and_probes():
 def nfs_mount_problems(mount_options: list[str]) -> list[str]:
     """What is wrong for the spool with NFS mount options (an entry may hold several, comma-
     separated): sluice fences slot files with flock, which must reach the server (no nolock or
-    local_lock), on a hard NFSv4 mount (README.md, "Several hosts")."""
+    local_lock), on a hard NFSv4 mount (docs/operating.md, "Several hosts")."""
     options = [option.strip() for entry in mount_options for option in entry.split(",") if option.strip()]
     names = {option.split("=", 1)[0] for option in options}
     versions = [option.split("=", 1)[1] for option in options
