@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple
 
+from devstack.releases import CURRENT, PROJECT_ROOT, Release
 from sluice.core.settings import Settings
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # Fast group joins: Tansu lets kafka-python join a group in about a second with these.
 FAST_GROUP_JOIN = {
@@ -121,11 +120,11 @@ class LocalStack:
 
     # --- infrastructure ------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-               wrap: list[str] | None = None) -> Service:
+               wrap: list[str] | None = None, cwd: Path = PROJECT_ROOT) -> Service:
         """`wrap`: argv the command runs under (`ip netns exec <host>`, to run it on another host)."""
         log = self.workdir / "logs" / f"{name}.log"
         proc = subprocess.Popen([*(wrap or []), *argv], stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, cwd=PROJECT_ROOT,
+                                stdin=subprocess.DEVNULL, env=env, cwd=cwd,
                                 start_new_session=True)
         service = Service(name, proc, log)
         self.services.append(service)
@@ -224,27 +223,32 @@ class LocalStack:
             admin.close()
 
     # --- sluice processes ----------------------------------------------------------------
+    # `release`: which release of sluice the process runs (devstack.releases), this one unless said.
+    def _sluice(self, name: str, module_args: list[str], env: dict[str, str] | None, wrap: list[str] | None,
+                release: Release) -> Service:
+        return self._spawn(name, [release.python, "-m", *module_args], release.env({**self.env(), **(env or {})}),
+                           wrap, cwd=release.root)
+
     def _celery(self, name: str, *args: str, env: dict[str, str] | None = None,
-                wrap: list[str] | None = None) -> Service:
-        return self._spawn(name, [sys.executable, "-m", "celery", "-A", "tasks", *args],
-                           {**self.env(), **(env or {})}, wrap)
+                wrap: list[str] | None = None, release: Release = CURRENT) -> Service:
+        return self._sluice(name, ["celery", "-A", "tasks", *args], env, wrap, release)
 
     def start_io_worker(self, name: str = "io", concurrency: int = 8, env: dict[str, str] | None = None,
-                        wrap: list[str] | None = None) -> Service:
+                        wrap: list[str] | None = None, release: Release = CURRENT) -> Service:
         """`env`: settings of this process alone (a host's own spool view, say); `wrap`: see _spawn."""
         return self._celery(name, "worker", "-Q", "io", "-P", "threads", "-c", str(concurrency),
-                            "-n", f"{name}@%h", "--loglevel=INFO", env=env, wrap=wrap)
+                            "-n", f"{name}@%h", "--loglevel=INFO", env=env, wrap=wrap, release=release)
 
     def start_cpu_worker(self, name: str = "cpu", concurrency: int = 2, env: dict[str, str] | None = None,
-                         wrap: list[str] | None = None) -> Service:
+                         wrap: list[str] | None = None, release: Release = CURRENT) -> Service:
         return self._celery(name, "worker", "-Q", "cpu", "-P", "prefork", "-c", str(concurrency),
-                            "-n", f"{name}@%h", "--loglevel=INFO", env=env, wrap=wrap)
+                            "-n", f"{name}@%h", "--loglevel=INFO", env=env, wrap=wrap, release=release)
 
     def start_beat(self, name: str = "beat", env: dict[str, str] | None = None,
-                   wrap: list[str] | None = None) -> Service:
+                   wrap: list[str] | None = None, release: Release = CURRENT) -> Service:
         """A Beat with a schedule file of its own (two Beats at once are a mistake sluice survives)."""
         return self._celery(name, "beat", "--loglevel=INFO", "-s", str(self.workdir / f"{name}-schedule"),
-                            env=env, wrap=wrap)
+                            env=env, wrap=wrap, release=release)
 
     def start_flower(self, port: int) -> Service:
         env = {**self.env(), "FLOWER_UNAUTHENTICATED_API": "true"}
@@ -252,13 +256,13 @@ class LocalStack:
                                       f"--port={port}", "--address=127.0.0.1"], env)
 
     def start_bridge(self, name: str = "bridge", env: dict[str, str] | None = None,
-                     wrap: list[str] | None = None) -> Service:
+                     wrap: list[str] | None = None, release: Release = CURRENT) -> Service:
         """A bridge, serving its metrics on a free port of its own unless the settings name one."""
         env = {**self.env(), **(env or {})}
         if "SLUICE_METRICS_PORT" not in self.settings_env:
             env["SLUICE_METRICS_PORT"] = str(free_port())
         self.metrics_ports[name] = int(env["SLUICE_METRICS_PORT"])
-        return self._spawn(name, [sys.executable, "-m", "bridge"], env, wrap)
+        return self._sluice(name, ["bridge"], env, wrap, release)
 
     def check_alive(self) -> None:
         """Raise, with the end of its log, if any service of the stack stopped on its own."""
@@ -289,13 +293,15 @@ def start_pipeline(workdir: Path, *, partitions: int = 4, cpu_workers: int = 1, 
                    io_concurrency: int = 8, io_worker: bool = True, bridge: bool = True,
                    base_env: dict[str, str] = FAST,
                    before_workers: Callable[[LocalStack], object] | None = None, address: str = "127.0.0.1",
-                   placement: Mapping[str, Placement] | None = None, **env: str) -> LocalStack:
+                   placement: Mapping[str, Placement] | None = None, release: Release = CURRENT,
+                   **env: str) -> LocalStack:
     """A whole pipeline with the FAST settings (or `base_env`; `env` overrides either):
     redis-server, Tansu with topic "logs" of `partitions` partitions, an io worker (if
     `io_worker`), `cpu_workers` cpu workers, Beat and, if `bridge`, the bridge. `before_workers`
     runs once the services are up and before any sluice process starts (a benchmark fills the
     topic there). `address`: where Redis and the broker listen; `placement`: process name ("io",
-    "cpu0", "beat", "bridge") -> where it runs (devstack.hosts). Stops what it started on failure.
+    "cpu0", "beat", "bridge") -> where it runs (devstack.hosts); `release`: the release of sluice its
+    processes run (devstack.releases). Stops what it started on failure.
     """
     stack = LocalStack(workdir, {**base_env, **env}, address=address)
     where = dict(placement or {})
@@ -308,13 +314,14 @@ def start_pipeline(workdir: Path, *, partitions: int = 4, cpu_workers: int = 1, 
         if before_workers is not None:
             before_workers(stack)
         if io_worker:
-            stack.start_io_worker(concurrency=io_concurrency, env=on("io").env, wrap=on("io").wrap)
+            stack.start_io_worker(concurrency=io_concurrency, env=on("io").env, wrap=on("io").wrap, release=release)
         for i in range(cpu_workers):
             cpu = on(f"cpu{i}")
-            stack.start_cpu_worker(name=f"cpu{i}", concurrency=cpu_concurrency, env=cpu.env, wrap=cpu.wrap)
-        stack.start_beat(env=on("beat").env, wrap=on("beat").wrap)
+            stack.start_cpu_worker(name=f"cpu{i}", concurrency=cpu_concurrency, env=cpu.env, wrap=cpu.wrap,
+                                   release=release)
+        stack.start_beat(env=on("beat").env, wrap=on("beat").wrap, release=release)
         if bridge:
-            stack.start_bridge(env=on("bridge").env, wrap=on("bridge").wrap)
+            stack.start_bridge(env=on("bridge").env, wrap=on("bridge").wrap, release=release)
     except BaseException:
         stack.close()
         raise

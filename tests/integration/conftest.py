@@ -47,14 +47,30 @@ def settings(redis_only: LocalStack, tmp_path: Path) -> Settings:
                     lock_wait_seconds=5)
 
 
+def paced(values: list[bytes], per_second: float, until: threading.Event | None = None) -> Iterator[bytes]:
+    """The values at about `per_second`, so the load goes on while workers come and go; with
+    `until`, the last tenth waits for it, so the load outlasts what the test waits for however
+    slowly the workers start on a loaded machine."""
+    began = time.monotonic()
+    held = len(values) * 9 // 10 if until is not None else -1
+    for i, value in enumerate(values):
+        if until is not None and i == held:
+            until.wait(300)
+        if i % 500 == 0:
+            time.sleep(max(0.0, began + i / per_second - time.monotonic()))
+        yield value
+
+
 class Traffic:
-    """Produce sample records in the background while the test injects its fault."""
+    """Produce sample records in the background while the test injects its fault: as fast as the
+    broker takes them, or at about `per_second`."""
 
     def __init__(self, stack: LocalStack, records: int = 60_000, apps: int = 20,
-                 lines: list[bytes] | None = None) -> None:
+                 lines: list[bytes] | None = None, per_second: float | None = None) -> None:
         self.values = lines if lines is not None else [
             v for _, v in sample.lines(records, sample.app_names(apps), time.time() - 3600, 3600, seed=3)]
-        self.thread = threading.Thread(target=sample.produce, args=(stack.bootstrap, "logs", self.values))
+        values = self.values if per_second is None else paced(self.values, per_second)
+        self.thread = threading.Thread(target=sample.produce, args=(stack.bootstrap, "logs", values))
         self.thread.start()
 
     def finish(self) -> None:

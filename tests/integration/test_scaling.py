@@ -11,7 +11,7 @@ import re
 import signal
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 import redis
@@ -26,7 +26,7 @@ from sluice.core import schema
 from sluice.core.redis_client import get_redis
 from sluice.core.settings import get_settings
 from sluice.ops import queues
-from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
+from tests.integration.conftest import Traffic, assert_exactly_once, paced, wait_archived
 
 pytestmark = pytest.mark.integration
 
@@ -103,20 +103,6 @@ class Controller(threading.Thread):
         for worker in workers:
             worker.reap(timeout=60)
             self.events.append((what, figure))
-
-
-def paced(values: list[bytes], per_second: float, until: threading.Event | None = None) -> Iterator[bytes]:
-    """The values at about `per_second`, so the load goes on while workers come and go; with
-    `until`, the last tenth waits for it, so the load outlasts what the test waits for however
-    slowly the workers start on a loaded machine."""
-    began = time.monotonic()
-    held = len(values) * 9 // 10 if until is not None else -1
-    for i, value in enumerate(values):
-        if until is not None and i == held:
-            until.wait(300)
-        if i % 500 == 0:
-            time.sleep(max(0.0, began + i / per_second - time.monotonic()))
-        yield value
 
 
 def running(worker: Service) -> bool:

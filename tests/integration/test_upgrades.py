@@ -1,11 +1,13 @@
 """Upgrading without fear: a task of a protocol version a worker does not read is left for one
 that does; a Redis schema of another major version stops old processes at start-up; every
-process replaced in turn under load, and two Beats at once, lose and double nothing; the probes'
-files say what the processes are doing."""
+process replaced in turn under load, by one of this code or of this release replacing the
+previous one (its real code), and two Beats at once, lose and double nothing; the probes' files
+say what the processes are doing."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,8 +18,8 @@ import pytest
 import redis
 from celery import Celery
 
-from devstack import sample
-from devstack.local import PROJECT_ROOT, LocalStack, wait_until
+from devstack import releases, sample
+from devstack.local import PROJECT_ROOT, LocalStack, start_pipeline, wait_until
 from sluice.core import schema
 from sluice.core.protocol import SCHEMA_MAJOR, TASK_HEADER
 from sluice.ops import queues
@@ -137,6 +139,52 @@ def test_every_process_replaced_in_turn_under_load_loses_and_doubles_nothing(sta
     traffic.finish()
     wait_archived(stack, len(values))
     assert_exactly_once(stack.workdir / "archive", traffic.seqs)
+
+
+def test_the_previous_release_replaced_in_turn_by_this_one_loses_and_doubles_nothing(tmp_path: Path):
+    """The real upgrade: the previous release (devstack.releases.PREVIOUS_RELEASE, its own tree
+    and virtualenv) runs the pipeline under load, and its processes are replaced one by one with
+    this release's, each direction of task crossing the versions: the new io worker splits the old
+    bridge's batches and sends the old cpu worker its compress tasks, the old Beat's sweeps run on
+    the new io worker. Every record once, nothing left in flight or queued, and no worker met a
+    task it could not read or run."""
+    old = releases.install(releases.PREVIOUS_RELEASE, tmp_path / "previous")
+    stack = start_pipeline(tmp_path / "stack", release=old)
+    try:
+        r = redis.Redis.from_url(stack.redis_url)
+        for service in stack.services:
+            if service.name not in ("redis", "tansu"):  # each runs the old tree's interpreter, in that tree
+                proc = Path(f"/proc/{service.proc.pid}")
+                wait_until(lambda proc=proc: (proc / "cmdline").read_bytes() != b"", 10, f"{service.name} to start")
+                assert (proc / "cmdline").read_bytes().split(b"\0")[0].decode() == old.python, service.name
+                assert (proc / "cwd").resolve() == old.root.resolve(), service.name
+        values = [v for _, v in sample.lines(40_000, sample.app_names(12), time.time() - 3600, 3600, seed=43)]
+        traffic = Traffic(stack, lines=values, per_second=2_000)  # about 20 s: every step under load
+        from devstack.progress import compressed
+
+        replacements = (("io", lambda: stack.start_io_worker(name="io-new")),
+                        ("bridge", lambda: stack.start_bridge(name="bridge-new")),
+                        ("cpu0", lambda: stack.start_cpu_worker(name="cpu-new")),
+                        ("beat", lambda: stack.start_beat(name="beat-new")))
+        for step, (name, start_new) in enumerate(replacements, 1):
+            wait_until(lambda step=step: compressed(r) >= len(values) * step / 6, 180, f"load before step {step}")
+            start_new()
+            stack.service(name).stop()
+            stack.services.remove(stack.service(name))
+        traffic.finish()
+        wait_archived(stack, len(values))
+        assert_exactly_once(stack.workdir / "archive", traffic.seqs)
+        assert r.zcard(schema.INFLIGHT) == 0 and not r.hlen(schema.SEALED)
+        assert not queues.waiting_task_ids(r, ("io", "cpu"))
+        for log in (stack.workdir / "logs").glob("*.log"):
+            text = log.read_text(errors="replace")
+            for sign in ("has protocol version", "unregistered task", "Traceback", "] raised"):
+                assert sign not in text, (log.name, sign, text[text.index(sign) - 2000:][:4000])
+        for worker, task in (("io", "split"), ("io-new", "split"), ("cpu0", "compress"), ("cpu-new", "compress")):
+            log = (stack.workdir / "logs" / f"{worker}.log").read_text()
+            assert re.search(rf"sluice\.{task}\[\w+\] succeeded", log), f"{worker} ran no {task}: no load crossed"
+    finally:
+        stack.close()
 
 
 def test_two_beats_at_once_upload_nothing_twice(stack_factory):
