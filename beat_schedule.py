@@ -18,6 +18,7 @@ from celery.beat import PersistentScheduler, ScheduleEntry
 from sluice.core import schema
 from sluice.core.redis_client import get_redis
 from sluice.core.settings import Settings
+from sluice.ops.repair import verified
 
 log = logging.getLogger("sluice.beat")
 
@@ -45,10 +46,12 @@ class WorkGatedScheduler(PersistentScheduler):
 
 
 def work_waits(keys: tuple[str, ...]) -> bool:
-    """Whether Redis holds any of `keys`; True if it does not answer (Beat's broker is that Redis,
-    so the send itself waits out the outage)."""
+    """Whether Redis holds any of `keys`, or a state not yet checked against the spool (a
+    restarted, replaced or emptied server: the sweep's worker repairs it, sluice.ops.repair, and
+    the work it restores appears); True if it does not answer (Beat's broker is that Redis, so
+    the send itself waits out the outage)."""
     try:
-        return bool(get_redis().exists(*keys))
+        return bool(get_redis().exists(*keys)) or not verified(get_redis())
     except redis.RedisError:
         return True
 

@@ -29,10 +29,12 @@ from sluice.core.errors import SluiceError
 from sluice.core.redis_client import get_redis
 from sluice.core.schema import BatchState
 from sluice.core.settings import Settings
+from sluice.formats.records import Router
 from sluice.handover.batches import Batches
 from sluice.handover.kafka_batches import Chunk, last_record, use_raw_batches
 from sluice.handover.kafka_probe import ProbeInconclusive, Prober, fingerprint
 from sluice.handover.marks import Marks
+from sluice.ops import repair
 from sluice.ops.health import HealthFiles
 
 log = logging.getLogger("sluice.bridge")
@@ -64,6 +66,7 @@ class Bridge:
         client = client if client is not None else get_redis()
         self.marks = Marks(client)
         self.batches = Batches(client, settings)
+        self._router = Router(settings.app_id_source, settings.timestamp_field, settings.record_max_bytes)
         self._send_split = send_split or _celery_send_split
         self._prober = probe or Prober(settings.kafka_bootstrap)
         self.incarnations = IncarnationGuard(self.marks, self._prober, settings.incarnation_check_seconds)
@@ -137,6 +140,9 @@ class Bridge:
             except (redis.RedisError, OSError, ProbeInconclusive) as exc:
                 if self.stopping.is_set():
                     raise
+                if isinstance(exc, redis.RedisError) and repair.unverified(exc):
+                    self._repair()
+                    continue
                 delay = min(0.1 * 2 ** attempt, 5.0)
                 what = ("Redis unavailable" if isinstance(exc, redis.RedisError)
                         else "spool not writable" if isinstance(exc, OSError) else "replay undecided")
@@ -269,6 +275,9 @@ class Bridge:
                 step()
                 return True
             except (KafkaError, redis.RedisError) as exc:
+                if isinstance(exc, redis.RedisError) and repair.unverified(exc):
+                    self._repair()
+                    continue
                 delay = min(0.5 * 2 ** attempt, 5.0)
                 attempt += 1
                 log.warning("%s failed (%s: %s); retried in %.1fs", what, type(exc).__name__, exc, delay)
@@ -284,6 +293,7 @@ class Bridge:
             self.consumer = self._connect()
 
         if not self._until_it_answers(f"connecting to Kafka at {s.kafka_bootstrap}", connect) \
+                or not self._until_it_answers("checking Redis's state against the spool", self._repair) \
                 or not self._until_it_answers("re-enqueueing batches in flight", self._resend_inflight):
             if self.consumer is not None:
                 self.consumer.close()
@@ -329,6 +339,15 @@ class Bridge:
                                   first.first if first is not None else None,
                                   first.first_timestamp_ms if first is not None else None)
         self._state = BridgeState(inputs, paused, self.backpressure.pauses)
+
+    def _repair(self) -> None:
+        """Redis refused a hand-over: its state is not yet checked against the spool (a restarted
+        or replaced server, sluice.ops.repair). Repair it, or wait for whoever does; if this
+        bridge repaired it, send the split of every batch in flight again."""
+        self.health.alive()  # repairing or waiting for it, not stuck
+        report = repair.ensure_verified(self.batches.r, self.settings, self._router)
+        for bid in report.resend if report is not None else []:
+            self._send_split(bid)
 
     def _resend_inflight(self) -> None:
         """A bridge that died between hand-over and enqueue left batches with no task."""

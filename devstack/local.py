@@ -173,6 +173,26 @@ class LocalStack:
         self.services.remove(old)
         self.start_redis()
 
+    def copy_redis_state(self) -> Path:
+        """A copy of redis-server's data as it stands (its AOF, fsynced at every write): the
+        state a replica that far behind, or an AOF that lost what came after, would hold."""
+        data = self.workdir / "redis"
+        copy = self.workdir / f"redis-copy-{time.monotonic_ns()}"
+        shutil.copytree(data, copy)
+        return copy
+
+    def restart_redis_from(self, state: Path | None) -> None:
+        """SIGKILL redis-server and start it again on the same port from `state` (a copy of its
+        data, `copy_redis_state`), or with no data at all if None: Redis forgot what came since."""
+        old = self.service("redis")
+        old.kill()
+        self.services.remove(old)
+        data = self.workdir / "redis"
+        shutil.rmtree(data)
+        if state is not None:
+            shutil.copytree(state, data)
+        self.start_redis()
+
     def service(self, name: str) -> Service:
         return next(s for s in self.services if s.name == name)
 

@@ -16,17 +16,18 @@ import time
 import uuid
 from typing import Any
 
+import redis
 from celery import Celery, Task, signals
 from celery.exceptions import Reject
 from kombu import Queue
 
 from beat_schedule import beat_schedule
 from sluice.core.protocol import TASK_HEADER, TASK_PROTOCOL, TASKS_READ, task_version
-from sluice.core.redis_client import connection_options
+from sluice.core.redis_client import connection_options, get_redis
 from sluice.core.schema import QUEUED_TTL_SECONDS
 from sluice.core.settings import SettingsError, get_settings
-from sluice.ops import queues
-from tasks.deps import queued_tasks
+from sluice.ops import queues, repair
+from tasks.deps import queued_tasks, router
 
 log = logging.getLogger("sluice.tasks")
 
@@ -44,7 +45,10 @@ REQUEUE_DELAY_SECONDS = 1.0
 
 
 class SluiceTask(Task):
-    """Runs a task only if this worker reads its protocol version; puts it back otherwise."""
+    """Runs a task only if this worker reads its protocol version; puts it back otherwise. A task
+    that Redis refuses because its state is not yet checked against the spool (a restarted or
+    replaced server: sluice.ops.repair) repairs it, or waits for the process that does, sends the
+    split of every batch in flight again (tasks lost with the forgotten writes), and runs again."""
 
     _refused: set[str] = set()  # ids logged already, so each is logged once per process
 
@@ -57,7 +61,23 @@ class SluiceTask(Task):
                             "for a worker that does", self.name, self.request.id, version, sorted(TASKS_READ))
             time.sleep(REQUEUE_DELAY_SECONDS)
             raise Reject(f"protocol version {version}", requeue=True)
+        try:
+            return super().__call__(*args, **kwargs)
+        except redis.ResponseError as exc:
+            if not repair.unverified(exc):
+                raise
+        resend_after_repair()
         return super().__call__(*args, **kwargs)
+
+    def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None, throw: bool = True,
+              eta: Any = None, countdown: float | None = None, max_retries: int | None = None,
+              **options: Any) -> Any:
+        """A task retried on a Redis error (autoretry_for) repairs first if that error is the
+        refusal of a state not yet checked, then retries at once."""
+        if exc is not None and repair.unverified(exc):
+            resend_after_repair()
+            countdown = 0
+        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
 
 app = Celery("sluice", broker=settings.redis_url.get_secret_value(), task_cls=SluiceTask,
@@ -114,6 +134,15 @@ def _freeze_start_up_objects(**_: object) -> None:
 def send(task: str, args: list[Any], task_id: str | None = None, **options: Any) -> None:
     """Send a task with sluice's headers."""
     app.send_task(task, args=args, task_id=task_id or uuid.uuid4().hex, headers=HEADERS, **options)
+
+
+def resend_after_repair() -> None:
+    """Repair Redis's state unless it is checked already (sluice.ops.repair), and if this process
+    ran the repair, send the split of every batch in flight: their tasks may have gone with the
+    writes Redis lost, and a split repeats only what is still pending."""
+    report = repair.ensure_verified(get_redis(), settings, router())
+    for bid in report.resend if report is not None else []:
+        enqueue("sluice.split", bid)
 
 
 def enqueue(task: str, bid: str, *args: object) -> None:

@@ -11,6 +11,7 @@ from sluice.core import schema
 from sluice.core.settings import get_settings
 from sluice.handover.split import bundle_pieces, split_batch
 from sluice.ops.queues import waiting_task_ids
+from sluice.ops.repair import require_verified
 from tasks.app import app, enqueue
 from tasks.deps import batches, queued_tasks, router
 
@@ -37,6 +38,7 @@ def redrive() -> int:
     """Finish batches whose tasks were lost (a worker killed mid-task, a broker restart without
     persistence); a batch with a task still waiting in the broker is left to it."""
     redriven = 0
+    require_verified(batches().r)
     stale = batches().stale(get_settings().redrive_after_seconds)
     waiting = waiting_task_ids(batches().r) if stale else set()
     for bid in stale:

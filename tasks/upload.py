@@ -19,6 +19,7 @@ from sluice.core.settings import get_settings
 from sluice.formats.records import hour_of
 from sluice.formats.spool import SealedFile
 from sluice.ops.queues import waiting_task_ids
+from sluice.ops.repair import require_verified
 from sluice.slots.sealed import SealedRegistry
 from tasks.app import app, send
 from tasks.deps import batches, sealer, tail_archiver, uploader
@@ -32,11 +33,12 @@ def upload() -> int:
     none queued; returns how many were sent. One sweep at a time: a second Beat tick just returns."""
     settings = get_settings()
     r = get_redis()
+    require_verified(r)  # seals, uploads and tidies only on a state checked against the spool
     lock = r.lock(schema.SWEEP_LOCK, timeout=max(30.0, settings.upload_interval_seconds * 4), blocking=False)
     if not lock.acquire():
         return 0
     try:
-        batches().drop_orphan_pieces(older_than=settings.redrive_after_seconds)
+        batches().drop_orphans(older_than=settings.redrive_after_seconds)
         sealed = sealer().seal_due()
         groups = by_app_hour(SealedRegistry(r).sealed_files())
         # A past hour's tail files are archived once all of them are sealed (they will be within
@@ -84,6 +86,7 @@ def upload_app_hour(app_name: str, hour: str, files: list[list]) -> int:
     """Archive the sealed files (fid, size) of one app-hour (idempotent); a failure is logged,
     the task shows as failed in Flower, and the next sweep sends what is left again."""
     try:
+        require_verified(get_redis())
         return uploader().archive_app_hour([SealedFile(app_name, hour, fid, size) for fid, size in files])
     finally:
         get_redis().delete(schema.upload_queued(app_name, hour))
@@ -94,7 +97,10 @@ def archive_tail(hour: str, files: list[list]) -> int:
     """Archive the sealed tail files (fid, size) of an hour as one object per app (idempotent);
     on a failure the task shows as failed in Flower, and the next sweep sends it again."""
     try:
+        require_verified(get_redis())
         return tail_archiver().archive_hour(hour, [SealedFile(schema.TAIL_APP, hour, fid, size) for fid, size in files])
+    except redis.ResponseError:
+        raise  # the state is being repaired (tasks.app): not a failure of this archive
     except Exception as exc:
         # Said as the uploader says it of an app-hour's file, for an operator reading the log.
         log.error("archiving the tail files of %s failed, will retry: %s", hour, exc)

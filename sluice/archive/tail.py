@@ -67,6 +67,8 @@ from sluice.formats.frames import (
     units,
 )
 from sluice.formats.spool import SealedFile, Spool, remove_empty_dirs
+from sluice.handover.batch_files import BatchFiles
+from sluice.slots.sealed import batch_in_flight
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ class TailArchiver:
         # quiet app-hour); a bigger one is left as it is while the app-hour has fewer than N.
         self.small_bytes = settings.seal_size_bytes // 16
         self._forget = client.register_script(scripts.FORGET_TAIL)
+        self.batch_files = BatchFiles(settings.spool_dir)
 
     def archive_hour(self, hour: str, files: list[SealedFile]) -> int:
         """Archive these sealed tail files of `hour` (or the set a cut-short earlier try planned);
@@ -98,9 +101,15 @@ class TailArchiver:
 
     def _plan(self, hour: str, files: list[SealedFile]) -> list[SealedFile]:
         """The files to archive together: those recorded by an earlier try, else these, recorded
-        now. Files of the recorded set archived already (gone from SEALED) leave it."""
-        fids = ",".join(sorted(f.fid for f in files))
-        self.r.hsetnx(schema.TAIL_PLAN, hour, fids)
+        now, but for those holding a piece of a batch still in flight (they wait for it, see
+        sluice.slots.sealed.batch_in_flight). Files of the recorded set archived already (gone
+        from SEALED) leave it."""
+        if not self.r.hexists(schema.TAIL_PLAN, hour):
+            ready = [f for f in files if not ((path := self.spool.sealed_path(f.app, f.hour, f.fid)).exists()
+                                               and batch_in_flight(path, f.size, self.batch_files))]
+            if not ready:
+                return []
+            self.r.hsetnx(schema.TAIL_PLAN, hour, ",".join(sorted(f.fid for f in ready)))
         recorded = (self.r.hget(schema.TAIL_PLAN, hour) or b"").decode().split(",")
         entries = [schema.sealed_entry(schema.TAIL_APP, hour, fid) for fid in recorded if fid]
         sizes = self.r.hmget(schema.SEALED, entries) if entries else []

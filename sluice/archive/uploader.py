@@ -44,7 +44,8 @@ from sluice.core.settings import Settings
 from sluice.formats.frames import index, index_entries
 from sluice.formats.records import hour_start
 from sluice.formats.spool import FileRange, SealedFile, Spool, remove_empty_dirs
-from sluice.slots.sealed import SealedRegistry
+from sluice.handover.batch_files import BatchFiles
+from sluice.slots.sealed import SealedRegistry, batch_in_flight
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class Uploader:
         self.spool = Spool(settings.spool_dir)
         self.store = store
         self.slots_per_app = settings.slots_per_app
+        self.batch_files = BatchFiles(settings.spool_dir)
 
     def archive_app_hour(self, files: list[SealedFile]) -> int:
         """Archive these sealed files of one app-hour, except those archived already, unless
@@ -139,7 +141,16 @@ class Uploader:
 
     def _archive(self, sealed: SealedFile) -> int:
         path = self.spool.finish_seal(sealed)  # completes a seal interrupted before its rename
-        plan = self.registry.upload_plan(sealed) or self.registry.plan_upload(sealed, self._choose(sealed))
+        plan = self.registry.upload_plan(sealed)
+        if plan is None and path.exists() and (bid := batch_in_flight(path, sealed.size, self.batch_files)):
+            log.info("%s waits for batch %s, still in flight, before its upload", sealed.entry, bid)
+            return 0
+        if plan is None and not path.exists() and not self._named_in_store(sealed):
+            # A file leaves the spool only once stored whole: archived, in writes Redis lost.
+            log.warning("%s is gone from the spool with no upload plan: archived already", sealed.entry)
+            self.registry.forget(sealed)
+            return 0
+        plan = plan or self.registry.plan_upload(sealed, self._choose(sealed))
         merge = schema.parse_plan(plan)
         if merge is None:
             source, source_size, key = None, 0, object_key(sealed.app, sealed.hour, sealed.fid)
@@ -167,6 +178,9 @@ class Uploader:
         self.registry.forget(sealed)  # last: until here a crash just repeats the plan
         log.info("archived %s (%d bytes)%s", key, sealed.size, f", merged into {source}" if source else "")
         return uploaded
+
+    def _named_in_store(self, sealed: SealedFile) -> bool:
+        return object_key(sealed.app, sealed.hour, sealed.fid) in self.store.list(hour_prefix(sealed.app, sealed.hour))
 
     def _choose(self, sealed: SealedFile) -> str:
         """A new object while the app-hour has fewer than N, else a merge into the smallest."""

@@ -21,7 +21,7 @@ import time
 
 import redis
 
-from sluice.core import schema
+from sluice.core import schema, scripts
 from sluice.core.errors import SluiceError
 
 TASK_HEADER = "sluice_protocol"
@@ -29,7 +29,8 @@ TASK_PROTOCOL = 1
 TASKS_READ = frozenset({1})
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 0
+# 1.1: schema.VERIFIED, schema.REPAIRS (sluice.ops.repair), which 1.0 ignores.
+SCHEMA_MINOR = 1
 SCHEMA_RETRY_SECONDS = 2.0
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ def check_schema(r: redis.Redis) -> str:
             + ("upgrade this process to a sluice that uses it" if newer
                else "run the migration of the release notes before starting this version"))
     if found != mine and int(found.split(".")[1]) < SCHEMA_MINOR:
+        if int(found.split(".")[1]) < 1 and not r.exists(schema.VERIFIED):
+            # A release before 1.1 kept this state, on a Redis it trusted never to forget: it is
+            # taken as checked; from now on a restarted or replaced server is repaired first.
+            r.register_script(scripts.MARK_VERIFIED)(keys=[schema.VERIFIED])
         r.set(schema.SCHEMA_VERSION, mine)  # a newer minor adds only what older code ignores
     return found
 

@@ -22,6 +22,16 @@ PREFIX = "sluice:"
 # The version of this schema, "major.minor" (sluice.core.protocol).
 SCHEMA_VERSION = PREFIX + "schema-version"
 
+# --- the state's check against the spool (sluice.ops.repair) ----------------------------------------
+# string: the run id of the Redis server whose state was last checked against the spool and
+# repaired. A restarted server (its AOF lost its last writes), a promoted replica (behind its old
+# primary) or an emptied one has another run id, or none of this key: every script that changes
+# the state refuses (scripts.GUARD) until the repair has run.
+VERIFIED = PREFIX + "verified"
+REPAIR_LOCK = PREFIX + "lock:repair"  # redis-py lock: one repair at a time
+# hash: what the last repairs found and did (sluice.ops.repair.REPORT_FIELDS), and when
+REPAIRS = PREFIX + "repairs"
+
 # --- partition marks (sluice.handover.marks) --------------------------------------------------------
 # Hashes keyed by `partition_field(topic, partition)`.
 HWM = PREFIX + "hwm"  # -> last offset handed over
@@ -264,7 +274,8 @@ KEY_PATTERNS: tuple[re.Pattern[str], ...] = tuple(re.compile(p) for p in (
     re.escape(COUNTERS), re.escape(QUARANTINED), re.escape(ARCHIVED_RECORDS), re.escape(ARCHIVED_BYTES),
     rf"{re.escape(HOURLY_PREFIX)}\d{{10}}",
     re.escape(SLOTS), re.escape(SEALED), re.escape(UPLOAD_PLAN), re.escape(SWEEP_LOCK), re.escape(SCHEMA_VERSION),
-    re.escape(TAIL_PLAN), re.escape(TAIL_ROUNDS),
+    re.escape(TAIL_PLAN), re.escape(TAIL_ROUNDS), re.escape(VERIFIED), re.escape(REPAIR_LOCK),
+    re.escape(REPAIRS),
     rf"{re.escape(PREFIX)}b:{_BID}:(state|payload|groups|pending|queued)",
     rf"{re.escape(SLOT_STATE_PREFIX)}{_APP_HOUR}\|\d+",
     rf"{re.escape(SLOT_LOCK_PREFIX)}{_APP_HOUR}\|\d+",

@@ -16,11 +16,37 @@ from __future__ import annotations
 
 from string import Template
 
-from sluice.core.schema import BatchState, Counter
+from sluice.core.schema import VERIFIED, BatchState, Counter
+
+# Every script that changes the state begins with this: it refuses, with an error reply that
+# begins with UNVERIFIED, unless the state was checked against the spool on this very server
+# (schema.VERIFIED holds its run id). A Redis that lost its last writes or came back empty is a
+# restarted server or a promoted replica, with another run id (or an emptied one, without the
+# key), so nothing is appended, sealed, uploaded or handed over on the strength of a state that
+# went back in time until sluice.ops.repair has mended it.
+UNVERIFIED = "UNVERIFIED"
+GUARD = f"""
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+if redis.call('GET', '{VERIFIED}') ~= run_id then
+  return redis.error_reply('{UNVERIFIED} Redis state not yet checked against the spool since this server started')
+end
+"""
 
 # The batch states and counter names the scripts use, as sluice.core.schema names them.
-_NAMES = {"handed": BatchState.HANDED.value, "split": BatchState.SPLIT.value,
+_NAMES = {"handed": BatchState.HANDED.value, "split": BatchState.SPLIT.value, "guard": GUARD,
           **{f"counter_{c.name.lower()}": c.value for c in Counter}}
+
+# The guard alone: a process checks it before it acts on what it read of the state (an upload,
+# a sweep). 1, or the UNVERIFIED error.
+CHECK = GUARD + "return 1\n"
+
+# The end of a repair: this server's state is checked; its run id.
+# KEYS: 1 VERIFIED
+MARK_VERIFIED = """
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+redis.call('SET', KEYS[1], run_id)
+return run_id
+"""
 
 # Hand a batch over: advance the partition's mark from ARGV[2] to ARGV[3], record the batch as
 # handed and in flight. {0, current mark} if the mark moved since it was read, else {1, ''}.
@@ -30,6 +56,7 @@ _NAMES = {"handed": BatchState.HANDED.value, "split": BatchState.SPLIT.value,
 #       5 '1' to store the payload in Redis, 6 payload, 7 fingerprint, 8 payload size,
 #       9 Kafka timestamp (ms) of the batch's first record
 HAND_OVER = Template("""
+$guard
 local t = redis.call('TIME')
 local now = t[1] + t[2] / 1000000
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
@@ -48,7 +75,7 @@ return {1, ''}
 # Start a new incarnation of a partition whose mark is still ARGV[2]; its new number, or -1.
 # KEYS: 1 HWM, 2 FINGERPRINT, 3 EARLIER, 4 INCARNATION
 # ARGV: 1 partition field, 2 expected mark ('' for none)
-NEW_INCARNATION = """
+NEW_INCARNATION = GUARD + """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 if cur ~= ARGV[2] then return -1 end
 if cur ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[1], tonumber(cur) + 1) end
@@ -63,7 +90,7 @@ return redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
 #       5 QUARANTINED
 # ARGV: 1 R, then R pairs of a quarantine reason and its count, then per piece its app-hour name
 #       and its piece ref
-SPLIT_COMMIT = Template("""
+_SPLIT_COMMIT = Template("""
 if redis.call('GET', KEYS[1]) ~= '$handed' then return 0 end
 local r = tonumber(ARGV[1])
 for i = 2, 2 * r, 2 do
@@ -77,6 +104,10 @@ redis.call('SET', KEYS[1], '$split')
 redis.call('DEL', KEYS[4])
 return 1
 """).substitute(_NAMES)
+SPLIT_COMMIT = GUARD + _SPLIT_COMMIT
+# The same, without the guard: only for sluice.ops.repair, which splits again what Redis forgot
+# before the state is marked checked.
+REPAIR_SPLIT_COMMIT = _SPLIT_COMMIT
 
 # Release those of these slot locks that still hold our token.
 # KEYS: slot_lock(sid) of each slot
@@ -95,7 +126,7 @@ return 0
 # KEYS: 1 SLOTS
 # ARGV: 1 token, 2 lease ms, 3 N, 4 SLOT_LOCK_PREFIX, 5 SLOT_STATE_PREFIX, then per app-hour: its
 #       app_hour name (the slot id stem), a new fid, a skip mask ('' for none)
-ACQUIRE = """
+ACQUIRE = GUARD + """
 local token, lease, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local lockp, slotp = ARGV[4], ARGV[5]
 local t = redis.call('TIME')
@@ -129,7 +160,7 @@ return out
 # another file (sealed meanwhile).
 # KEYS: none (built from the prefixes)
 # ARGV: 1 token, 2 SLOT_LOCK_PREFIX, 3 SLOT_STATE_PREFIX, then per slot its id and fid
-VERIFY = """
+VERIFY = GUARD + """
 local token, lockp, slotp = ARGV[1], ARGV[2], ARGV[3]
 local out = {}
 for p = 0, (#ARGV - 3) / 2 - 1 do
@@ -163,7 +194,7 @@ return out
 # ARGV: 1 token, 2 batch id, 3 seal size, 4 SLOT_LOCK_PREFIX, 5 SLOT_STATE_PREFIX,
 #       6 HOURLY_TTL_SECONDS, 7 Counter.RECORDS_APPENDED, then per piece: slot id, fid, new
 #       size, records
-COMMIT = """
+COMMIT = GUARD + """
 local lockp, slotp = ARGV[4], ARGV[5]
 local t = redis.call('TIME')
 local now = t[1] + t[2] / 1000000
@@ -225,7 +256,7 @@ return out
 # record count and its place in PENDING_OLDEST; the slot loses its state. -1 if the lease was lost.
 # KEYS: 1 slot_lock(sid), 2 slot_state(sid), 3 SEALED, 4 SLOTS, 5 SEALED_RECORDS, 6 PENDING_OLDEST
 # ARGV: 1 token, 2 sealed entry, 3 committed size, 4 slot id
-SEAL = """
+SEAL = GUARD + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local o = redis.call('ZSCORE', KEYS[6], ARGV[4])
 redis.call('ZREM', KEYS[6], ARGV[4])
@@ -245,6 +276,7 @@ return 1
 #       6 ARCHIVED_BYTES, 7 COUNTERS
 # ARGV: 1 sealed entry, 2 its app
 FORGET = Template("""
+$guard
 local size = redis.call('HGET', KEYS[1], ARGV[1])
 if not size then return 0 end
 local records = redis.call('HGET', KEYS[3], ARGV[1]) or 0
@@ -268,6 +300,7 @@ return 1
 #       6 ARCHIVED_BYTES, 7 COUNTERS, 8 TAIL_ROUNDS
 # ARGV: 1 hour, 2 n, then n sealed entries, then per object: its app, records, bytes
 FORGET_TAIL = Template("""
+$guard
 local n = tonumber(ARGV[2])
 local left = 0
 for i = 3, 2 + n do

@@ -74,14 +74,17 @@ class BatchFiles:
         for path in (self.root / "pieces").glob(f"{bid}.*"):
             path.unlink(missing_ok=True)
 
-    def drop_orphan_pieces(self, older_than: float, in_flight: Callable[[str], bool]) -> int:
-        """Pieces files older than `older_than` seconds of batches no longer in flight (a worker
-        died between the last commit and the cleanup, or a split died before its commit); how
-        many were removed."""
+    def drop_orphans(self, older_than: float, in_flight: Callable[[str], bool]) -> int:
+        """Payload and pieces files older than `older_than` seconds of batches not in flight (a
+        worker died between the last commit and the cleanup, a split died before its commit, a
+        bridge between writing a payload and handing it over); how many were removed. Only on a
+        state checked against the spool (sluice.ops.repair): a Redis that forgot a batch must
+        not have its payload removed."""
         removed = 0
         cutoff = time.time() - older_than
-        for path in (self.root / "pieces").glob("*"):
-            bid = path.name.rsplit(".", 1)[0]
+        paths = [*(self.root / "pieces").glob("*"), *(self.root / "batches").glob("*.kafka")]
+        for path in paths:
+            bid = path.name.removesuffix(".kafka") if path.suffix == ".kafka" else path.name.rsplit(".", 1)[0]
             try:
                 old = path.stat().st_mtime < cutoff
             except FileNotFoundError:
@@ -90,7 +93,7 @@ class BatchFiles:
                 path.unlink(missing_ok=True)
                 removed += 1
         if removed:
-            log.info("removed %d orphaned pieces files", removed)
+            log.info("removed %d orphaned batch files", removed)
         return removed
 
 

@@ -27,12 +27,14 @@ from sluice.handover.batch_files import BatchFiles, BytesLike, write_durably
 class Batches:
     """Hand-over, split commit, and what is still in flight."""
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, guarded: bool = True) -> None:
+        """`guarded=False`: the split commits even before Redis's state is checked against the
+        spool (scripts.GUARD); for sluice.ops.repair alone."""
         self.r = client
         self.settings = settings
         self.files = BatchFiles(settings.spool_dir)
         self._hand_over = client.register_script(scripts.HAND_OVER)
-        self._split_commit = client.register_script(scripts.SPLIT_COMMIT)
+        self._split_commit = client.register_script(scripts.SPLIT_COMMIT if guarded else scripts.REPAIR_SPLIT_COMMIT)
 
     @property
     def _in_redis(self) -> bool:
@@ -87,7 +89,9 @@ class Batches:
 
         The pieces are written once, to one file of the spool (durable before Redis refers to
         it); Redis keeps only where each lies (`schema.piece_ref`). Each delivery writes a file
-        of its own, so a duplicate that loses the race removes just its own.
+        of its own, so a duplicate that loses the race removes just its own. The payload stays
+        until the batch's last piece is committed (sluice.slots.appends): a Redis that forgets
+        the split is repaired from it (sluice.ops.repair).
         """
         token = uuid.uuid4().hex[:12]
         path = self.files.pieces_path(bid, token)
@@ -101,17 +105,13 @@ class Batches:
             args += [piece, schema.piece_ref(token, offset, len(data), count, spans.get(piece) if spans else None)]
             offset += len(data)
         write_durably(path, groups.values())
-        try:
-            done = self._split_commit(
-                keys=[schema.batch_state(bid), schema.batch_groups(bid), schema.batch_pending(bid),
-                      schema.batch_payload(bid), schema.QUARANTINED], args=args)
-        except BaseException:
-            path.unlink(missing_ok=True)  # nobody refers to it; a retried split writes another
-            raise
+        # If this raises, the script may have run all the same (a reply lost on the way back):
+        # the file is left for the batch's end to remove with its others (drop_pieces).
+        done = self._split_commit(
+            keys=[schema.batch_state(bid), schema.batch_groups(bid), schema.batch_pending(bid),
+                  schema.batch_payload(bid), schema.QUARANTINED], args=args)
         if not done:
             path.unlink(missing_ok=True)
-        if not self._in_redis:
-            self.files.drop_payload(bid)
         return bool(done)
 
     def pending_pieces(self, bid: str) -> list[str]:
@@ -157,6 +157,6 @@ class Batches:
         or the spool (the backpressure bound)."""
         return int(self.r.get(schema.INFLIGHT_BYTES) or 0)
 
-    def drop_orphan_pieces(self, older_than: float) -> int:
-        """Pieces files of batches no longer in flight; see BatchFiles.drop_orphan_pieces."""
-        return self.files.drop_orphan_pieces(older_than, self.in_flight)
+    def drop_orphans(self, older_than: float) -> int:
+        """Batch files of batches no longer in flight; see BatchFiles.drop_orphans."""
+        return self.files.drop_orphans(older_than, self.in_flight)

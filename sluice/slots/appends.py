@@ -197,6 +197,7 @@ class Appender:
         held.difference_update(h.sid for (h, _), result in zip(files, results) if result > 0)
         if finished:
             self._batch_files.drop_pieces(bid)
+            self._batch_files.drop_payload(bid)
         lost = []
         for (h, fd), size, end, result in zip(files, sizes, ends, results):
             if result == 0:  # a duplicate delivery: take our bytes back off the tail

@@ -7,10 +7,15 @@ commit that fills it, sluice.slots.appends) and leaves it, with its plan, once i
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sluice.core import schema, scripts
-from sluice.formats.spool import SealedFile
+from sluice.core.errors import Damaged
+from sluice.formats.frames import PIECE_MAGIC, TAIL_MAGIC, units
+from sluice.formats.spool import FileRange, SealedFile
+from sluice.handover.batch_files import BatchFiles
 
 if TYPE_CHECKING:  # `sluice fetch` imports this module and should start fast; it may need no Redis
     import redis
@@ -68,3 +73,26 @@ def committed_files(client: redis.Redis, app: str, hour: str, n: int) -> list[tu
         if (entry_app, entry_hour) == (app, hour):
             found.append((fid, int(size)))
     return found
+
+
+def batch_in_flight(path: Path, size: int, files: BatchFiles) -> str | None:
+    """A batch still in flight (its payload still in the spool) that this sealed file holds a
+    piece of, or None. Such a file waits in the spool until that batch is done: the pieces of
+    every batch in flight then lie in the spool, where a repair of a Redis that forgot them finds
+    them (sluice.ops.repair), never only in the store."""
+    seen: set[str] = set()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for unit in units(FileRange(fd, 0, size)):
+            if unit.ident is None or unit.magic not in (PIECE_MAGIC, TAIL_MAGIC):
+                continue
+            bid = unit.ident.rsplit("|", 1 if unit.magic == TAIL_MAGIC else 2)[0]
+            if bid not in seen:
+                seen.add(bid)
+                if files.payload_path(bid).exists():
+                    return bid
+    except Damaged:
+        return None  # written before announcements: its upload reads and reports it
+    finally:
+        os.close(fd)
+    return None

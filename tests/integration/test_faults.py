@@ -49,7 +49,7 @@ def test_a_bridge_started_before_kafka_and_redis_waits_for_them(tmp_path: Path):
         wait_until(lambda: f"connecting to Kafka at {stack.bootstrap} failed" in bridge.log.read_text(), 60,
                    "the bridge to meet no broker")
         stack.start_kafka()
-        wait_until(lambda: "re-enqueueing batches in flight failed" in bridge.log.read_text(), 60,
+        wait_until(lambda: "checking Redis's state against the spool failed" in bridge.log.read_text(), 60,
                    "the bridge to meet no Redis")
         stack.start_redis()
         stack.create_topic("logs", 4)

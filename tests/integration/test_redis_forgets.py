@@ -1,0 +1,102 @@
+"""Redis may forget: under load, a Redis that loses its last seconds of acknowledged writes (its
+AOF behind, a replica promoted), or comes back empty, costs no record and doubles none, and the
+pipeline mends its state from the spool by itself (sluice.ops.repair)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from devstack import sample
+from devstack.local import LocalStack, start_pipeline, wait_until
+from sluice.core import schema
+from sluice.ops.repair import verified
+from tests.integration.conftest import Traffic, assert_exactly_once, read_archive
+
+pytestmark = pytest.mark.integration
+
+RECORDS = 40_000
+PER_SECOND = 1_000  # 40 s of load
+
+
+def spool_left(stack: LocalStack) -> list[str]:
+    """Batch payloads, pieces, slot files and set-aside files still in the spool."""
+    root = stack.workdir / "spool"
+    found = [*root.glob("batches/*.kafka"), *root.glob("pieces/*"), *root.glob("open/*/*/*"),
+             *root.glob("sealed/*/*/*"), *root.glob("set-aside/*")]
+    return sorted(str(p.relative_to(root)) for p in found)
+
+
+def wait_all_archived(stack: LocalStack, seqs: set[int], timeout: float = 300) -> float:
+    """Until every seq is in the archive and nothing is in flight, open, sealed or left in the
+    spool; when that was. Read from the archive and the spool, not from Redis's counters, which
+    went back with the state."""
+    r = redis.Redis.from_url(stack.redis_url)
+
+    def done() -> bool:
+        stack.check_alive()
+        if r.zcard(schema.INFLIGHT) or r.scard(schema.SLOTS) or r.hlen(schema.SEALED) or spool_left(stack):
+            return False
+        archived = {int(line.split(b'"seq":', 1)[1].split(b",", 1)[0]) for _, line in read_archive(
+            stack.workdir / "archive") if b'"seq":' in line}
+        return seqs <= archived
+
+    wait_until(done, timeout, f"{len(seqs)} records archived and the spool empty", interval=1.0)
+    return time.monotonic()
+
+
+def load(stack: LocalStack, seed: int) -> Traffic:
+    values = [v for _, v in sample.lines(RECORDS, sample.app_names(40), time.time() - 3600, 3600, seed=seed)]
+    return Traffic(stack, lines=values, per_second=PER_SECOND)
+
+
+@pytest.fixture
+def stack(tmp_path: Path):
+    stack = start_pipeline(tmp_path / "stack")
+    yield stack
+    stack.close()
+
+
+def test_redis_losing_its_last_seconds_twice_loses_and_doubles_nothing(stack: LocalStack):
+    """Twice under load, Redis restarts from its state of 5 s before (a replica 5 s behind
+    promoted, an AOF that lost its last seconds): every record is archived once, nothing stays in
+    flight or in the spool, no process is restarted, and each repair is recorded as behind."""
+    r = redis.Redis.from_url(stack.redis_url)
+    traffic = load(stack, seed=61)
+    cleared = []
+    for at in (8.0, 22.0):
+        wait_until(lambda at=at: time.monotonic() - traffic.started >= at, 60, f"{at:.0f} s of load")
+        before = stack.copy_redis_state()
+        time.sleep(5)
+        stack.restart_redis_from(before)
+        cleared.append(time.monotonic())
+        wait_until(lambda: verified(r), 60, "the state repaired after the rollback")
+    assert traffic.thread.is_alive(), "the load ended before the second rollback: it tests less than it says"
+    traffic.finish()
+    done = wait_all_archived(stack, traffic.seqs)
+    assert_exactly_once(stack.workdir / "archive", traffic.seqs)
+    repairs = {k.decode(): v.decode() for k, v in r.hgetall(schema.REPAIRS).items()}
+    print(f"repairs: {repairs}; backlog cleared {done - cleared[-1]:.1f} s after the second restart")
+    assert int(repairs.get("repairs_behind", 0)) >= 1, repairs
+    assert int(repairs.get("set_aside_total", 0)) == 0, repairs
+
+
+def test_redis_back_empty_loses_and_doubles_nothing(stack: LocalStack):
+    """Under load, Redis comes back with nothing (a FLUSHALL, a new instance): every record is
+    archived once, from the spool and Kafka's committed offsets, and the repair says so."""
+    r = redis.Redis.from_url(stack.redis_url)
+    traffic = load(stack, seed=62)
+    wait_until(lambda: time.monotonic() - traffic.started >= 15, 60, "15 s of load")
+    stack.restart_redis_from(None)
+    restarted = time.monotonic()
+    assert traffic.thread.is_alive(), "the load ended before Redis did: it tests less than it says"
+    traffic.finish()
+    done = wait_all_archived(stack, traffic.seqs)
+    assert_exactly_once(stack.workdir / "archive", traffic.seqs)
+    repairs = {k.decode(): v.decode() for k, v in r.hgetall(schema.REPAIRS).items()}
+    print(f"repairs: {repairs}; backlog cleared {done - restarted:.1f} s after the restart")
+    assert int(repairs.get("repairs_empty", 0)) == 1, repairs
+    assert int(repairs.get("set_aside_total", 0)) == 0, repairs
