@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sluice.core import schema
 from sluice.core.errors import SluiceError
 from sluice.core.schema import Counter
 from sluice.core.settings import Settings
@@ -210,6 +211,16 @@ class PipelineCollector(Collector):
         yield uploads
         yield counter("sluice_uploaded_bytes", "Bytes uploaded to the store", p.counter(Counter.UPLOADED_BYTES))
         yield counter("sluice_redrives", "Batches redriven after their tasks were lost", p.counter(Counter.REDRIVES))
+        repairs = CounterMetricFamily("sluice_redis_repairs", "Repairs of Redis's state from the spool, by what "
+                                      "they found: clean (a restart that lost nothing), behind, empty", labels=["kind"])
+        for kind in schema.REPAIR_KINDS:
+            repairs.add_metric([kind], float(p.repairs.get(f"repairs_{kind}", 0)))
+        yield repairs
+        yield counter("sluice_redis_repair_set_aside", "Spool files the repairs could not account for, moved to "
+                      "set-aside/", float(p.repairs.get("set_aside_total", 0)))
+        if "last_at" in p.repairs:
+            yield gauge("sluice_redis_last_repair_timestamp_seconds", "When Redis's state was last repaired",
+                        float(p.repairs["last_at"]))
         if Counter.LAST_UPLOAD.value in p.counters:
             yield gauge("sluice_last_upload_timestamp_seconds", "When a sealed file was last archived",
                         p.counter(Counter.LAST_UPLOAD))

@@ -29,8 +29,16 @@ SCHEMA_VERSION = PREFIX + "schema-version"
 # the state refuses (scripts.GUARD) until the repair has run.
 VERIFIED = PREFIX + "verified"
 REPAIR_LOCK = PREFIX + "lock:repair"  # redis-py lock: one repair at a time
-# hash: what the last repairs found and did (sluice.ops.repair.REPORT_FIELDS), and when
+# hash: what the last repair found and did (REPAIR_FIELDS: its figures), and when; per kind of
+# REPAIR_KINDS, `repairs_<kind>` counts the repairs that found it; `set_aside_total` the files
+# every repair set aside
 REPAIRS = PREFIX + "repairs"
+# What a repair found: nothing behind (a server restarted without loss), a state behind the
+# spool's, or none at all.
+REPAIR_KINDS = ("clean", "behind", "empty")
+REPAIR_FIELDS = ("last_at", "last_kind", "last_run_id", "batches_restored", "batches_resplit",
+                 "batches_finished", "pieces_retired", "files_sealed", "sealed_registered", "sealed_dropped",
+                 "marks_raised", "set_aside")
 
 # --- partition marks (sluice.handover.marks) --------------------------------------------------------
 # Hashes keyed by `partition_field(topic, partition)`.

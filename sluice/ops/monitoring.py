@@ -78,6 +78,7 @@ class PipelineFigures:
     recent_records: dict[str, int] = field(default_factory=dict)  # this hour and the one before
     queue_waiting: dict[str, int] = field(default_factory=dict)  # Celery queue -> tasks waiting
     queue_unacked: dict[str, int] = field(default_factory=dict)  # Celery queue -> tasks taken, not done
+    repairs: dict[str, str] = field(default_factory=dict)  # schema.REPAIRS (sluice.ops.repair)
 
     def age(self, timestamp_ms: float | None) -> float:
         return max(self.now - timestamp_ms / 1000, 0.0) if timestamp_ms is not None else 0.0
@@ -114,13 +115,14 @@ def read_pipeline(r: redis.Redis, now: float | None = None) -> PipelineFigures:
         pipe.hgetall(schema.QUARANTINED)
         pipe.hgetall(schema.ARCHIVED_RECORDS)
         pipe.hgetall(schema.ARCHIVED_BYTES)
+        pipe.hgetall(schema.REPAIRS)
         for hour in hours:
             pipe.hgetall(schema.hourly_records(hour))
         for queue in queues.QUEUES:
             pipe.llen(queue)
             pipe.hlen(queues.unacked_key(queue))
         (hwm, earlier, inflight, inflight_bytes, inflight_oldest, pending_oldest, slots, sealed,
-         counters, quarantined, archived_records, archived_bytes, *rest) = pipe.execute()
+         counters, quarantined, archived_records, archived_bytes, repairs, *rest) = pipe.execute()
     recent, queue_sizes = rest[:len(hours)], rest[len(hours):]
     with r.pipeline(transaction=False) as pipe:
         for sid in slots:
@@ -148,6 +150,7 @@ def read_pipeline(r: redis.Redis, now: float | None = None) -> PipelineFigures:
         recent_records=recent_records,
         queue_waiting=dict(zip(queues.QUEUES, (int(n) for n in queue_sizes[0::2]))),
         queue_unacked=dict(zip(queues.QUEUES, (int(n) for n in queue_sizes[1::2]))),
+        repairs={k.decode(): v.decode() for k, v in repairs.items()},
     )
 
 

@@ -63,11 +63,6 @@ WAIT_SECONDS = 120.0
 LEASE_SECONDS = 300.0
 # A writer holds a slot file's lock for one append; a repair waits this long for it.
 FILE_WAIT_SECONDS = 5.0
-# The fields of schema.REPAIRS a repair writes (counts are of the last repair; `repairs_<kind>`
-# count every repair of that kind).
-REPORT_FIELDS = ("last_at", "last_kind", "last_run_id", "batches_restored", "batches_resplit",
-                 "batches_finished", "pieces_retired", "files_sealed", "sealed_registered", "sealed_dropped",
-                 "marks_raised", "set_aside")
 
 
 def unverified(exc: BaseException) -> bool:

@@ -16,6 +16,7 @@ import redis
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
+from sluice.core import schema
 from sluice.core.schema import Counter
 from sluice.core.settings import Settings
 from sluice.handover.kafka_probe import Prober
@@ -65,6 +66,9 @@ class Status:
     workers: list[str] | None  # None: Celery could not be asked
     queue_waiting: dict[str, int] = field(default_factory=dict)
     queue_unacked: dict[str, int] = field(default_factory=dict)
+    # The last repair of Redis's state from the spool (sluice.ops.repair): its kind, when, what
+    # it restored or set aside; empty if there was none.
+    last_repair: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -137,6 +141,7 @@ def gather(settings: Settings, client: redis.Redis, thresholds: Thresholds, ask_
         top_apps_last_hour=top_apps(p.recent_records, TOP_APPS),
         workers=seen,
         queue_waiting=p.queue_waiting, queue_unacked=p.queue_unacked,
+        last_repair=p.repairs,
     )
     status.problems = problems(status, thresholds)
     return status
@@ -157,6 +162,16 @@ def problems(status: Status, t: Thresholds) -> list[str]:
     if t.min_workers is not None and len(status.workers or []) < t.min_workers:
         out.append(f"{len(status.workers or [])} workers answered < {t.min_workers}")
     return out
+
+
+def _repair_line(repair: dict[str, str], now: float) -> str:
+    """When Redis's state was last repaired from the spool, what it found and what it did."""
+    if "last_at" not in repair:
+        return "Redis state repaired     never"
+    done = ", ".join(f"{field.replace('_', ' ')} {repair[field]}" for field in schema.REPAIR_FIELDS[3:]
+                     if repair.get(field, "0") != "0")
+    return (f"Redis state repaired     {now - float(repair['last_at']):>10.0f} s ago ({repair.get('last_kind')})"
+            + (f": {done}" if done else "") + f"; set aside in all {repair.get('set_aside_total', '0')}")
 
 
 def _mb(n: float) -> str:
@@ -190,6 +205,7 @@ def render(status: Status) -> str:
         lines += [f"  {app:<24}{n:>12,}" for app, n in status.top_apps_last_hour.items()]
     lines.append("tasks waiting / running  " + ", ".join(
         f"{q} {status.queue_waiting.get(q, 0):,} / {status.queue_unacked.get(q, 0):,}" for q in status.queue_waiting))
+    lines.append(_repair_line(status.last_repair, time.time()))
     if status.workers is not None:
         lines.append(f"workers ({len(status.workers)}): " + (", ".join(status.workers) or "none answered"))
     return "\n".join(lines)

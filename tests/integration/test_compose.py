@@ -47,7 +47,7 @@ def test_sluice_services_share_the_spool_and_redis(config):
         assert service["environment"]["SLUICE_REDIS_URL"] == "redis://redis:6379/0"
         assert service["environment"]["SLUICE_SPOOL_DIR"] == "/spool"
     redis_cmd = " ".join(config["services"]["redis"]["command"])
-    assert "--appendonly yes" in redis_cmd and "--appendfsync always" in redis_cmd
+    assert "--appendonly yes" in redis_cmd and "--appendfsync everysec" in redis_cmd
 
 
 def test_flower_needs_a_password_and_listens_on_this_machine_only(config):

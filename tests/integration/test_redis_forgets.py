@@ -4,14 +4,19 @@ pipeline mends its state from the spool by itself (sluice.ops.repair)."""
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import redis
 
 from devstack import sample
-from devstack.local import LocalStack, start_pipeline, wait_until
+from devstack.local import PROJECT_ROOT, LocalStack, start_pipeline, wait_until
 from sluice.core import schema
 from sluice.ops.repair import verified
 from tests.integration.conftest import Traffic, assert_exactly_once, read_archive
@@ -82,6 +87,13 @@ def test_redis_losing_its_last_seconds_twice_loses_and_doubles_nothing(stack: Lo
     print(f"repairs: {repairs}; backlog cleared {done - cleared[-1]:.1f} s after the second restart")
     assert int(repairs.get("repairs_behind", 0)) >= 1, repairs
     assert int(repairs.get("set_aside_total", 0)) == 0, repairs
+    # The operator knows: `sluice status` and the bridge's metrics say so.
+    status = subprocess.run([sys.executable, "-m", "sluice.cli", "status", "--json"], env=stack.env(),
+                            capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
+    assert json.loads(status.stdout)["last_repair"]["last_run_id"] == repairs["last_run_id"], status.stderr
+    served = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports['bridge']}/metrics", timeout=10)
+    behind = re.search(r'^sluice_redis_repairs_total\{kind="behind"\} (\S+)$', served.read().decode(), re.M)
+    assert behind and float(behind.group(1)) == float(repairs["repairs_behind"]), behind
 
 
 def test_redis_back_empty_loses_and_doubles_nothing(stack: LocalStack):

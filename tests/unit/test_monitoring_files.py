@@ -47,6 +47,9 @@ METRICS = {
     "sluice_last_upload_timestamp_seconds",
     "sluice_app_archived_records_total",
     "sluice_app_archived_bytes_total",
+    "sluice_redis_repairs_total",
+    "sluice_redis_repair_set_aside_total",
+    "sluice_redis_last_repair_timestamp_seconds",
 }
 # Prometheus' own series the rules and the dashboard may use besides sluice's.
 OTHER_METRICS = {"up"}
@@ -60,6 +63,8 @@ ALERTS = {
     "SluiceSpoolNearlyFull",
     "SluiceRedisDown",
     "SluiceBridgeDown",
+    "SluiceRedisStateRepaired",
+    "SluiceRepairSetFilesAside",
 }
 PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
                 "group_right"}
@@ -299,6 +304,24 @@ def cases() -> list[dict[str, Any]]:
         case("SluiceRedisDown", {f"sluice_redis_up{{{A}}}": "0x10", f"sluice_redis_up{{{B}}}": "1 1 1 0x7"}, [
             ("3m", []),
             ("6m", [fires("SluiceRedisDown", {}, {})]),
+        ]),
+        # A repair that found the state behind fires once, whichever bridges serve it; a clean one
+        # (a restart that lost nothing) never does; and it stops 15 minutes on.
+        case("SluiceRedisStateRepaired", {
+            f'sluice_redis_repairs_total{{kind="behind", {A}}}': "0 0 1x25",
+            f'sluice_redis_repairs_total{{kind="behind", {B}}}': "0 0 1x25",
+            f'sluice_redis_repairs_total{{kind="clean", {A}}}': "0 1 2 3x25",
+            f'sluice_redis_repairs_total{{kind="empty", {A}}}': "0x28",
+        }, [
+            ("1m", []),
+            ("5m", [fires("SluiceRedisStateRepaired", {}, {"$value | humanize": "1"})]),
+            ("20m", []),
+        ]),
+        case("SluiceRepairSetFilesAside", {
+            f"sluice_redis_repair_set_aside_total{{{A}}}": "0 0 2x20",
+        }, [
+            ("1m", []),
+            ("5m", [fires("SluiceRepairSetFilesAside", {}, {"$value | humanize": "2"})]),
         ]),
         case("SluiceBridgeDown", {f"up{{{A}}}": "1 1 0x8", f"up{{{B}}}": "1x10"}, [
             ("3m", []),
