@@ -113,6 +113,7 @@ class LocalStack:
     # Where Redis and the broker listen: another address than loopback lets processes on other
     # hosts (network namespaces) reach them.
     address: str = "127.0.0.1"
+    sentinel_url: str = ""  # set by start_sentinels
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -130,30 +131,49 @@ class LocalStack:
         self.services.append(service)
         return service
 
-    def start_redis(self) -> Service:
+    def start_redis(self, name: str = "redis", port: int = 0, replica_of: int | None = None) -> Service:
         """redis-server as a managed Redis runs: an AOF fsynced once a second, so a crash of its
-        machine may lose the last second of acknowledged writes, which sluice repairs."""
-        if not self.redis_port:
-            self.redis_port = free_port()
-        data = self.workdir / "redis"
+        machine may lose the last second of acknowledged writes, which sluice repairs. `name`
+        and `port`: another server than the stack's own (the replica of `replica_of`'s)."""
+        if name == "redis":
+            self.redis_port = port = self.redis_port or free_port()
+        data = self.workdir / name
         data.mkdir(exist_ok=True)
         server = shutil.which("redis-server")
         if server is None:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
-        service = self._spawn("redis", [server, "--port", str(self.redis_port), "--bind", self.address,
-                                        "--dir", str(data), "--appendonly", "yes",
-                                        # other hosts (namespaces) of a test reach it on `address`
-                                        "--protected-mode", "no" if self.address != "127.0.0.1" else "yes",
-                                        "--appendfsync", "everysec", "--save", ""])
+        service = self._spawn(name, [server, "--port", str(port), "--bind", self.address,
+                                     "--dir", str(data), "--appendonly", "yes",
+                                     # other hosts (namespaces) of a test reach it on `address`
+                                     "--protected-mode", "no" if self.address != "127.0.0.1" else "yes",
+                                     "--appendfsync", "everysec", "--save", "",
+                                     *(["--replicaof", self.address, str(replica_of)] if replica_of else [])])
         # Ready once it answers: after a crash it accepts connections while it loads its AOF,
         # answering LOADING to every command until that is done.
-        wait_until(self._redis_ready, 60, "redis-server to load its data")
+        wait_until(lambda: self._redis_ready(port), 60, f"{name} to load its data")
         return service
 
-    def _redis_ready(self) -> bool:
+    def start_sentinels(self, master_port: int, count: int = 3) -> list[int]:
+        """`count` Redis Sentinels watching the server on `master_port` as master "sluice" (a
+        quorum of two, a master down after 1 s); their ports. SLUICE_REDIS_URL then names them."""
+        sentinel = shutil.which("redis-sentinel") or shutil.which("redis-server")
+        assert sentinel is not None
+        ports = [free_port() for _ in range(count)]
+        for i, port in enumerate(ports):
+            conf = self.workdir / f"sentinel{i}.conf"
+            conf.write_text(f"port {port}\nbind {self.address}\ndir {self.workdir}\n"
+                            f"sentinel monitor sluice {self.address} {master_port} 2\n"
+                            "sentinel down-after-milliseconds sluice 1000\n"
+                            "sentinel failover-timeout sluice 5000\n")
+            self._spawn(f"sentinel{i}", [sentinel, str(conf), "--sentinel"])
+            wait_until(lambda port=port: port_open(port, self.address), 30, f"sentinel {i}")
+        self.sentinel_url = "sentinel://" + ",".join(f"{self.address}:{p}" for p in ports) + "/sluice/0"
+        return ports
+
+    def _redis_ready(self, port: int) -> bool:
         import redis
 
-        client = redis.Redis(host=self.address, port=self.redis_port, socket_connect_timeout=0.5, socket_timeout=2)
+        client = redis.Redis(host=self.address, port=port, socket_connect_timeout=0.5, socket_timeout=2)
         try:
             return bool(client.ping())
         except redis.ConnectionError:  # not listening yet, or loading (BusyLoadingError)
@@ -216,7 +236,8 @@ class LocalStack:
 
     @property
     def redis_url(self) -> str:
-        return f"redis://{self.address}:{self.redis_port}/0"
+        """What SLUICE_REDIS_URL names: the stack's redis-server, or its Sentinels if it has them."""
+        return self.sentinel_url or f"redis://{self.address}:{self.redis_port}/0"
 
     @property
     def bootstrap(self) -> str:

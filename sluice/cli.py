@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _redis(settings: Settings) -> redis.Redis:
-    import redis
+    from sluice.core.redis_client import client_for
 
-    return redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_connect_timeout=2, socket_timeout=5)
+    return client_for(settings.redis_url.get_secret_value(), socket_connect_timeout=2, socket_timeout=5)
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:

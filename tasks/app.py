@@ -24,6 +24,7 @@ from kombu import Queue
 from beat_schedule import beat_schedule
 from sluice.core.protocol import TASK_HEADER, TASK_PROTOCOL, TASKS_READ, task_version
 from sluice.core.redis_client import connection_options, get_redis
+from sluice.core.redis_url import celery_broker
 from sluice.core.schema import QUEUED_TTL_SECONDS
 from sluice.core.settings import SettingsError, get_settings
 from sluice.ops import queues, repair
@@ -80,7 +81,8 @@ class SluiceTask(Task):
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
 
-app = Celery("sluice", broker=settings.redis_url.get_secret_value(), task_cls=SluiceTask,
+BROKER_URL, BROKER_OPTIONS = celery_broker(settings.redis_url.get_secret_value())
+app = Celery("sluice", broker=BROKER_URL, task_cls=SluiceTask,
              include=["tasks.split", "tasks.compress", "tasks.upload"])
 app.conf.update(
     task_queues=[Queue(name) for name in queues.QUEUES],
@@ -100,7 +102,7 @@ app.conf.update(
     worker_send_task_events=True,  # for Flower
     task_send_sent_event=True,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": QUEUED_TTL_SECONDS, **connection_options()},
+    broker_transport_options={"visibility_timeout": QUEUED_TTL_SECONDS, **connection_options(), **BROKER_OPTIONS},
     beat_schedule=beat_schedule(settings, HEADERS),
     beat_scheduler="beat_schedule:WorkGatedScheduler",
     beat_schedule_filename=str(settings.spool_dir / "celerybeat-schedule"),

@@ -17,7 +17,7 @@ import redis
 from celery import bootsteps, signals
 
 from sluice.core.protocol import SchemaMismatch, check_schema, check_schema_once_reachable
-from sluice.core.redis_client import connection_options
+from sluice.core.redis_client import client_for, connection_options
 from sluice.core.settings import get_settings
 from sluice.ops.health import HEARTBEAT_SECONDS, HealthFiles
 from tasks.app import app
@@ -30,8 +30,8 @@ _state = {"started": False}
 def _redis() -> redis.Redis:
     """A client of its own, quick to give up (a probe's answer must not wait), with sluice's
     keepalive, so an idle one is found dead like every other connection."""
-    return redis.Redis.from_url(get_settings().redis_url.get_secret_value(),
-                                **{**connection_options(), "socket_connect_timeout": 2, "socket_timeout": 2})
+    return client_for(get_settings().redis_url.get_secret_value(),
+                      **{**connection_options(), "socket_connect_timeout": 2, "socket_timeout": 2})
 
 
 class Heartbeat(bootsteps.StartStopStep):

@@ -16,7 +16,9 @@ from functools import lru_cache
 from typing import Any
 
 import redis
+from redis.sentinel import Sentinel
 
+from sluice.core.redis_url import parse_sentinel_url
 from sluice.core.settings import get_settings
 
 # Connect within this, and get a reply within that: the slowest call sluice makes is a commit script
@@ -38,10 +40,20 @@ def connection_options() -> dict[str, Any]:
             "health_check_interval": 10}
 
 
+def client_for(url: str, **options: Any) -> redis.Redis:
+    """A client of the Redis a URL names: redis://, rediss://, unix:// as redis-py reads them, or
+    the master a sentinel:// URL's Sentinels name, found again after a failover."""
+    found = parse_sentinel_url(url)
+    if found is None:
+        return redis.Redis.from_url(url, **options)
+    sentinel = Sentinel(list(found.sentinels), **{k: v for k, v in options.items() if k.startswith("socket_")})
+    return sentinel.master_for(found.master, db=found.db, username=found.username, password=found.password,
+                               **options)
+
+
 @lru_cache(maxsize=1)
 def get_redis() -> redis.Redis:
-    url = get_settings().redis_url.get_secret_value()
-    return redis.Redis.from_url(url, **connection_options())
+    return client_for(get_settings().redis_url.get_secret_value(), **connection_options())
 
 
 def server_time(r: redis.Redis) -> float:

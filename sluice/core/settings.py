@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import msgspec
 from msgspec import Meta
 
+from sluice.core import redis_url
 from sluice.core.errors import SluiceError
 
 _OSS_BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
@@ -148,11 +149,20 @@ class Settings(msgspec.Struct, kw_only=True):
         # Each check names the setting that is wrong and says why, never a secret's value.
         for name, check in (("app_id_source", self._check_app_id_source), ("topic", self._check_topic),
                             ("claim_check", self._check_claim_check), ("oss_endpoint", self._check_endpoint),
-                            ("store_url", self._check_store), ("lock_lease_seconds", self._check_lease)):
+                            ("store_url", self._check_store), ("lock_lease_seconds", self._check_lease),
+                            ("redis_url", self._check_redis_url)):
             try:
                 check()
             except ValueError as exc:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()}: {exc}") from None
+
+    def _check_redis_url(self) -> None:
+        url = self.redis_url.get_secret_value()
+        scheme = urlsplit(url).scheme
+        if scheme not in (*redis_url.SCHEMES, redis_url.SENTINEL_SCHEME):
+            raise ValueError(f"redis_url must start with redis://, rediss://, unix:// or sentinel://, "
+                             f"got {scheme or 'no scheme'}://...")  # the rest may hold a password
+        redis_url.parse_sentinel_url(url)
 
     def _check_claim_check(self) -> None:
         if self.claim_check not in ("redis", "spool"):

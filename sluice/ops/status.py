@@ -108,7 +108,10 @@ def workers(settings: Settings) -> list[str]:
     """Names of the Celery workers that answer a ping within PING_SECONDS."""
     from celery import Celery
 
-    app = Celery("sluice-status", broker=settings.redis_url.get_secret_value())
+    from sluice.core.redis_url import celery_broker
+
+    broker, options = celery_broker(settings.redis_url.get_secret_value())
+    app = Celery("sluice-status", broker=broker, broker_transport_options=options)
     try:
         replies = app.control.ping(timeout=PING_SECONDS) or []
     finally:
