@@ -246,9 +246,10 @@ class Repair:
         """The sealed-file registry is what `sealed/` holds: an entry whose file is gone was
         archived (a file leaves `sealed/` only once its object is stored whole)."""
         on_disk = {schema.sealed_entry(f.app, f.hour, f.fid): f for f in files if f.end > 0}
+        present = {schema.sealed_entry(f.app, f.hour, f.fid) for f in files}  # unannounced ones too
         known = {entry.decode(): int(size) for entry, size in self.r.hgetall(schema.SEALED).items()}
         with self.r.pipeline(transaction=False) as pipe:
-            for entry in set(known) - set(on_disk):
+            for entry in set(known) - present:
                 pipe.hdel(schema.SEALED, entry)
                 pipe.hdel(schema.SEALED_RECORDS, entry)
                 pipe.hdel(schema.UPLOAD_PLAN, entry)
