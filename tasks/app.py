@@ -52,6 +52,11 @@ class SluiceTask(Task):
     split of every batch in flight again (tasks lost with the forgotten writes), and runs again."""
 
     _refused: set[str] = set()  # ids logged already, so each is logged once per process
+    # Whether a refusal of an unchecked state makes this task run the repair (or wait for it).
+    # Not the compress task: its time limit must not be spent on a repair a prefork child would
+    # be killed in; it retries a second later, once an io task, the bridge or Beat's sweep has
+    # repaired the state.
+    repairs_state = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         version = task_version(self.request)
@@ -65,7 +70,7 @@ class SluiceTask(Task):
         try:
             return super().__call__(*args, **kwargs)
         except redis.ResponseError as exc:
-            if not repair.unverified(exc):
+            if not repair.unverified(exc) or not self.repairs_state:
                 raise
         resend_after_repair()
         return super().__call__(*args, **kwargs)
@@ -76,8 +81,9 @@ class SluiceTask(Task):
         """A task retried on a Redis error (autoretry_for) repairs first if that error is the
         refusal of a state not yet checked, then retries at once."""
         if exc is not None and repair.unverified(exc):
-            resend_after_repair()
-            countdown = 0
+            if self.repairs_state:
+                resend_after_repair()
+            countdown = 0 if self.repairs_state else 1
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
 

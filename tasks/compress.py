@@ -21,7 +21,7 @@ _limit = get_settings().compress_time_limit
 @app.task(name="sluice.compress", bind=True,
           autoretry_for=(SlotsBusy, LockLost, redis.RedisError, OSError, SoftTimeLimitExceeded),
           retry_backoff=True, retry_backoff_max=30, max_retries=None,
-          time_limit=_limit, soft_time_limit=_limit * 0.9)
+          time_limit=_limit, soft_time_limit=_limit * 0.9, repairs_state=False)
 def compress(self: Task, bid: str, pieces: list[str]) -> int:
     """Returns how many pieces this call appended; pieces appended by an earlier delivery of
     the same task (or by a redriven copy) are skipped."""

@@ -16,6 +16,8 @@ from functools import lru_cache
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from sluice.core.redis_url import parse_sentinel_url
@@ -40,13 +42,26 @@ def connection_options() -> dict[str, Any]:
             "health_check_interval": 10}
 
 
+def no_retries() -> Retry:
+    """redis-py (6.0 and later) retries a command three times on a timeout or a broken
+    connection, by default. A script whose reply was lost has run: run again, it finds its work
+    done and says so (a split already committed, a piece no longer pending), and its caller then
+    undoes what the first run recorded (removes the pieces file Redis points at, cuts back the
+    frame just committed). So sluice's clients never retry; the task's own retry re-reads the
+    state instead."""
+    return Retry(NoBackoff(), 0)
+
+
 def client_for(url: str, **options: Any) -> redis.Redis:
     """A client of the Redis a URL names: redis://, rediss://, unix:// as redis-py reads them, or
-    the master a sentinel:// URL's Sentinels name, found again after a failover."""
+    the master a sentinel:// URL's Sentinels name, found again after a failover. It never
+    retries a command on its own (`no_retries`)."""
+    options = {"retry": no_retries(), **options}
     found = parse_sentinel_url(url)
     if found is None:
         return redis.Redis.from_url(url, **options)
-    sentinel = Sentinel(list(found.sentinels), **{k: v for k, v in options.items() if k.startswith("socket_")})
+    sentinel = Sentinel(list(found.sentinels), **{k: v for k, v in options.items()
+                                                   if k.startswith("socket_") or k == "retry"})
     return sentinel.master_for(found.master, db=found.db, username=found.username, password=found.password,
                                **options)
 
