@@ -219,7 +219,10 @@ class Repair:
                 with locked_file(path, wait=FILE_WAIT_SECONDS) as fd:
                     found = self._scan(path, sealed=False, fd=fd)
                     if found.end == 0:
-                        path.unlink()
+                        if os.fstat(fd).st_size:  # bytes, but no whole announced frame: not ours to cut
+                            self._set_aside(path, "an open slot file without a whole announced frame")
+                        else:
+                            path.unlink()
                         continue
                     self.spool.finish_seal(SealedFile(found.app, found.hour, found.fid, found.end), fd)
                     self.report.files_sealed += 1
@@ -285,21 +288,13 @@ class Repair:
             others.setdefault(_partition(bid), set()).add(bid)
         seen: dict[str, tuple[int, int]] = {}  # partition field -> (incarnation, last offset) handed over
         for bid in sorted(payloads, key=_offsets):
-            state = self.batches.state(bid)
-            if state is None:
-                name = _partition(bid)
-                mark = marks.get(name, -1) if incarnations.get(name, 0) == _incarnation(bid) else -1
-                if _incarnation(bid) < incarnations.get(name, 0) or _first(bid) <= mark or \
-                        any(_overlap(bid, other) for other in others[name] if other != bid):
-                    others[name].discard(bid)
-                    self._set_aside(payloads[bid], f"payload {bid} overlaps offsets handed over by other batches")
-                    continue
-                self._restore(bid, payloads[bid])
-                state = BatchState.HANDED
-            if state == BatchState.HANDED:
-                split_batch(self.batches, self.router, bid, self.settings.tail_piece_bytes)
-                self.report.batches_resplit += 1
-            self._retire(bid, appended)
+            try:
+                self._payload(bid, payloads[bid], marks, incarnations, others, appended)
+            except (Damaged, ValueError, OSError) as exc:
+                others[_partition(bid)].discard(bid)
+                if bid not in known:
+                    self._drop_state(bid)  # restored by this repair: not in flight after all
+                self._set_aside(payloads[bid], f"its batch could not be repaired: {type(exc).__name__}: {exc}")
         for bid in known - set(payloads):
             self._without_payload(bid, appended)
         for name, bids in others.items():
@@ -309,6 +304,27 @@ class Repair:
         self._raise_marks(seen, marks, incarnations)
         self._recount_inflight()
         self.report.resend = [bid.decode() for bid in self.r.zrange(schema.INFLIGHT, 0, -1)]
+
+    def _payload(self, bid: str, path: Path, marks: dict[str, int], incarnations: dict[str, int],
+                 others: dict[str, set[str]], appended: set[tuple[str, str]]) -> None:
+        """One batch whose payload lies in the spool: restored if Redis forgot it and no other
+        batch holds its offsets (set aside if one does), split again if Redis forgot the split,
+        its pieces found in slot files retired."""
+        state = self.batches.state(bid)
+        if state is None:
+            name = _partition(bid)
+            mark = marks.get(name, -1) if incarnations.get(name, 0) == _incarnation(bid) else -1
+            if _incarnation(bid) < incarnations.get(name, 0) or _first(bid) <= mark or \
+                    any(_overlap(bid, other) for other in others[name] if other != bid):
+                others[name].discard(bid)
+                self._set_aside(path, f"payload {bid} overlaps offsets handed over by other batches")
+                return
+            self._restore(bid, path)
+            state = BatchState.HANDED
+        if state == BatchState.HANDED:
+            split_batch(self.batches, self.router, bid, self.settings.tail_piece_bytes)
+            self.report.batches_resplit += 1
+        self._retire(bid, appended)
 
     def _payloads(self) -> dict[str, Path]:
         found: dict[str, Path] = {}
@@ -380,6 +396,12 @@ class Repair:
         self._finish(bid)
 
     def _finish(self, bid: str) -> None:
+        self._drop_state(bid)
+        self.files.drop_pieces(bid)
+        self.files.drop_payload(bid)
+        self.report.batches_finished += 1
+
+    def _drop_state(self, bid: str) -> None:
         with self.r.pipeline(transaction=True) as pipe:
             pipe.delete(schema.batch_state(bid), schema.batch_groups(bid), schema.batch_pending(bid),
                         schema.batch_payload(bid))
@@ -387,9 +409,6 @@ class Repair:
             pipe.zrem(schema.INFLIGHT_OLDEST, bid)
             pipe.hdel(schema.BATCH_BYTES, bid)
             pipe.execute()
-        self.files.drop_pieces(bid)
-        self.files.drop_payload(bid)
-        self.report.batches_finished += 1
 
     def _raise_marks(self, seen: dict[str, tuple[int, int]], marks: dict[str, int],
                      incarnations: dict[str, int]) -> None:

@@ -152,3 +152,32 @@ def test_a_sentinel_failover_to_a_replica_behind_loses_and_doubles_nothing(tmp_p
         assert int(repairs.get("set_aside_total", 0)) == 0, repairs
     finally:
         stack.close()
+
+
+def test_what_the_repair_cannot_account_for_is_set_aside_and_reported(redis_only: LocalStack, settings):
+    """Bad input to a repair: an open slot file with bytes but no whole announced frame, and a
+    payload whose offsets another batch already handed over. Each is moved to set-aside/ with a
+    WARNING naming it, counted, and nothing is deleted; the rest of the repair goes on."""
+    from sluice.formats.records import Router
+    from sluice.handover.batches import Batches
+    from sluice.ops.repair import ensure_verified
+
+    r = redis.Redis.from_url(redis_only.redis_url)
+    spool = settings.spool_dir
+    garbage = spool / "open" / "billing" / "2026120805" / "2026120805-00000000000000aa.jsonl.zst"
+    garbage.parent.mkdir(parents=True)
+    garbage.write_bytes(b"not a zstd frame at all")
+    batches = Batches(r, settings)
+    batches.hand_over(schema.batch_id("logs", 0, 0, 99), "logs", 0, None, 99, [b"x" * 10])
+    leftover = spool / "batches" / f"{schema.batch_id('logs', 0, 50, 149)}.kafka"
+    leftover.write_bytes(b"y" * 10)  # a hand-over that never ran: offsets 50-99 are the batch's above
+    r.delete(schema.VERIFIED)  # as a restarted server
+    report = ensure_verified(r, settings, Router(settings.app_id_source, settings.timestamp_field,
+                                                 settings.record_max_bytes))
+    assert report is not None and len(report.set_aside) == 2, report
+    aside = sorted(p.name for p in (spool / "set-aside").iterdir())
+    assert aside == sorted([garbage.name, leftover.name])
+    assert (spool / "set-aside" / garbage.name).read_bytes() == b"not a zstd frame at all"
+    assert (spool / "set-aside" / leftover.name).read_bytes() == b"y" * 10
+    assert r.hget(schema.REPAIRS, "set_aside_total") == b"2"
+    assert report.batches_resplit == 1, "the rest of the repair went on: the known batch was split"
