@@ -35,9 +35,9 @@ from devstack import progress  # noqa: E402
 from devstack.hosts import Hosts, why_not  # noqa: E402
 from devstack.local import FAST_GROUP_JOIN, LocalStack, fast_settings, start_pipeline, wait_until  # noqa: E402
 from devstack.serial_upload import upload_sealed  # noqa: E402
-from sluice import schema  # noqa: E402
 from sluice.archive.store import FileStore  # noqa: E402
 from sluice.archive.uploader import Uploader  # noqa: E402
+from sluice.core import schema  # noqa: E402
 from sluice.core.settings import Settings  # noqa: E402
 from sluice.formats.records import Router  # noqa: E402
 from sluice.handover.batches import Batches  # noqa: E402

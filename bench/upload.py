@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devstack.local import LocalStack, free_port, port_open, wait_until  # noqa: E402
 from devstack.serial_upload import upload_sealed  # noqa: E402
-from sluice import schema  # noqa: E402
 from sluice.archive.store import open_store  # noqa: E402
 from sluice.archive.uploader import Uploader  # noqa: E402
+from sluice.core import schema  # noqa: E402
 from sluice.core.settings import Settings  # noqa: E402
 from sluice.handover.batches import Batches  # noqa: E402
 from sluice.slots.appends import Appender  # noqa: E402
