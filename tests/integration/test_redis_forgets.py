@@ -55,6 +55,20 @@ def wait_all_archived(stack: LocalStack, seqs: set[int], timeout: float = 300) -
     return time.monotonic()
 
 
+def archived_once(stack: LocalStack, traffic: Traffic, since: float, what: str) -> dict[str, str]:
+    """The load finished, every record archived once with the spool empty, and no file set aside;
+    the repairs Redis recorded, printed with how long the backlog took to clear after `what`."""
+    assert traffic.thread.is_alive(), f"the load ended before {what}: the test tests less than it says"
+    traffic.finish()
+    done = wait_all_archived(stack, traffic.seqs)
+    assert_exactly_once(stack.workdir / "archive", traffic.seqs)
+    r = client_for(stack.redis_url, socket_timeout=5)
+    repairs = {k.decode(): v.decode() for k, v in r.hgetall(schema.REPAIRS).items()}
+    print(f"repairs: {repairs}; backlog cleared {done - since:.1f} s after {what}")
+    assert int(repairs.get("set_aside_total", 0)) == 0, repairs
+    return repairs
+
+
 def load(stack: LocalStack, seed: int) -> Traffic:
     values = [v for _, v in sample.lines(RECORDS, sample.app_names(40), time.time() - 3600, 3600, seed=seed)]
     return Traffic(stack, lines=values, per_second=PER_SECOND)
@@ -81,14 +95,8 @@ def test_redis_losing_its_last_seconds_twice_loses_and_doubles_nothing(stack: Lo
         stack.restart_redis_from(before)
         cleared.append(time.monotonic())
         wait_until(lambda: verified(r), 60, "the state repaired after the rollback")
-    assert traffic.thread.is_alive(), "the load ended before the second rollback: it tests less than it says"
-    traffic.finish()
-    done = wait_all_archived(stack, traffic.seqs)
-    assert_exactly_once(stack.workdir / "archive", traffic.seqs)
-    repairs = {k.decode(): v.decode() for k, v in r.hgetall(schema.REPAIRS).items()}
-    print(f"repairs: {repairs}; backlog cleared {done - cleared[-1]:.1f} s after the second restart")
+    repairs = archived_once(stack, traffic, cleared[-1], "the second restart")
     assert int(repairs.get("repairs_behind", 0)) >= 1, repairs
-    assert int(repairs.get("set_aside_total", 0)) == 0, repairs
     # The operator knows: `sluice status` and the bridge's metrics say so.
     status = subprocess.run([sys.executable, "-m", "sluice.cli", "status", "--json"], env=stack.env(),
                             capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
@@ -101,19 +109,11 @@ def test_redis_losing_its_last_seconds_twice_loses_and_doubles_nothing(stack: Lo
 def test_redis_back_empty_loses_and_doubles_nothing(stack: LocalStack):
     """Under load, Redis comes back with nothing (a FLUSHALL, a new instance): every record is
     archived once, from the spool and Kafka's committed offsets, and the repair says so."""
-    r = redis.Redis.from_url(stack.redis_url)
     traffic = load(stack, seed=62)
     wait_until(lambda: time.monotonic() - traffic.started >= 15, 60, "15 s of load")
     stack.restart_redis_from(None)
-    restarted = time.monotonic()
-    assert traffic.thread.is_alive(), "the load ended before Redis did: it tests less than it says"
-    traffic.finish()
-    done = wait_all_archived(stack, traffic.seqs)
-    assert_exactly_once(stack.workdir / "archive", traffic.seqs)
-    repairs = {k.decode(): v.decode() for k, v in r.hgetall(schema.REPAIRS).items()}
-    print(f"repairs: {repairs}; backlog cleared {done - restarted:.1f} s after the restart")
+    repairs = archived_once(stack, traffic, time.monotonic(), "the restart")
     assert int(repairs.get("repairs_empty", 0)) == 1, repairs
-    assert int(repairs.get("set_aside_total", 0)) == 0, repairs
 
 
 def test_a_sentinel_failover_to_a_replica_behind_loses_and_doubles_nothing(tmp_path: Path):
@@ -142,14 +142,8 @@ def test_a_sentinel_failover_to_a_replica_behind_loses_and_doubles_nothing(tmp_p
         sentinel = redis.Redis.from_url(f"redis://{stack.sentinel_url.split('//')[1].split(',')[0]}")
         wait_until(lambda: int(sentinel.execute_command("SENTINEL", "get-master-addr-by-name", "sluice")[1])
                    == replica_port, 60, "the Sentinels to promote the replica")
-        assert traffic.thread.is_alive(), "the load ended before the failover: it tests less than it says"
-        traffic.finish()
-        wait_all_archived(stack, traffic.seqs)
-        assert_exactly_once(stack.workdir / "archive", traffic.seqs)
-        repairs = {k.decode(): v.decode() for k, v in r.hgetall(schema.REPAIRS).items()}
-        print(f"repairs after the failover: {repairs}")
+        repairs = archived_once(stack, traffic, time.monotonic(), "the promotion")
         assert repairs["last_run_id"] == str(r.info("server")["run_id"]), "the new master's state was repaired"
-        assert int(repairs.get("set_aside_total", 0)) == 0, repairs
     finally:
         stack.close()
 
