@@ -131,10 +131,13 @@ class LocalStack:
         self.services.append(service)
         return service
 
-    def start_redis(self, name: str = "redis", port: int = 0, replica_of: int | None = None) -> Service:
+    def start_redis(self, name: str = "redis", port: int = 0, replica_of: int | None = None,
+                    on: tuple[str, list[str]] | None = None) -> Service:
         """redis-server as a managed Redis runs: an AOF fsynced once a second, so a crash of its
         machine may lose the last second of acknowledged writes, which sluice repairs. `name`
-        and `port`: another server than the stack's own (the replica of `replica_of`'s)."""
+        and `port`: another server than the stack's own (the replica of `replica_of`'s); `on`:
+        the address it listens on and what it runs under, to run on another host (devstack.hosts)."""
+        bind, wrap = on or (self.address, [])
         if name == "redis":
             self.redis_port = port = self.redis_port or free_port()
         data = self.workdir / name
@@ -142,15 +145,16 @@ class LocalStack:
         server = shutil.which("redis-server")
         if server is None:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
-        service = self._spawn(name, [server, "--port", str(port), "--bind", self.address,
+        service = self._spawn(name, [server, "--port", str(port), "--bind", bind,
                                      "--dir", str(data), "--appendonly", "yes",
                                      # other hosts (namespaces) of a test reach it on `address`
-                                     "--protected-mode", "no" if self.address != "127.0.0.1" else "yes",
+                                     "--protected-mode", "no" if bind != "127.0.0.1" else "yes",
                                      "--appendfsync", "everysec", "--save", "",
-                                     *(["--replicaof", self.address, str(replica_of)] if replica_of else [])])
+                                     *(["--replicaof", self.address, str(replica_of)] if replica_of else [])],
+                              wrap=wrap)
         # Ready once it answers: after a crash it accepts connections while it loads its AOF,
         # answering LOADING to every command until that is done.
-        wait_until(lambda: self._redis_ready(port), 60, f"{name} to load its data")
+        wait_until(lambda: self._redis_ready(port, bind), 60, f"{name} to load its data")
         return service
 
     def start_sentinels(self, master_port: int, count: int = 3) -> list[int]:
@@ -170,10 +174,10 @@ class LocalStack:
         self.sentinel_url = "sentinel://" + ",".join(f"{self.address}:{p}" for p in ports) + "/sluice/0"
         return ports
 
-    def _redis_ready(self, port: int) -> bool:
+    def _redis_ready(self, port: int, host: str) -> bool:
         import redis
 
-        client = redis.Redis(host=self.address, port=port, socket_connect_timeout=0.5, socket_timeout=2)
+        client = redis.Redis(host=host, port=port, socket_connect_timeout=0.5, socket_timeout=2)
         try:
             return bool(client.ping())
         except redis.ConnectionError:  # not listening yet, or loading (BusyLoadingError)

@@ -11,8 +11,8 @@ import pytest
 
 # Modules of integration tests, the longest (in test time per module, `--durations`) first.
 LONGEST_FIRST = (
-    "test_hosts.py", "test_bad_day.py", "test_faults.py", "test_upgrades.py", "test_monitoring.py",
-    "test_scaling.py", "test_topics.py", "test_live_fetch.py", "test_oss_pipeline.py",
+    "test_hosts.py", "test_bad_day.py", "test_faults.py", "test_redis_forgets.py", "test_upgrades.py",
+    "test_monitoring.py", "test_scaling.py", "test_topics.py", "test_live_fetch.py", "test_oss_pipeline.py",
 )
 
 

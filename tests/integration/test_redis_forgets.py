@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 import redis
 
 from devstack import sample
+from devstack.hosts import Hosts, why_not
 from devstack.local import PROJECT_ROOT, LocalStack, free_port, start_pipeline, wait_until
 from sluice.core import schema
 from sluice.core.redis_client import client_for
@@ -117,35 +117,50 @@ def test_redis_back_empty_loses_and_doubles_nothing(stack: LocalStack):
 
 
 def test_a_sentinel_failover_to_a_replica_behind_loses_and_doubles_nothing(tmp_path: Path):
-    """Self-hosted HA Redis under load: a master, a replica and three Sentinels, SLUICE_REDIS_URL
-    naming the Sentinels. The replica falls 5 s behind (its replication stalled: SIGSTOP), then
-    the master dies and the Sentinels promote the replica, which never saw those 5 s of writes.
-    Every process finds the new master by itself, the state is repaired, and every record is
-    archived once."""
-    def high_availability(stack: LocalStack) -> None:
-        stack.start_redis(name="replica", port=free_port(), replica_of=stack.redis_port)
-        stack.start_sentinels(stack.redis_port)
-        sentinel = redis.Redis.from_url(f"redis://{stack.sentinel_url.split('//')[1].split(',')[0]}")
-        wait_until(lambda: len(sentinel.sentinel_slaves("sluice")) == 1, 30, "the Sentinels to see the replica")
+    """Self-hosted HA Redis under load: a master, a replica on another host and three Sentinels,
+    SLUICE_REDIS_URL naming the Sentinels. The replication link is cut for 5 s (iptables on the
+    replica's host), then the master dies and the Sentinels promote the replica, which never saw
+    those 5 s of writes. Every process finds the new master by itself, the state is repaired, and
+    every record is archived once."""
+    if reason := why_not():
+        pytest.skip(reason)
+    hosts = Hosts(tmp_path, ["replica"])
+    replica_port = free_port()
 
-    stack = start_pipeline(tmp_path / "stack", before_workers=high_availability)
+    def high_availability(stack: LocalStack) -> None:
+        stack.start_redis(name="replica", port=replica_port, replica_of=stack.redis_port,
+                          on=(hosts["replica"].address, hosts["replica"].wrap))
+        stack.start_sentinels(stack.redis_port)
+        wait_until(lambda: len(sentinel(stack).sentinel_slaves("sluice")) == 1, 30, "the Sentinels to see the replica")
+
     try:
-        replica = stack.service("replica")
-        replica_port = int(replica.proc.args[replica.proc.args.index("--port") + 1])
+        stack = start_pipeline(tmp_path / "stack", address=hosts.gateway, before_workers=high_availability)
+    except BaseException:
+        hosts.close()
+        raise
+    try:
         r = client_for(stack.redis_url, socket_timeout=5)
         traffic = load(stack, seed=63)
         wait_until(lambda: time.monotonic() - traffic.started >= 10, 60, "10 s of load")
-        replica.send(signal.SIGSTOP)  # its replication link stalls; the master goes on
+        hosts.partition("replica", stack.redis_port)  # the replication link: the master goes on alone
         time.sleep(5)
         stack.kill("redis")  # the master dies with what the replica never saw
-        replica.send(signal.SIGCONT)
-        sentinel = redis.Redis.from_url(f"redis://{stack.sentinel_url.split('//')[1].split(',')[0]}")
-        wait_until(lambda: int(sentinel.execute_command("SENTINEL", "get-master-addr-by-name", "sluice")[1])
+        hosts.heal("replica")
+        wait_until(lambda: int(sentinel(stack).execute_command("SENTINEL", "get-master-addr-by-name", "sluice")[1])
                    == replica_port, 60, "the Sentinels to promote the replica")
         repairs = archived_once(stack, traffic, time.monotonic(), "the promotion")
         assert repairs["last_run_id"] == str(r.info("server")["run_id"]), "the new master's state was repaired"
+        assert repairs["last_kind"] == "behind", repairs
     finally:
-        stack.close()
+        try:
+            stack.close()
+        finally:
+            hosts.close()
+
+
+def sentinel(stack: LocalStack) -> redis.Redis:
+    """A client of the stack's first Sentinel."""
+    return redis.Redis.from_url(f"redis://{stack.sentinel_url.split('//')[1].split(',')[0]}")
 
 
 def test_what_the_repair_cannot_account_for_is_set_aside_and_reported(redis_only: LocalStack, settings):
