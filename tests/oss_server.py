@@ -91,6 +91,9 @@ class OssAdapter:
         # path -> (ETag, CRC-64) of each object as last stored or read whole: OSS keeps an
         # object's CRC with it, so a ranged GET or a HEAD does not read the whole object again.
         self._crcs: dict[str, tuple[str, int]] = {}
+        # "/bucket/key" of every object write the server completed, in order: a PutObject, a copy,
+        # or a CompleteMultipartUpload (its parts are not objects). A test counts uploads here.
+        self.writes: list[str] = []
 
     # -- WSGI entry -------------------------------------------------------------------------
 
@@ -127,6 +130,9 @@ class OssAdapter:
 
         status, s3_headers, payload = self._call_s3(environ)
         code = int(status.split()[0])
+        if code == 200 and bucket and key and ((method == "PUT" and "uploadId" not in params)
+                                               or (method == "POST" and "uploadId" in params)):
+            self.writes.append(resource)  # list.append is atomic: requests are served on threads
         headers = [(k.replace("x-amz-meta-", "x-oss-meta-"), v) for k, v in s3_headers
                    if k.lower() != "content-length"]
         if payload.lstrip().startswith(b"<?xml"):
@@ -367,6 +373,11 @@ class OssServer:
         """An ``oss2.Bucket`` on this server with the configured (correct) credentials."""
         auth = oss2.Auth(self.access_key_id, self.access_key_secret)
         return oss2.Bucket(auth, self.endpoint, name, enable_crc=enable_crc)
+
+    @property
+    def writes(self) -> list[str]:
+        """"/bucket/key" of every object write completed since the server was made, in order."""
+        return self.app.writes
 
     @property
     def running(self) -> bool:

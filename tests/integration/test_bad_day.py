@@ -8,8 +8,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from devstack import sample
 from devstack.local import wait_until
 from devstack.progress import compressed, handed_over
 from sluice.core import schema
+from sluice.core.redis_client import server_time
 from sluice.core.schema import BatchState
 from sluice.ops import queues
 from tests.integration.conftest import Traffic, assert_exactly_once, read_archive, wait_archived
@@ -93,27 +96,149 @@ LEASE_SECONDS = 8.0
 FREEZE_SECONDS = LEASE_SECONDS + 3
 
 
+def group_pids(leader: int) -> set[int]:
+    """The processes of a process group: a prefork worker and its pool."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == leader:  # the field after the state: the process group
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+def flocks_of(pids: set[int]) -> set[int]:
+    """Inodes of the files these processes hold a flock() on (/proc/locks): a slot file's kernel lock."""
+    held = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == "FLOCK" and int(fields[4]) in pids:  # a waiter's line reads "-> FLOCK ..."
+            held.add(int(fields[5].rsplit(":", 1)[1]))
+    return held
+
+
+def freeze_holding_a_slot_file(leader: int, timeout: float) -> set[int]:
+    """SIGSTOP the process group the moment one of its processes holds a slot file's kernel
+    lock (it holds that slot's lease then: taken before the file lock, given up by the commit just
+    before the file lock is), polling as fast as /proc allows; the inodes it holds locked, frozen.
+    Frozen all the same, holding none, if that did not happen within `timeout`."""
+    deadline = time.monotonic() + timeout
+    pids, refreshed = group_pids(leader), time.monotonic()
+    while time.monotonic() < deadline:
+        if flocks_of(pids):
+            os.killpg(leader, signal.SIGSTOP)
+            if held := flocks_of(group_pids(leader)):
+                return held
+            os.killpg(leader, signal.SIGCONT)  # it let go in between: again
+        if time.monotonic() - refreshed > 1:  # a pool process replaced (a time limit) is a new pid
+            pids, refreshed = group_pids(leader), time.monotonic()
+    os.killpg(leader, signal.SIGSTOP)
+    return set()
+
+
+def slots_of_files(r: redis.Redis, spool: Path, inodes: set[int]) -> set[str]:
+    """The slot ids whose current file (spool/open/<app>/<hour>/<fid>.jsonl.zst) has one of these inodes."""
+    fids = set()
+    for path in (spool / "open").rglob("*.jsonl.zst"):
+        try:
+            if path.stat().st_ino in inodes:
+                fids.add(path.name.removesuffix(".jsonl.zst"))
+        except FileNotFoundError:
+            continue  # sealed meanwhile: not the file of a frozen writer
+    return {key.decode().removeprefix(schema.SLOT_STATE_PREFIX) for key in r.scan_iter(
+            match=f"{schema.SLOT_STATE_PREFIX}*") if (r.hget(key, "fid") or b"").decode() in fids}
+
+
+class LeaseEvents(threading.Thread):
+    """What happens to the slot leases (sluice:lock:<slot id>), from Redis keyspace notifications:
+    (monotonic time, slot id, event), the events `set` (taken), `del` (released) and `expired`
+    (lapsed: nobody gave it up)."""
+
+    def __init__(self, r: redis.Redis) -> None:
+        super().__init__(daemon=True)
+        r.config_set("notify-keyspace-events", "Kg$x")
+        self.pubsub = r.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.psubscribe(f"__keyspace@0__:{schema.SLOT_LOCK_PREFIX}*")
+        self.events: list[tuple[float, str, str]] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        channel = len(f"__keyspace@0__:{schema.SLOT_LOCK_PREFIX}")
+        while not self.stopping.is_set():
+            message = self.pubsub.get_message(timeout=0.2)
+            if message is not None:
+                sid = message["channel"].decode()[channel:]
+                if sid.count("|") == 2:  # a slot's lease (app|hour|k), not the sweep's or an upload's lock
+                    self.events.append((time.monotonic(), sid, message["data"].decode()))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(5)
+        self.pubsub.close()
+
+
 def test_a_worker_frozen_past_its_lease_destroys_nothing(stack_factory):
+    """cpu0 is frozen (SIGSTOP) the moment it holds a slot file, its lease and its kernel lock,
+    for longer than the lease, five times under load. Its leases lapse while it is frozen and are
+    taken over (by cpu1 appending, or by the sweep sealing): the fenced path runs, the taker meeting
+    the frozen writer's kernel lock and writing nothing. Every record archived once."""
     # Level 19 keeps both workers busy; each freeze outlasts the lease.
     stack = stack_factory(SLUICE_ZSTD_LEVEL="19", cpu_workers=2, SLUICE_LOCK_LEASE_SECONDS=str(LEASE_SECONDS),
                           SLUICE_COMPRESS_TIME_LIMIT=str(LEASE_SECONDS - 2),
                           SLUICE_COMPRESS_BUNDLE_BYTES=str(1024 * 1024))
     r = redis.Redis.from_url(stack.redis_url)
+    leases = LeaseEvents(r)
+    leases.start()
     values = [v for _, v in sample.lines(60_000, sample.app_names(4), time.time() - 600, 600, seed=5)]
     waves = [values[i::5] for i in range(5)]
     produced: list[bytes] = []
     frozen = stack.service("cpu0")
-    for wave in waves:
-        traffic = Traffic(stack, lines=wave)
-        traffic.finish()
-        produced += wave
-        wait_until(lambda: queues.unacked(r, "cpu") > 0, 60, "compress tasks under way")
-        os.killpg(frozen.proc.pid, signal.SIGSTOP)
-        try:
-            time.sleep(FREEZE_SECONDS)  # the fault itself: frozen for longer than the lease
-        finally:
-            os.killpg(frozen.proc.pid, signal.SIGCONT)
-    wait_archived(stack, len(produced), timeout=400)
+    # (stopped, continued, slot leases held then, slots whose file the frozen worker held locked)
+    freezes: list[tuple[float, float, set[str], set[str]]] = []
+    try:
+        for wave in waves:
+            traffic = Traffic(stack, lines=wave)
+            traffic.finish()
+            produced += wave
+            wait_until(lambda: queues.unacked(r, "cpu") > 0, 60, "compress tasks under way")
+            try:
+                locked = freeze_holding_a_slot_file(frozen.proc.pid, 60)
+                stopped = time.monotonic()
+                held = {sid for key in r.scan_iter(match=f"{schema.SLOT_LOCK_PREFIX}*|*")
+                        if (sid := key.decode().removeprefix(schema.SLOT_LOCK_PREFIX)).count("|") == 2}
+                files = slots_of_files(r, stack.workdir / "spool", locked)
+                time.sleep(FREEZE_SECONDS)  # the fault itself: frozen for longer than the lease
+            finally:
+                continued = time.monotonic()
+                os.killpg(frozen.proc.pid, signal.SIGCONT)
+            freezes.append((stopped, continued, held, files))
+        wait_archived(stack, len(produced), timeout=400)
+    finally:
+        leases.stop()
+
+    # A lease held when cpu0 was frozen that lapsed during the freeze was cpu0's (cpu1 and the
+    # sweep give up each lease they take, by a commit or a release); taken over if set again before
+    # cpu0 woke (by cpu1 appending, or by the sweep sealing).
+    taken_over: list[str] = []
+    fenced: list[str] = []
+    logs = {service.name: service.log.read_text(errors="replace") for service in stack.services}
+    for stopped, continued, held, files in freezes:
+        for sid in held:
+            events = [(at, event) for at, s, event in leases.events if s == sid and stopped < at < continued]
+            lapsed = [at for at, event in events if event == "expired"]
+            if lapsed and any(event == "set" and at > lapsed[0] for at, event in events):
+                taken_over.append(sid)
+                # The fence: whoever took the lease of a slot whose file the frozen worker still
+                # held locked met that kernel lock and wrote nothing (its warning names the slot).
+                met = f"slot {sid}: its file is locked by another process"
+                if sid in files and any(met in logs[name] for name in ("cpu1", "io")):
+                    fenced.append(sid)
+    print(f"{len(freezes)} freezes, holding {[len(f) for *_, f in freezes]} slot files; {len(taken_over)} slot "
+          f"leases of the frozen worker lapsed and taken over, {len(fenced)} of them fenced by the kernel lock")
+    assert taken_over, "no freeze caught the worker holding a slot lease that lapsed and was taken over"
+    assert fenced, "no slot taken over from the frozen worker met its kernel lock: the fenced path never ran"
     seqs = [json.loads(v)["seq"] for v in produced]
     assert_exactly_once(stack.workdir / "archive", set(seqs))
 
@@ -185,10 +310,22 @@ def test_redrive_leaves_work_alone_while_it_waits_in_the_queue(stack_factory):
     wait_until(all_split, 120, "every batch split, its compress tasks queued")
     queued = r.llen("cpu")
     assert queued > 0
+    io = stack.service("io").log
+    window_start, began = io.stat().st_size, server_time(r)
     # The outage lasts three redrive ages (a redrive sweep runs every half age).
     time.sleep(3 * REDRIVE_AFTER_SECONDS)
-    io_log = stack.service("io").log.read_text()
-    assert io_log.count("sluice.redrive") >= 4, "the redrive sweep ran during the outage"
+    with open(io, "rb") as log:
+        log.seek(window_start)
+        window = log.read().decode(errors="replace")  # what the io worker logged during the outage
+    io_log = io.read_text()
+    assert window.count("sluice.redrive") >= 4, "the redrive sweep ran during the outage"
+    runs = re.findall(r"Task sluice\.redrive\[[^\]]+\] succeeded", window)
+    assert len(runs) >= 2, f"{len(runs)} redrive sweeps finished during the outage"
+    # Each found every batch stale, looked for its tasks in the queue and left it (touching it):
+    # every batch in flight was looked at during the outage, when it was older than the redrive age.
+    inflight = r.zrange(schema.INFLIGHT, 0, -1, withscores=True)
+    assert inflight and all(score > began for _, score in inflight), \
+        "the redrive sweep looked at every batch in flight during the outage"
     assert "redriving batch" not in io_log
     assert r.llen("cpu") == queued, "nothing was queued twice"
     stack.start_cpu_worker(name="cpu1")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -123,9 +125,14 @@ def test_beat_and_io_worker_sigkill_mid_upload(stack_factory):
 def test_redis_crash_and_restart_mid_run(stack_factory):
     stack = stack_factory()
     r = redis.Redis.from_url(stack.redis_url)
-    traffic = Traffic(stack)
+    # Paced (about ten seconds of load): unpaced, the whole run could be compressed by the time
+    # the poll below saw a fifth of it, and the crash came after the run, not in it.
+    traffic = Traffic(stack, per_second=6_000)
     wait_until(lambda: compressed(r) > RECORDS * 0.2, 120, "a fifth of the records compressed")
-    stack.crash_redis()  # SIGKILL; the AOF (appendfsync always) brings back every acknowledged write
+    # Mid-run: records still being produced, and not all compressed, the moment before the crash.
+    producing, before = traffic.thread.is_alive(), compressed(r)
+    stack.crash_redis()  # SIGKILL: a new server (run id), whose state is checked before anyone acts
+    assert producing and before < RECORDS, "the crash came too late to test anything"
     traffic.finish()
     wait_archived(stack, RECORDS, timeout=400)
     assert_exactly_once(stack.workdir / "archive", traffic.seqs)
@@ -133,6 +140,13 @@ def test_redis_crash_and_restart_mid_run(stack_factory):
 
 # A store outage: fifteen upload sweeps (SLUICE_UPLOAD_INTERVAL_SECONDS is 1 s in the tests).
 OUTAGE_SECONDS = 15
+# How many sweeps (each sends a new upload task of the app-hour) at least one sealed file must
+# have failed in for the outage to count as lasting many sweeps, not one failed attempt.
+MANY_SWEEPS = 5
+# A failed upload as the io worker logs it: of a sealed file (app|hour|fid), or of an hour's tail
+# files (the hour), said by the uploader or by the tail task.
+FAILED_UPLOAD = re.compile(r"ERROR/[^\]]*\] (?:[\w.]+\[[\w-]+\]: )?archiving (?:the tail files of )?(\S+) failed, "
+                           r"will retry")
 
 
 def test_store_unavailable_for_many_sweeps(stack_factory):
@@ -151,7 +165,28 @@ def test_store_unavailable_for_many_sweeps(stack_factory):
                60, "a failed upload attempt")
     wait_until(lambda: time.monotonic() - down_since >= OUTAGE_SECONDS, OUTAGE_SECONDS + 10,
                "the outage to last its length", interval=1)
+
+    def failures() -> Counter[str]:
+        """Failed uploads of each sealed file (or hour of tail files) so far."""
+        return Counter(FAILED_UPLOAD.findall(io_log.read_text()))
+
+    # Many sweeps, each sending the file's app-hour again, meet the store down: the same sealed
+    # file fails in that many upload tasks, each a task of its own (no retry within a task).
+    wait_until(lambda: max(failures().values(), default=0) >= MANY_SWEEPS, 60,
+               f"a sealed file to fail in {MANY_SWEEPS} sweeps, the store down all along", interval=0.5)
     assert r.hlen(schema.SEALED) > 0 and not any(Path(stack.workdir).rglob("*.jsonl.zst.part"))
+    text = io_log.read_text()
+    failed = Counter(FAILED_UPLOAD.findall(text))
+    [(entry, attempts)] = failed.most_common(1)
+    failed_tasks = len(re.findall(r"Task sluice\.(?:upload_app_hour|archive_tail)\[[\w-]+\] raised unexpected", text))
+    print(f"{len(failed)} sealed files failed to upload; {entry} in {attempts} tasks; "
+          f"{failed_tasks} upload tasks failed")
+    assert attempts >= MANY_SWEEPS, f"{entry} failed in only {attempts} upload tasks: not many sweeps"
+    assert failed_tasks >= MANY_SWEEPS, f"only {failed_tasks} upload tasks failed: not many sweeps"
+    assert int(r.hget(schema.COUNTERS, schema.Counter.UPLOADS_FAILED.value) or 0) >= sum(failed.values())
+    sealed = [key.decode() for key in r.hkeys(schema.SEALED)]
+    assert entry in sealed or any(key.startswith(f"{schema.TAIL_APP}|{entry}|") for key in sealed), \
+        "what failed most is still sealed, still there"
     archive.unlink()  # the store is back
     wait_archived(stack, RECORDS)
     assert_exactly_once(archive, traffic.seqs)

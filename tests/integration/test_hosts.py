@@ -6,6 +6,7 @@ again; the liveness figures are measured and printed."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -319,6 +320,22 @@ def test_a_partition_that_outlasts_every_timeout(cluster_factory: Callable[..., 
     finish(cluster, load)
 
 
+# The time at the start of each line a worker logs, by the worker's own clock (local time).
+LOG_STAMP = re.compile(rb"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): ", re.M)
+
+
+def clock_offset(log: Path) -> float:
+    """Seconds the clock of the process writing `log` is ahead of this machine's: the time it
+    gives a line it logs now (the first after this call), minus this machine's time then."""
+    start = log.stat().st_size
+    wait_until(lambda: LOG_STAMP.search(log.read_bytes()[start:]) is not None, 30, f"a new line in {log.name}")
+    now = time.time()
+    stamp = LOG_STAMP.search(log.read_bytes()[start:])
+    assert stamp is not None
+    when = time.mktime(time.strptime(stamp[1].decode(), "%Y-%m-%d %H:%M:%S")) + int(stamp[2]) / 1000
+    return when - now
+
+
 def test_worker_hosts_whose_clocks_are_ten_minutes_off(cluster_factory: Callable[..., Cluster]):
     """cpu1's clock runs ten minutes ahead, cpu2's ten minutes behind: no slot file of the running hour
     is sealed before its open-hour seal age (a writer behind would make it look idle), every one is
@@ -326,6 +343,10 @@ def test_worker_hosts_whose_clocks_are_ten_minutes_off(cluster_factory: Callable
     every record lands in the hour of its event time."""
     cluster = cluster_factory(skew={"cpu1": "+600s", "cpu2": "-600s"}, SLUICE_SEAL_OPEN_HOUR_AGE_SECONDS="10")
     r, load = under_load(cluster)  # event times within the last minute: the running hour, mostly
+    for name, off_by in (("cpu1", 600), ("cpu2", -600), ("io", 0)):  # io: this machine's clock
+        seen = clock_offset(cluster.stack.service(name).log)
+        print(f"{name}'s clock: {seen:+.1f} s")
+        assert abs(seen - off_by) < 30, f"{name}'s clock is {seen:+.0f} s off, not {off_by:+d} s: no skew took effect"
     running = time.strftime("%Y%m%d%H", time.gmtime())
     deadline = time.monotonic() + 8
     while time.monotonic() < deadline:  # appended to every second: never idle for 10 s

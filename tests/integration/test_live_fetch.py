@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import orjson
 import pytest
@@ -72,6 +74,16 @@ def fetch_all(store, settings, rds, hour: str) -> tuple[list[bytes], Fetch]:
     return out.getvalue().split(b"\n")[:-1], job
 
 
+def spool_files(spool: Path) -> dict[Path, tuple[int, int, bytes]]:
+    """(size, mtime in ns, bytes) of every file in the spool."""
+    out = {}
+    for path in sorted(spool.rglob("*")):
+        if path.is_file():
+            st = path.stat()
+            out[path] = (st.st_size, st.st_mtime_ns, path.read_bytes())
+    return out
+
+
 def test_open_and_sealed_files_are_read_up_to_their_committed_size(rds, settings):
     hour = "2026010109"
     spooled = Spooled(rds, settings, hour)
@@ -82,9 +94,15 @@ def test_open_and_sealed_files_are_read_up_to_their_committed_size(rds, settings
     [path] = open_files(settings)
     with open(path, "ab") as torn:  # a writer died after writing, before committing
         torn.write(b"\x28\xb5\x2f\xfd uncommitted")
+    before = spool_files(settings.spool_dir)
+    assert path in before and any("sealed" in p.parts for p in before), "an open and a sealed file"
     lines, job = fetch_all(store, settings, rds, hour)
     assert sorted(lines) == sorted(spooled.lines) and not job.damaged
     assert path.stat().st_size > 0, "fetch changed nothing in the spool"
+    after = spool_files(settings.spool_dir)
+    assert after.keys() == before.keys(), "fetch created or removed no file in the spool"
+    changed = [str(p) for p in before if after[p] != before[p]]
+    assert not changed, f"fetch changed nothing in the spool: size, bytes or mtime of {changed} differ"
 
 
 class RacingStore(FileStore):
@@ -171,6 +189,7 @@ def test_a_record_is_fetched_within_seconds_of_kafka_and_follow_ends_cleanly(sta
     follower = subprocess.Popen([sys.executable, "-m", "sluice.cli", "fetch", "--app", app, "--since=-1m",
                                  "--follow"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     latencies: list[float] = []
+    printed: list[int] = []  # the seq of each record printed, in order
     produced: dict[int, float] = {}
     warm = threading.Event()
 
@@ -181,6 +200,7 @@ def test_a_record_is_fetched_within_seconds_of_kafka_and_follow_ends_cleanly(sta
                 warm.set()
             else:
                 latencies.append(time.time() - produced[doc["seq"]])
+                printed.append(doc["seq"])
 
     reader = threading.Thread(target=read)
     reader.start()
@@ -203,6 +223,10 @@ def test_a_record_is_fetched_within_seconds_of_kafka_and_follow_ends_cleanly(sta
         reader.join()
     assert rc == 0, follower.stderr.read()
     assert len(latencies) == 300, "each record once"
+    twice = sorted(seq for seq, n in Counter(printed).items() if n > 1)
+    missing = sorted(set(range(300)) - set(printed))
+    assert not twice and not missing, f"each record once: printed twice {twice[:5]}, never {missing[:5]}"
+    assert sorted(printed) == list(range(300))
     latencies.sort()
     p50, p99 = latencies[150], latencies[296]
     print(f"freshness p50 {p50:.2f}s p99 {p99:.2f}s")

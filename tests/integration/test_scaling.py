@@ -6,12 +6,15 @@ workers, under load, through a drain of every cpu worker mid-task, and back to z
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import re
 import signal
 import threading
 import time
-from typing import Callable
+import urllib.request
+from typing import Callable, Iterator, NamedTuple
 
 import pytest
 import redis
@@ -42,6 +45,45 @@ def keda_target(queue: str) -> int:
     return int(scaled["spec"]["advanced"]["scalingModifiers"]["target"])
 
 
+# A worker's log: a task it took, and one it is done with (run, or discarded as expired).
+TASK_RECEIVED = re.compile(r"Task [\w.]+\[([\w-]+)\] received")
+TASK_DONE = re.compile(r"Task [\w.]+\[([\w-]+)\] (?:succeeded|raised|failed|retry|rejected|ignored)"
+                       r"|Discarding revoked task: [\w.]+\[([\w-]+)\]")
+
+
+class Exposed(NamedTuple):
+    """What sluice exposes of one queue at the moment a worker is told to stop: the figures KEDA
+    reads (the bridge's /metrics: the list's length, the tasks held), the queue's list and every
+    kombu unacked hash as Redis holds them, and what the stopping worker's log says it runs."""
+
+    metrics: dict[str, float]  # sluice_queue_waiting_tasks, sluice_queue_unacked_tasks of the queue
+    waiting: list[str]  # ids of the queue's messages in its lists
+    held: list[str]  # ids of the queue's messages in any unacked hash
+    running: list[str]  # ids of tasks the stopping worker received and has not finished
+
+    def empty(self) -> bool:
+        return not any(self.metrics.values()) and not self.waiting and not self.held and not self.running
+
+
+def message_id(raw: bytes) -> str:
+    return str(json.loads(raw)["headers"]["id"])
+
+
+PAUSING = threading.Lock()  # one pause at a time: one controller's unpause would end another's
+
+
+@contextlib.contextmanager
+def writes_paused(r: redis.Redis) -> Iterator[None]:
+    """No client's write reaches Redis while the block runs (CLIENT PAUSE WRITE, lifted at its end
+    or after 5 s): no task is sent, taken (BRPOP is a write) or acknowledged meanwhile."""
+    with PAUSING:
+        r.client_pause(5000, all=False)
+        try:
+            yield
+        finally:
+            r.client_unpause()
+
+
 class Controller(threading.Thread):
     """KEDA and the HPA for one queue's workers, in miniature: desired = ceil(figure / target), at
     most MAX_WORKERS, and to zero only once the figure has been 0 for the cooldown."""
@@ -54,12 +96,31 @@ class Controller(threading.Thread):
         self.lock = threading.Lock()  # the loop and a test's drain both change the workers
         self.workers: list[Service] = []
         self.events: list[tuple[str, int]] = []  # (what, figure)
+        self.at_stops: list[Exposed] = []  # what sluice exposed at each "stop", before the SIGTERM
         self.started = 0
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
 
     def figure(self) -> int:
         return queues.waiting(self.r, self.queue) + queues.unacked(self.r, self.queue)
+
+    def exposed(self, worker: Service) -> Exposed:
+        """Everything sluice shows of the queue, read independently of `figure`."""
+        port = self.stack.metrics_ports["bridge"]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        metrics = {name: float(value) for name, value in re.findall(
+            rf'^(sluice_queue_(?:waiting|unacked)_tasks){{queue="{self.queue}"}} (\S+)$', text, re.M)}
+        assert len(metrics) == 2, "the bridge exports both figures KEDA reads"
+        lists = [k for k in self.r.scan_iter(match=f"{self.queue}*") if self.r.type(k) == b"list"]
+        hashes = [k for k in self.r.scan_iter(match="unacked*") if self.r.type(k) == b"hash"]
+        waiting = [message_id(raw) for key in lists for raw in self.r.lrange(key, 0, -1)]
+        # kombu keeps a taken message as [message, exchange, routing key] under its delivery tag.
+        held = [str(json.loads(raw)[0]["headers"]["id"]) for key in hashes for raw in self.r.hvals(key)
+                if json.loads(raw)[2] == self.queue]
+        log = worker.log.read_text(errors="replace")
+        done = {ran or discarded for ran, discarded in TASK_DONE.findall(log)}
+        running = sorted(set(TASK_RECEIVED.findall(log)) - done)
+        return Exposed(metrics, waiting, held, running)
 
     def run(self) -> None:
         idle_since: float | None = None
@@ -80,7 +141,18 @@ class Controller(threading.Thread):
                         self.workers.append(self.start_worker(f"{self.queue}-k{self.started}"))
                         self.events.append(("start", figure))
                     while len(self.workers) > desired:
-                        self._sigterm([self.workers[-1]], "stop", figure)
+                        worker = self.workers[-1]
+                        # The figure the stop is decided on, and what sluice exposes, read while
+                        # nothing in Redis changes: a task sent or taken in between would
+                        # otherwise show in one and not the other.
+                        with writes_paused(self.r):
+                            figure = self.figure()
+                            exposed = self.exposed(worker) if figure == 0 else None
+                        if exposed is None:
+                            idle_since = None
+                            break
+                        self.at_stops.append(exposed)
+                        self._sigterm([worker], "stop", figure)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
 
@@ -163,6 +235,12 @@ def test_scale_from_zero_to_zero_under_load_and_a_drain_mid_task_lose_nothing(st
     for controller in (io, cpu):
         stops = [figure for what, figure in controller.events if what == "stop"]
         assert stops and all(figure == 0 for figure in stops), "scaled in only with nothing waiting or running"
+        # The controller stops a worker only at a figure of 0 (its own rule): what shows that
+        # nothing waited or ran is what sluice exposed at each stop, read on its own.
+        assert len(controller.at_stops) == len(stops)
+        print(f"{controller.queue}: {len(stops)} workers stopped, each with nothing waiting or running")
+        busy = [exposed for exposed in controller.at_stops if not exposed.empty()]
+        assert not busy, f"{controller.queue}: scaled in with work waiting or running: {busy[:3]}"
     assert_exactly_once(stack.workdir / "archive", set(range(len(values))))
     objects: dict[str, int] = {}
     for obj in (stack.workdir / "archive").rglob("*.jsonl.zst"):

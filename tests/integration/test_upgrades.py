@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
+import oss2
 import pytest
 import redis
 from celery import Celery
@@ -24,6 +26,8 @@ from sluice.core import schema
 from sluice.core.protocol import SCHEMA_MAJOR, TASK_HEADER
 from sluice.ops import queues
 from tests.integration.conftest import Traffic, assert_exactly_once, wait_archived
+from tests.integration.test_oss_pipeline import PREFIX, download
+from tests.oss_server import OssServer
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +92,7 @@ def test_a_process_started_while_redis_is_down_checks_the_schema_once_it_is_back
         stack.start_redis()
         redis.Redis.from_url(stack.redis_url).set(schema.SCHEMA_VERSION, f"{SCHEMA_MAJOR + 1}.0")
         [server] = stack.services
-        server.stop()  # its AOF (fsync always) keeps the newer version for the restart
+        server.stop()  # SIGTERM: its AOF keeps the newer version for the restart
         stack.services.remove(server)
         env = {**os.environ, "SLUICE_REDIS_URL": stack.redis_url, "SLUICE_SPOOL_DIR": str(tmp_path / "spool"),
                "SLUICE_METRICS_PORT": "0"}
@@ -187,19 +191,33 @@ def test_the_previous_release_replaced_in_turn_by_this_one_loses_and_doubles_not
         stack.close()
 
 
-def test_two_beats_at_once_upload_nothing_twice(stack_factory):
-    stack = stack_factory()
-    stack.start_beat(name="beat2")  # a Deployment scaled to 2 by mistake
-    traffic = Traffic(stack, records=30_000)
-    traffic.finish()
-    wait_archived(stack, 30_000)
-    per_app_hour = assert_exactly_once(stack.workdir / "archive", traffic.seqs)
+def test_two_beats_at_once_upload_nothing_twice(stack_factory, tmp_path: Path):
+    """Archived to the OSS test server, whose log of object writes shows each object written
+    once: a repeated upload of a file goes to the same key, so the archive alone cannot show it."""
+    with OssServer() as server:
+        bucket = f"sluice-{uuid.uuid4().hex[:12]}"
+        server.create_bucket(bucket)
+        stack = stack_factory(SLUICE_STORE_URL=f"oss://{bucket}/{PREFIX}", SLUICE_OSS_ENDPOINT=server.endpoint,
+                              SLUICE_OSS_ACCESS_KEY_ID=server.access_key_id,
+                              SLUICE_OSS_ACCESS_KEY_SECRET=server.access_key_secret)
+        stack.start_beat(name="beat2")  # a Deployment scaled to 2 by mistake
+        traffic = Traffic(stack, records=30_000)
+        traffic.finish()
+        wait_archived(stack, 30_000)
+        archive = tmp_path / "archive"
+        assert download(server, bucket, archive) > 0
+        writes = Counter(server.writes)
+        stored = {f"/{bucket}/{obj.key}" for obj in oss2.ObjectIterator(server.bucket(bucket), prefix=PREFIX + "/")}
+    per_app_hour = assert_exactly_once(archive, traffic.seqs)
     assert per_app_hour
-    objects = list((stack.workdir / "archive").rglob("*.jsonl.zst"))
+    objects = list(archive.rglob("*.jsonl.zst"))
     per_dir: dict[Path, int] = {}
     for obj in objects:
         per_dir[obj.parent] = per_dir.get(obj.parent, 0) + 1
     assert max(per_dir.values()) <= 10
+    twice = {key: n for key, n in writes.items() if n > 1}
+    assert not twice, f"{len(twice)} objects uploaded more than once, e.g. {list(twice.items())[:3]}"
+    assert stored <= set(writes), "every object in the store was written through the server"
     for name in ("beat", "beat2"):
         assert "Sending due task seal-and-upload" in stack.service(name).log.read_text(), name
 
@@ -208,7 +226,7 @@ def test_the_probe_files_follow_a_worker_and_the_bridge(stack_factory, tmp_path:
     stack = stack_factory()
     worker_dir, bridge_dir = tmp_path / "cpu-health", tmp_path / "bridge-health"
     worker = stack.start_cpu_worker(name="cpu-probed", env={"SLUICE_HEALTH_DIR": str(worker_dir)})
-    stack.start_bridge(name="bridge-probed", env={"SLUICE_HEALTH_DIR": str(bridge_dir)})
+    bridge = stack.start_bridge(name="bridge-probed", env={"SLUICE_HEALTH_DIR": str(bridge_dir)})
     wait_until(lambda: (worker_dir / "ready").exists() and (worker_dir / "alive").exists(), 60,
                "the worker to say it is alive and ready")
     first = (worker_dir / "alive").stat().st_mtime
@@ -216,6 +234,13 @@ def test_the_probe_files_follow_a_worker_and_the_bridge(stack_factory, tmp_path:
     sample.produce(stack.bootstrap, "logs", [b'{"app": "probe", "ts": 1}'] * 10)
     wait_until(lambda: (bridge_dir / "alive").exists() and (bridge_dir / "ready").exists(), 60,
                "the bridge to hold its partitions")
+    beat = (bridge_dir / "alive").stat().st_mtime
+    wait_until(lambda: (bridge_dir / "alive").stat().st_mtime > beat, 30, "the bridge's heartbeat")
     worker.stop()
     assert not (worker_dir / "ready").exists(), "a worker shutting down is not ready"
     stack.services.remove(worker)
+    bridge.stop()  # SIGTERM: it hands over what it holds, commits and leaves the group
+    assert bridge.proc.returncode == 0, bridge.log.read_text()[-2000:]
+    assert not (bridge_dir / "ready").exists(), "a bridge shutting down is not ready"
+    assert (bridge_dir / "alive").exists()
+    stack.services.remove(bridge)

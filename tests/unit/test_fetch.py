@@ -429,8 +429,13 @@ def test_a_damaged_object_is_named_and_everything_else_printed(shuffled, tmp_pat
     job = Fetch(store, Query("gamma", t(1, 10), t(1, 11)), out, warn=warnings.append)
     count = job.run()
     assert job.damaged and len(warnings) == 1 and "f1" in warnings[0]
+    lines = out.getvalue().split(b"\n")[:-1]
+    lost = records[1::3][3::4]  # f1's last frame: its fourth quarter (see `shuffled`)
+    assert len(lost) == 25
+    assert len(lines) == len(set(lines)) == count, "each printed once, and counted as printed"
+    assert set(lines) == set(records) - set(lost), "the last frame of f1 is lost, nothing else"
     assert 300 - 25 <= count < 300  # the last frame of f1 (25 records) is lost, nothing else
-    assert set(out.getvalue().split(b"\n")[:-1]) <= set(records)
+    assert set(lines) <= set(records)
 
 
 def test_sort_cannot_follow():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
+
+import pytest
 
 from sluice.ops.health import HealthFiles
 
@@ -35,8 +38,25 @@ def test_alive_is_touched_at_most_once_a_heartbeat_unless_forced(tmp_path: Path)
     assert alive.stat().st_mtime > 1_000
 
 
-def test_no_directory_writes_nothing(tmp_path: Path):
+def test_no_directory_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Without a directory nothing is touched anywhere: not in the working directory (where a
+    relative default would land), and no file is created, touched or removed at any path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SLUICE_HEALTH_DIR", raising=False)
+    calls: list[str] = []
+
+    def refuse(name: str) -> Callable[..., None]:
+        def call(*args: object, **kwargs: object) -> None:
+            calls.append(f"{name}{args}")
+        return call
+
+    for name in ("touch", "unlink", "mkdir", "write_text", "write_bytes", "open"):
+        monkeypatch.setattr(Path, name, refuse(f"Path.{name}"))
+    monkeypatch.setattr(os, "utime", refuse("os.utime"))
+    monkeypatch.setattr(os, "open", refuse("os.open"))
     files = HealthFiles(None)
     files.alive(force=True)
     files.ready(True)
-    assert list(tmp_path.iterdir()) == []
+    files.ready(False)
+    assert calls == [], f"no file touched, created or removed: {calls}"
+    assert list(tmp_path.iterdir()) == [], "nothing in the working directory"

@@ -162,6 +162,25 @@ def test_resumable_upload_of_a_few_mb_round_trips_byte_exactly(bucket: oss2.Buck
     assert [o.type for o in oss2.ObjectIterator(bucket, prefix="archives/")] == ["Multipart"]
 
 
+def test_the_write_log_has_each_object_write_once_and_nothing_else(server: OssServer, bucket: oss2.Bucket,
+                                                                     tmp_path: Path) -> None:
+    """A PUT and a multipart upload (not its parts) each count as one write; reads, HEADs,
+    listings and deletes as none; a second PUT of the same key as a second write."""
+    local = tmp_path / "mp.bin"
+    local.write_bytes(os.urandom(300 * 1024))
+    before = len(server.writes)
+    bucket.put_object("w/one", b"1")
+    oss2.resumable_upload(bucket, "w/multi", str(local), store=oss2.ResumableStore(root=str(tmp_path)),
+                          multipart_threshold=100 * 1024, part_size=100 * 1024, num_threads=2)
+    bucket.get_object("w/one").read()
+    bucket.head_object("w/multi")
+    keys(bucket, prefix="w/")
+    bucket.put_object("w/one", b"2")
+    bucket.delete_object("w/multi")
+    assert server.writes[before:] == [f"/{bucket.bucket_name}/w/one", f"/{bucket.bucket_name}/w/multi",
+                                      f"/{bucket.bucket_name}/w/one"]
+
+
 # -- listing -----------------------------------------------------------------------------------
 
 def test_listing_pages_beyond_1000_keys_and_honours_prefixes(bucket: oss2.Bucket) -> None:
