@@ -109,7 +109,7 @@ class Bridge:
             last = fresh[-1].last
             bid = schema.batch_id(tp.topic, tp.partition, first, last, mark.incarnation)
             payload = [c.data for c in fresh]
-            if not self.backpressure.room_for(sum(len(part) for part in payload)):
+            if not self.backpressure.room_for(self.batches.in_flight_share(sum(len(part) for part in payload))):
                 raise NoRoom(bid)
             at_last = last_record(fresh[-1])
             mark_print = fingerprint(at_last) if at_last is not None and at_last.offset == last else ""

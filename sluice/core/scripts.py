@@ -53,7 +53,8 @@ return run_id
 # KEYS: 1 HWM, 2 INFLIGHT, 3 batch_state(bid), 4 batch_payload(bid), 5 FINGERPRINT,
 #       6 INFLIGHT_BYTES, 7 BATCH_BYTES, 8 INFLIGHT_OLDEST
 # ARGV: 1 partition field, 2 expected mark ('' for none), 3 new mark, 4 batch id,
-#       5 '1' to store the payload in Redis, 6 payload, 7 fingerprint, 8 payload size,
+#       5 '1' to store the payload in Redis, 6 payload, 7 fingerprint, 8 its share of the in-flight
+#       bytes (Batches.in_flight_share),
 #       9 Kafka timestamp (ms) of the batch's first record
 HAND_OVER = Template("""
 $guard
@@ -85,18 +86,25 @@ return redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
 """
 
 # Record the pieces of a handed-over batch and mark it split, and count its quarantined records
-# by reason; 0 if it was split already.
+# by reason; 0 if it was split already. The batch's share of the in-flight bytes, reserved at
+# the hand-over for its payload and pieces about as large, becomes what they hold (both stay in
+# the spool until the batch is done), so the backpressure bound holds over both.
 # KEYS: 1 batch_state(bid), 2 batch_groups(bid), 3 batch_pending(bid), 4 batch_payload(bid),
-#       5 QUARANTINED
-# ARGV: 1 R, then R pairs of a quarantine reason and its count, then per piece its app-hour name
-#       and its piece ref
+#       5 QUARANTINED, 6 INFLIGHT_BYTES, 7 BATCH_BYTES
+# ARGV: 1 batch id, 2 the bytes of its payload and its pieces, 3 R, then R pairs of a quarantine
+#       reason and its count, then per piece its app-hour name and its piece ref
 _SPLIT_COMMIT = Template("""
 if redis.call('GET', KEYS[1]) ~= '$handed' then return 0 end
-local r = tonumber(ARGV[1])
-for i = 2, 2 * r, 2 do
+local share = redis.call('HGET', KEYS[7], ARGV[1])
+if share then
+  redis.call('HSET', KEYS[7], ARGV[1], ARGV[2])
+  redis.call('INCRBY', KEYS[6], tonumber(ARGV[2]) - tonumber(share))
+end
+local r = tonumber(ARGV[3])
+for i = 4, 2 + 2 * r, 2 do
   redis.call('HINCRBY', KEYS[5], ARGV[i], ARGV[i + 1])
 end
-for i = 2 + 2 * r, #ARGV, 2 do
+for i = 4 + 2 * r, #ARGV, 2 do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   redis.call('SADD', KEYS[3], ARGV[i])
 end

@@ -51,7 +51,7 @@ class Batches:
         False when the mark moved since it was read (another bridge handed these offsets
         over); the caller re-reads the mark and trims its batch.
         """
-        size = sum(len(part) for part in payload)
+        size = self.in_flight_share(sum(len(part) for part in payload))
         if not self._in_redis:
             self.files.write_payload(bid, payload)
         ok, _ = self._hand_over(
@@ -66,6 +66,13 @@ class Batches:
             # Nobody handed this id over (same id means same bytes), so the file is ours.
             self.files.drop_payload(bid)
         return bool(ok)
+
+    @staticmethod
+    def in_flight_share(payload_bytes: int) -> int:
+        """What a batch of this many payload bytes is counted as in flight from its hand-over
+        until its split says better (SPLIT_COMMIT): its payload, and pieces about as large, which
+        the spool will hold beside it until the batch is done."""
+        return 2 * payload_bytes
 
     # --- split side --------------------------------------------------------------------
     def state(self, bid: str) -> BatchState | None:
@@ -96,7 +103,8 @@ class Batches:
         token = uuid.uuid4().hex[:12]
         path = self.files.pieces_path(bid, token)
         reasons = quarantined or {}
-        args: list[str | int] = [len(reasons)]
+        payload = 0 if self._in_redis else self.files.payload_path(bid).stat().st_size
+        args: list[str | int] = [bid, payload + sum(len(data) for data in groups.values()), len(reasons)]
         for reason, count in reasons.items():
             args += [reason, count]
         offset = 0
@@ -109,7 +117,8 @@ class Batches:
         # the file is left for the batch's end to remove with its others (drop_pieces).
         done = self._split_commit(
             keys=[schema.batch_state(bid), schema.batch_groups(bid), schema.batch_pending(bid),
-                  schema.batch_payload(bid), schema.QUARANTINED], args=args)
+                  schema.batch_payload(bid), schema.QUARANTINED, schema.INFLIGHT_BYTES, schema.BATCH_BYTES],
+            args=args)
         if not done:
             path.unlink(missing_ok=True)
         return bool(done)

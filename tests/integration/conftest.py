@@ -147,3 +147,26 @@ def assert_exactly_once(root: Path, expected_seqs: set[int]) -> dict[tuple[str, 
     assert not missing, f"{len(missing)} records lost, e.g. {sorted(missing)[:5]}"
     assert set(seen) == expected_seqs
     return dict(per_partition)
+
+
+def group_pids(leader: int) -> set[int]:
+    """The processes of a process group: a prefork worker and its pool."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == leader:  # the field after the state: the process group
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+def flocks_of(pids: set[int]) -> set[int]:
+    """Inodes of the files these processes hold a flock() on (/proc/locks): a slot file's kernel lock."""
+    held = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == "FLOCK" and int(fields[4]) in pids:  # a waiter's line reads "-> FLOCK ..."
+            held.add(int(fields[5].rsplit(":", 1)[1]))
+    return held

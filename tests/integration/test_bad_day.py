@@ -25,7 +25,7 @@ from sluice.core import schema
 from sluice.core.redis_client import server_time
 from sluice.core.schema import BatchState
 from sluice.ops import queues
-from tests.integration.conftest import Traffic, assert_exactly_once, read_archive, wait_archived
+from tests.integration.conftest import Traffic, assert_exactly_once, flocks_of, group_pids, read_archive, wait_archived
 from tests.integration.kcat import kcat
 
 pytestmark = pytest.mark.integration
@@ -94,29 +94,6 @@ def test_a_full_spool_disk_pauses_the_pipeline_until_space_is_back(stack_factory
 # which outlives the compress time limit. Small bundles keep each level-19 task well inside it.
 LEASE_SECONDS = 8.0
 FREEZE_SECONDS = LEASE_SECONDS + 3
-
-
-def group_pids(leader: int) -> set[int]:
-    """The processes of a process group: a prefork worker and its pool."""
-    pids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        if int(fields[2]) == leader:  # the field after the state: the process group
-            pids.add(int(stat.parent.name))
-    return pids
-
-
-def flocks_of(pids: set[int]) -> set[int]:
-    """Inodes of the files these processes hold a flock() on (/proc/locks): a slot file's kernel lock."""
-    held = set()
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if fields[1] == "FLOCK" and int(fields[4]) in pids:  # a waiter's line reads "-> FLOCK ..."
-            held.add(int(fields[5].rsplit(":", 1)[1]))
-    return held
 
 
 def freeze_holding_a_slot_file(leader: int, timeout: float) -> set[int]:

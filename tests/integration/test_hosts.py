@@ -22,7 +22,7 @@ from devstack.local import FAST, LocalStack, Service, wait_until
 from devstack.progress import compressed, handed_over, settled
 from sluice.core import schema
 from sluice.core.redis_client import KEEPALIVE_OPTIONS
-from tests.integration.conftest import assert_exactly_once
+from tests.integration.conftest import assert_exactly_once, flocks_of, group_pids
 
 pytestmark = pytest.mark.integration
 
@@ -239,6 +239,37 @@ def test_a_cpu_host_cut_off_from_redis_past_its_lease(cluster_factory: Callable[
     # limit or found every slot busy (the cut-off host's own tasks are redriven, as they must be).
     reachable = cluster.stack.service("cpu2").log.read_text()
     assert "SoftTimeLimitExceeded" not in reachable and "SlotsBusy" not in reachable
+
+
+def test_a_cpu_host_cut_off_while_it_holds_slot_locks_mid_task(cluster_factory: Callable[..., Cluster]):
+    """The cut comes while the host's compress task holds slot leases and a slot file's lock,
+    between its appends and its commit, for longer than the lease and the task's time limit: the
+    task ends by its Redis timeouts or its soft limit (no hard-limit kill of the pool child, which
+    once made the worker's main process die on the heal), nothing is lost or doubled, and no
+    process exits."""
+    cluster = cluster_factory(**TIMEOUTS)
+    r, load = under_load(cluster)
+    cpu1 = cluster.stack.service("cpu1")
+    redis_port = cluster.stack.redis_port
+    # A compress task holds its slots' leases from before it takes a slot file's kernel lock until
+    # the commit, just before it lets go of the file: holding the file, it holds the leases. Taken
+    # through the host's spool view, the lock is held by that view's bindfs, for cpu1 alone.
+    view = cluster.hosts["cpu1"].bindfs
+    assert view is not None
+    wait_until(lambda: bool(flocks_of(group_pids(cpu1.proc.pid) | {view.pid})), 60,
+               "cpu1 mid-append, holding a slot file's lock", interval=0.001)
+    cluster.hosts.partition("cpu1", redis_port)
+    try:
+        time.sleep(LEASE + 10)  # past the lease and the compress time limit
+    finally:
+        cluster.hosts.heal("cpu1")
+    logs = Logs(cluster)
+    took = caught_up(cluster, load, 30, "the backlog to clear after the heal")
+    print(f"\ncpu host cut off mid-append for {LEASE + 10} s: backlog cleared {took:.1f} s after the heal; "
+          f"restarts: {cluster.restarts}")
+    logs.each_works_again()
+    finish(cluster, load)
+    assert "TimeLimitExceeded" not in cpu1.log.read_text(), "a hard time limit killed a pool child"
 
 
 def test_a_cpu_host_whose_spool_mount_hangs_past_its_lease(cluster_factory: Callable[..., Cluster]):

@@ -124,22 +124,27 @@ def test_a_process_started_while_redis_is_down_checks_the_schema_once_it_is_back
         stack.close()
 
 
+def replace_in_turn(stack: LocalStack, r: redis.Redis, records: int, order: tuple[str, ...]) -> None:
+    """Replace the stack's processes one by one, in `order`, with this release's, each once a
+    further sixth of `records` is compressed: the new one started, then the old one sent SIGTERM
+    (a worker finishes what it runs, the bridge hands over and commits), as a rolling update does."""
+    from devstack.progress import compressed
+
+    start = {"io": lambda: stack.start_io_worker(name="io-new"), "cpu0": lambda: stack.start_cpu_worker(name="cpu-new"),
+             "beat": lambda: stack.start_beat(name="beat-new"), "bridge": lambda: stack.start_bridge(name="bridge-new")}
+    for step, name in enumerate(order, 1):
+        wait_until(lambda step=step: compressed(r) >= records * step / 6, 180, f"load before step {step}")
+        start[name]()
+        stack.service(name).stop()
+        stack.services.remove(stack.service(name))
+
+
 def test_every_process_replaced_in_turn_under_load_loses_and_doubles_nothing(stack_factory):
     stack = stack_factory()
     values = [v for _, v in sample.lines(60_000, sample.app_names(12), time.time() - 3600, 3600, seed=41)]
     r = redis.Redis.from_url(stack.redis_url)
     traffic = Traffic(stack, lines=values)
-    from devstack.progress import compressed
-
-    replacements = (("io", lambda: stack.start_io_worker(name="io-new")),
-                    ("cpu0", lambda: stack.start_cpu_worker(name="cpu-new")),
-                    ("beat", lambda: stack.start_beat(name="beat-new")),
-                    ("bridge", lambda: stack.start_bridge(name="bridge-new")))
-    for step, (old, start_new) in enumerate(replacements, 1):
-        wait_until(lambda step=step: compressed(r) >= len(values) * step / 6, 180, f"load before step {step}")
-        start_new()
-        stack.service(old).stop()  # SIGTERM: a worker finishes what it runs, the bridge hands over and commits
-        stack.services.remove(stack.service(old))
+    replace_in_turn(stack, r, len(values), ("io", "cpu0", "beat", "bridge"))
     traffic.finish()
     wait_archived(stack, len(values))
     assert_exactly_once(stack.workdir / "archive", traffic.seqs)
@@ -164,17 +169,7 @@ def test_the_previous_release_replaced_in_turn_by_this_one_loses_and_doubles_not
                 assert (proc / "cwd").resolve() == old.root.resolve(), service.name
         values = [v for _, v in sample.lines(40_000, sample.app_names(12), time.time() - 3600, 3600, seed=43)]
         traffic = Traffic(stack, lines=values, per_second=2_000)  # about 20 s: every step under load
-        from devstack.progress import compressed
-
-        replacements = (("io", lambda: stack.start_io_worker(name="io-new")),
-                        ("bridge", lambda: stack.start_bridge(name="bridge-new")),
-                        ("cpu0", lambda: stack.start_cpu_worker(name="cpu-new")),
-                        ("beat", lambda: stack.start_beat(name="beat-new")))
-        for step, (name, start_new) in enumerate(replacements, 1):
-            wait_until(lambda step=step: compressed(r) >= len(values) * step / 6, 180, f"load before step {step}")
-            start_new()
-            stack.service(name).stop()
-            stack.services.remove(stack.service(name))
+        replace_in_turn(stack, r, len(values), ("io", "bridge", "cpu0", "beat"))
         traffic.finish()
         wait_archived(stack, len(values))
         assert_exactly_once(stack.workdir / "archive", traffic.seqs)
