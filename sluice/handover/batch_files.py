@@ -38,6 +38,13 @@ class BatchFiles:
     def write_payload(self, bid: str, payload: Sequence[BytesLike]) -> None:
         write_durably(self.payload_path(bid), payload)
 
+    def payload_size(self, bid: str) -> int:
+        """The bytes of the batch's payload file; 0 if it has none (its payload lies in Redis)."""
+        try:
+            return self.payload_path(bid).stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def map_payload(self, bid: str) -> BytesLike:
         """The payload file, mapped rather than read: the split decodes it in place."""
         with open(self.payload_path(bid), "rb") as fh:

@@ -103,7 +103,7 @@ class Batches:
         token = uuid.uuid4().hex[:12]
         path = self.files.pieces_path(bid, token)
         reasons = quarantined or {}
-        payload = 0 if self._in_redis else self.files.payload_path(bid).stat().st_size
+        payload = 0 if self._in_redis else self.files.payload_size(bid)
         args: list[str | int] = [bid, payload + sum(len(data) for data in groups.values()), len(reasons)]
         for reason, count in reasons.items():
             args += [reason, count]
