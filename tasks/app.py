@@ -79,7 +79,14 @@ class SluiceTask(Task):
               eta: Any = None, countdown: float | None = None, max_retries: int | None = None,
               **options: Any) -> Any:
         """A task retried on a Redis error (autoretry_for) repairs first if that error is the
-        refusal of a state not yet checked, then retries at once."""
+        refusal of a state not yet checked, then retries at once. One that lost Redis itself is
+        handed back to its queue by the worker's main process (Reject) instead of publishing its
+        retry from here: that publish would wait on the same unreachable Redis past the task's
+        time limit, and a pool process killed at its hard limit mid-reply took the worker's main
+        process down with it (issue 25 item 10)."""
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+            time.sleep(REQUEUE_DELAY_SECONDS)  # not a tight loop while Redis is away
+            raise Reject(exc, requeue=True)
         if exc is not None and repair.unverified(exc):
             if self.repairs_state:
                 resend_after_repair()
