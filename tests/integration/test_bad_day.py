@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from devstack import sample
-from devstack.local import wait_until
+from devstack.local import LocalStack, wait_until
 from devstack.progress import compressed, handed_over
 from sluice.core import schema
 from sluice.core.redis_client import server_time
@@ -156,11 +156,36 @@ class LeaseEvents(threading.Thread):
         self.pubsub.close()
 
 
+def fenced_takeovers(stack: LocalStack, leases: LeaseEvents,
+                     freezes: list[tuple[float, float, set[str], set[str]]]) -> tuple[list[str], list[str]]:
+    """The slots whose lease the frozen worker held, lapsed during a freeze and taken over; and of
+    those, the ones whose taker met the frozen worker's kernel lock on the slot's file.
+
+    A lease held when cpu0 was frozen that lapsed during the freeze was cpu0's (cpu1 and the sweep
+    give up each lease they take, by a commit or a release); taken over if set again before cpu0
+    woke (by cpu1 appending, or by the sweep sealing). The fence: whoever took it met that kernel
+    lock and wrote nothing (its warning names the slot)."""
+    taken_over: list[str] = []
+    fenced: list[str] = []
+    logs = {service.name: service.log.read_text(errors="replace") for service in stack.services}
+    for stopped, continued, held, files in freezes:
+        for sid in held:
+            events = [(at, event) for at, s, event in leases.events if s == sid and stopped < at < continued]
+            lapsed = [at for at, event in events if event == "expired"]
+            if lapsed and any(event == "set" and at > lapsed[0] for at, event in events):
+                taken_over.append(sid)
+                met = f"slot {sid}: its file is locked by another process"
+                if sid in files and any(met in logs.get(name, "") for name in ("cpu1", "io")):
+                    fenced.append(sid)
+    return taken_over, fenced
+
+
 def test_a_worker_frozen_past_its_lease_destroys_nothing(stack_factory):
     """cpu0 is frozen (SIGSTOP) the moment it holds a slot file, its lease and its kernel lock,
-    for longer than the lease, five times under load. Its leases lapse while it is frozen and are
-    taken over (by cpu1 appending, or by the sweep sealing): the fenced path runs, the taker meeting
-    the frozen writer's kernel lock and writing nothing. Every record archived once."""
+    for longer than the lease, under load, until a freeze has shown the fence (five at most). Its
+    leases lapse while it is frozen and are taken over (by cpu1 appending, or by the sweep
+    sealing): the fenced path runs, the taker meeting the frozen writer's kernel lock and writing
+    nothing. Every record archived once."""
     # Level 19 keeps both workers busy; each freeze outlasts the lease.
     stack = stack_factory(SLUICE_ZSTD_LEVEL="19", cpu_workers=2, SLUICE_LOCK_LEASE_SECONDS=str(LEASE_SECONDS),
                           SLUICE_COMPRESS_TIME_LIMIT=str(LEASE_SECONDS - 2),
@@ -191,27 +216,15 @@ def test_a_worker_frozen_past_its_lease_destroys_nothing(stack_factory):
                 continued = time.monotonic()
                 os.killpg(frozen.proc.pid, signal.SIGCONT)
             freezes.append((stopped, continued, held, files))
+            wait_until(lambda: queues.unacked(r, "cpu") == 0 or fenced_takeovers(stack, leases, freezes)[1], 30,
+                       "the takers to log what they met")
+            if fenced_takeovers(stack, leases, freezes)[1]:
+                break  # seen: the waves left are not needed (up to five freezes, for a slow machine)
         wait_archived(stack, len(produced), timeout=400)
     finally:
         leases.stop()
 
-    # A lease held when cpu0 was frozen that lapsed during the freeze was cpu0's (cpu1 and the
-    # sweep give up each lease they take, by a commit or a release); taken over if set again before
-    # cpu0 woke (by cpu1 appending, or by the sweep sealing).
-    taken_over: list[str] = []
-    fenced: list[str] = []
-    logs = {service.name: service.log.read_text(errors="replace") for service in stack.services}
-    for stopped, continued, held, files in freezes:
-        for sid in held:
-            events = [(at, event) for at, s, event in leases.events if s == sid and stopped < at < continued]
-            lapsed = [at for at, event in events if event == "expired"]
-            if lapsed and any(event == "set" and at > lapsed[0] for at, event in events):
-                taken_over.append(sid)
-                # The fence: whoever took the lease of a slot whose file the frozen worker still
-                # held locked met that kernel lock and wrote nothing (its warning names the slot).
-                met = f"slot {sid}: its file is locked by another process"
-                if sid in files and any(met in logs[name] for name in ("cpu1", "io")):
-                    fenced.append(sid)
+    taken_over, fenced = fenced_takeovers(stack, leases, freezes)
     print(f"{len(freezes)} freezes, holding {[len(f) for *_, f in freezes]} slot files; {len(taken_over)} slot "
           f"leases of the frozen worker lapsed and taken over, {len(fenced)} of them fenced by the kernel lock")
     assert taken_over, "no freeze caught the worker holding a slot lease that lapsed and was taken over"
