@@ -269,7 +269,9 @@ def test_a_cpu_host_cut_off_while_it_holds_slot_locks_mid_task(cluster_factory: 
           f"restarts: {cluster.restarts}")
     logs.each_works_again()
     finish(cluster, load)
-    assert "TimeLimitExceeded" not in cpu1.log.read_text(), "a hard time limit killed a pool child"
+    # The soft limit may end a task held up by the cut (it raises in the task); the hard one, a
+    # SIGKILL of the pool process, must not be needed.
+    assert "Hard time limit" not in cpu1.log.read_text(), "a hard time limit killed a pool child"
 
 
 def test_a_cpu_host_whose_spool_mount_hangs_past_its_lease(cluster_factory: Callable[..., Cluster]):
