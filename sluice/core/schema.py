@@ -256,6 +256,16 @@ def piece_id(bid: str, piece: str) -> str:
     return f"{bid}|{piece}"
 
 
+def parse_piece_id(ident: str, tail: bool) -> tuple[str, str]:
+    """(batch id, piece name) of an announced frame's id: `piece_id`'s "bid|app|hour", or a tail
+    frame's "bid|hour" (`tail`), whose piece is the hour's tail piece."""
+    if tail:
+        bid, hour = ident.rsplit("|", 1)
+        return bid, app_hour(TAIL_APP, hour)
+    bid, app, hour = ident.rsplit("|", 2)
+    return bid, app_hour(app, hour)
+
+
 def batch_id(topic: str, partition: int, first: int, last: int, incarnation: int = 0) -> str:
     """"topic:partition:first-last[@incarnation]". Deterministic, so a replay is recognisable;
     a recreated topic's batches carry its incarnation, so they never meet the old ones' ids."""

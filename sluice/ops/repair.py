@@ -458,12 +458,8 @@ class Repair:
 
 
 def _piece_of(ident: str, magic: int) -> tuple[str, str]:
-    """(batch id, piece name) of an announced frame: `bid|app|hour`, or `bid|hour` for a tail frame."""
-    if magic == TAIL_MAGIC:
-        bid, hour = ident.rsplit("|", 1)
-        return bid, schema.app_hour(schema.TAIL_APP, hour)
-    bid, app, hour = ident.rsplit("|", 2)
-    return bid, schema.app_hour(app, hour)
+    """(batch id, piece name) of an announced frame."""
+    return schema.parse_piece_id(ident, tail=magic == TAIL_MAGIC)
 
 
 def _incarnation(bid: str) -> int:

@@ -86,7 +86,7 @@ def batch_in_flight(path: Path, size: int, files: BatchFiles) -> str | None:
         for unit in units(FileRange(fd, 0, size)):
             if unit.ident is None or unit.magic not in (PIECE_MAGIC, TAIL_MAGIC):
                 continue
-            bid = unit.ident.rsplit("|", 1 if unit.magic == TAIL_MAGIC else 2)[0]
+            bid, _ = schema.parse_piece_id(unit.ident, tail=unit.magic == TAIL_MAGIC)
             if bid not in seen:
                 seen.add(bid)
                 if files.payload_path(bid).exists():
